@@ -1,0 +1,3 @@
+"""flexray: training across heterogeneous devices on Ray."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,129 @@
+"""``flexray run | plan | devices | report``. User mistakes print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flexray.config import load_config
+    from flexray.runtime.driver import run_job
+
+    cfg = load_config(args.config, args.set)
+    result = run_job(cfg, resume=args.resume)
+    final = result.final
+    acc = f"{final['accuracy']:.4f}" if "accuracy" in final else "n/a"
+    print(f"run {result.run_id} finished: rounds={len(result.history)} accuracy={acc} "
+          f"sim_time_s={final.get('sim_time_s', 0):.1f} energy_j={final.get('energy_j', 0):.1f}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from flexray.config import load_config
+    from flexray.data.datasets import load_dataset
+    from flexray.fleet.fleet import assign_actors, build_fleet
+    from flexray.methods import method_class
+    from flexray.methods.base import DeviceView
+    from flexray.models import build_model, profile_model
+    from flexray.schedule.latency import predict, round_time
+
+    cfg = load_config(args.config, args.set)
+    ds = load_dataset(cfg.data)
+    devices = build_fleet(cfg, ds.y_train)
+    actor_of = {d: s.label for s in assign_actors(cfg, devices) for d in s.devices}
+
+    def model_fn() -> torch.nn.Module:
+        return build_model(cfg.model, ds.input_shape, ds.num_classes)
+
+    model = model_fn()
+    method = method_class(cfg.method.name)(cfg.method, model_fn)
+    mprof = profile_model(model, ds.input_shape)
+    avail = [d for d in devices if d.trace.available(0.0)]
+    tasks = method.plan(0, [DeviceView(d.id, d.profile, d.trace.speed(0.0), len(d.indices)) for d in avail], method.init(model))
+    preds = predict(method, tasks, {d.id: d for d in devices}, 0.0, mprof, cfg.method.batch_size)
+    rows = [(p.name, actor_of[p.device], p.samples, p.flops, p.download_s, p.compute_s, p.upload_s, p.total_s,
+             p.energy_j, "yes" if p.fits_memory else "NO") for p in preds]
+    print(_table(["device", "actor", "samples", "flops", "down_s", "compute_s", "up_s", "total_s", "energy_j", "fits_mem"], rows))
+    drop = cfg.rounds.stragglers == "drop"
+    print(f"\nmodel {cfg.model.name}: {mprof.param_bytes / 1e6:.3f} MB, {mprof.train_flops_per_sample / 1e6:.3f} MFLOP/sample (train)")
+    print(f"predicted round time: {round_time(preds, cfg.rounds.deadline_s, drop):.3f} s simulated "
+          f"({len(preds)} of {len(devices)} devices available at t=0)")
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from flexray.fleet.profiles import CATALOG
+
+    rows = [(p.name, p.flops / 1e9, p.memory_bytes / 2**30, p.uplink_bps / 1e6, p.downlink_bps / 1e6,
+             p.power_active_w, p.power_idle_w, p.power_radio_w) for p in CATALOG.values()]
+    print(_table(["class", "GFLOP/s", "mem_GiB", "up_Mbit/s", "down_Mbit/s", "active_W", "idle_W", "radio_W"], rows))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from flexray.errors import FlexrayError
+    from flexray.tracking.mlflow_logger import resolve_uri
+
+    uri = resolve_uri(args.uri)
+    client = MlflowClient(uri)
+    try:
+        run = client.get_run(args.run_id)
+    except Exception:  # noqa: BLE001
+        raise FlexrayError(f"report: no run {args.run_id!r} at {uri} (pass --uri or set MLFLOW_TRACKING_URI)") from None
+    p = run.data.params
+    print(f"run {args.run_id} ({run.info.status}) job={p.get('name')} method={p.get('method.name')} "
+          f"model={p.get('model.name')} data={p.get('data.name')} experiment={run.info.experiment_id}")
+    keys = ["accuracy", "loss", "sim_time_s", "round_sim_s", "energy_j", "participants", "stragglers", "bytes_up", "wall_time_s"]
+    hist = {k: {m.step: m.value for m in client.get_metric_history(args.run_id, k)} for k in keys}
+    steps = sorted(set().union(*(h.keys() for h in hist.values())))
+    rows = [[s, *(hist[k].get(s, "") for k in keys)] for s in steps]
+    print(_table(["round", *keys], rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="flexray", description="Training across heterogeneous devices on Ray.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name, fn, text in (("run", cmd_run, "run (or --resume) a job"), ("plan", cmd_plan, "predict one round without training")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("config", help="job YAML, e.g. jobs/quickstart.yaml")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. rounds.num=5")
+        p.set_defaults(fn=fn)
+    sub.choices["run"].add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
+    sub.add_parser("devices", help="list the device catalog").set_defaults(fn=cmd_devices)
+    rp = sub.add_parser("report", help="summarise a run from MLflow")
+    rp.add_argument("run_id")
+    rp.add_argument("--uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    rp.set_defaults(fn=cmd_report)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from flexray.errors import FlexrayError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except FlexrayError as err:
+        print(f"flexray: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("flexray: interrupted (resume with --resume RUN_ID from the last checkpoint)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

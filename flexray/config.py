@@ -1,0 +1,290 @@
+"""Typed job configuration: YAML in, frozen pydantic models out, errors as one line.
+
+Every section is validated here, at the edge, so a typo fails before Ray starts and before
+any training is done. Method-specific options are validated by the method's own ``Config``
+class (see ``flexray.methods``), still before training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from flexray.errors import FlexrayError
+
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100")
+BUILTIN_MODELS = ("cnn", "lenet", "resnet8", "resnet20", "resnet56", "preresnet18")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PartitionConfig(_Frozen):
+    kind: Literal["iid", "dirichlet", "shards"] = "iid"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; smaller = more skewed")
+    shards_per_device: int = Field(2, ge=1, description="label shards per device (kind=shards)")
+
+
+class DataConfig(_Frozen):
+    name: Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100"] = "digits"
+    source: Literal["auto", "sklearn", "npz", "torchvision"] = "auto"
+    path: str | None = Field(None, description=".npz file laid out like shared/data (source=npz)")
+    root: str | None = Field(None, description="torchvision dataset root (source=torchvision)")
+    download: bool = False
+    partition: PartitionConfig = PartitionConfig()
+    samples_per_device: int | None = Field(None, ge=1, description="cap each device's shard")
+    test_samples: int | None = Field(None, ge=1, description="evaluate on the first N test samples")
+
+
+class ModelConfig(_Frozen):
+    name: str = Field("cnn", description="built-in name or torchvision:<name>")
+    width: int = Field(32, ge=1, description="base channel count of cnn")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v in BUILTIN_MODELS or (v.startswith("torchvision:") and len(v) > 12):
+            return v
+        raise ValueError(f"unknown model {v!r}; use one of {', '.join(BUILTIN_MODELS)} or torchvision:<name>")
+
+
+class ProfileConfig(_Frozen):
+    """A custom device class; same fields as ``flexray.fleet.profiles.DeviceProfile``."""
+
+    flops: float = Field(gt=0, description="sustained training FLOP/s")
+    memory_bytes: float = Field(gt=0)
+    uplink_bps: float = Field(gt=0)
+    downlink_bps: float = Field(gt=0)
+    power_active_w: float = Field(gt=0)
+    power_idle_w: float = Field(ge=0)
+    power_radio_w: float = Field(ge=0)
+
+
+class TraceConfig(_Frozen):
+    """Speed multiplier and availability over simulated time."""
+
+    kind: Literal["constant", "periodic", "random_walk", "replay"] = "constant"
+    speed: float = Field(1.0, gt=0, description="base speed multiplier")
+    amplitude: float = Field(0.0, ge=0, description="periodic: relative swing of speed")
+    period_s: float = Field(3600.0, gt=0, description="periodic: period in simulated seconds")
+    duty: float = Field(1.0, gt=0, le=1, description="periodic: available fraction of each period")
+    sigma: float = Field(0.1, ge=0, description="random_walk: std of the log-speed step")
+    step_s: float = Field(60.0, gt=0, description="random_walk: simulated seconds per step")
+    min_speed: float = Field(0.05, gt=0)
+    max_speed: float = Field(4.0, gt=0)
+    p_offline: float = Field(0.0, ge=0, le=1, description="random_walk: chance a step is offline")
+    path: str | None = Field(None, description="replay: CSV/Parquet with time_s, speed[, available]")
+
+
+class DeviceGroup(_Frozen):
+    profile: str = Field(description="catalog name (flexray devices) or a key of fleet.profiles")
+    count: int = Field(1, ge=1)
+    trace: TraceConfig = TraceConfig()
+    resources: dict[str, float] = Field(
+        default_factory=dict, description='pin to a real device, e.g. {"device:rpi4": 1}'
+    )
+
+
+class FleetConfig(_Frozen):
+    groups: list[DeviceGroup] = Field(min_length=1)
+    profiles: dict[str, ProfileConfig] = Field(default_factory=dict)
+    actors: int = Field(2, ge=1, description="actors hosting the simulated (unpinned) devices")
+    num_cpus_per_actor: float = Field(1.0, gt=0)
+    throttle: Literal["virtual", "sleep", "none"] = "virtual"
+    time_scale: float = Field(1.0, gt=0, description="sleep mode: wall seconds per simulated second")
+    server_profile: str = "edge_gpu_server"
+
+
+class MethodConfig(BaseModel):
+    """Common local-training knobs. Extra keys go to the method's own Config."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str = "fedavg"
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class RoundsConfig(_Frozen):
+    num: int = Field(10, ge=1)
+    mode: Literal["sync"] = "sync"
+    clients_per_round: int | None = Field(None, ge=1, description="sample this many devices")
+    fraction: float = Field(1.0, gt=0, le=1, description="or this fraction of available devices")
+    deadline_s: float | None = Field(None, gt=0, description="simulated seconds; null = none")
+    stragglers: Literal["drop", "wait"] = "wait"
+    eval_every: int = Field(1, ge=1)
+
+
+class ScheduleConfig(_Frozen):
+    mode: Literal["static", "minmax"] = "minmax"
+
+
+class TrackingConfig(_Frozen):
+    uri: str | None = Field(None, description="MLflow URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    experiment: str = "flexray"
+    run_name: str | None = None
+    checkpoint_every: int = Field(5, ge=0, description="rounds between checkpoints; 0 = off")
+    log_model: bool = True
+    plots: bool = True
+    gantt_rounds: int = Field(3, ge=1)
+    progress: bool = True
+
+
+class ClusterConfig(_Frozen):
+    address: str | None = Field(None, description="Ray address; default $RAY_ADDRESS or a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray")
+
+
+class JobConfig(_Frozen):
+    name: str = "flexray"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    fleet: FleetConfig
+    method: MethodConfig = MethodConfig()
+    rounds: RoundsConfig = RoundsConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+
+# ---------------------------------------------------------------- loading and errors
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at ``loc`` (for 'allowed fields' hints)."""
+    cur: Any = model
+    for part in loc:
+        if isinstance(part, int) or cur is None:
+            continue
+        field = cur.model_fields.get(part) if isinstance(cur, type) and issubclass(cur, BaseModel) else None
+        if field is None:
+            return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ()) or ()
+        nxt = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        cur = nxt
+    return cur
+
+
+def format_validation_error(err: ValidationError, root: type[BaseModel], prefix: str = "") -> str:
+    """One line naming the first bad field and what is allowed."""
+    e = err.errors()[0]
+    loc = tuple(e["loc"])
+    field = prefix + ".".join(str(p) for p in loc) if loc else prefix.rstrip(".") or "config"
+    if e["type"] == "extra_forbidden":
+        owner = _model_at(root, loc[:-1])
+        allowed = ", ".join(owner.model_fields) if owner else "see docs"
+        return f"config error: {field}: unknown field; allowed here: {allowed}"
+    msg = e["msg"].removeprefix("Value error, ")
+    got = e.get("input")
+    shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
+    return f"config error: {field}: {msg}{shown}"
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur: Any = tree
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(cur, list):
+            if not key.isdigit() or int(key) >= len(cur):
+                raise FlexrayError(f"--set {dotted}: {'.'.join(keys[:i])} is a list; use an index < {len(cur)}")
+            key = int(key)  # type: ignore[assignment]
+        elif not isinstance(cur, dict):
+            raise FlexrayError(f"--set {dotted}: {'.'.join(keys[:i])} is not a section")
+        if last:
+            cur[key] = value
+        else:
+            if isinstance(cur, dict) and key not in cur:
+                cur[key] = {}
+            cur = cur[key]
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        if "=" not in item:
+            raise FlexrayError(f"--set {item!r}: expected key.path=value, e.g. --set rounds.num=5")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_path(tree, key.strip(), value)
+    return tree
+
+
+def parse_config(tree: dict[str, Any]) -> JobConfig:
+    """Validate a config tree (already overridden) into a JobConfig, or raise FlexrayError."""
+    if not isinstance(tree, dict):
+        raise FlexrayError("config error: the file must hold a YAML mapping (key: value)")
+    try:
+        cfg = JobConfig.model_validate(tree)
+    except ValidationError as err:
+        raise FlexrayError(format_validation_error(err, JobConfig)) from None
+    from flexray.methods import method_class  # lazy: methods import torch
+
+    cls = method_class(cfg.method.name)
+    try:
+        method_cfg = cls.Config.model_validate(cfg.method.model_dump())
+    except ValidationError as err:
+        raise FlexrayError(format_validation_error(err, cls.Config, prefix="method.")) from None
+    cfg = cfg.model_copy(update={"method": method_cfg})
+    _check_cross_fields(cfg)
+    return cfg
+
+
+def _check_cross_fields(cfg: JobConfig) -> None:
+    from flexray.fleet.profiles import CATALOG
+
+    for i, g in enumerate(cfg.fleet.groups):
+        if g.profile not in CATALOG and g.profile not in cfg.fleet.profiles:
+            raise FlexrayError(
+                f"config error: fleet.groups.{i}.profile: unknown device class {g.profile!r}; "
+                f"use one of {', '.join(CATALOG)} or define it under fleet.profiles"
+            )
+        if g.trace.kind == "replay" and not g.trace.path:
+            raise FlexrayError(f"config error: fleet.groups.{i}.trace.path: required for kind=replay")
+        if g.trace.min_speed > g.trace.max_speed:
+            raise FlexrayError(f"config error: fleet.groups.{i}.trace.min_speed: must be <= max_speed")
+    if cfg.fleet.server_profile not in CATALOG and cfg.fleet.server_profile not in cfg.fleet.profiles:
+        raise FlexrayError(f"config error: fleet.server_profile: unknown device class {cfg.fleet.server_profile!r}")
+    if cfg.data.source == "npz" and not cfg.data.path:
+        raise FlexrayError("config error: data.path: required for source=npz (a .npz like shared/data/mnist.npz)")
+    if cfg.data.name == "digits" and cfg.data.source in ("npz", "torchvision"):
+        raise FlexrayError("config error: data.source: digits comes from scikit-learn; use source=auto or sklearn")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise FlexrayError(f"config file not found: {p} (give the path to a job YAML, e.g. jobs/quickstart.yaml)")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise FlexrayError(f"config error: {p} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(tree, dict):
+        raise FlexrayError(f"config error: {p} must hold a YAML mapping (key: value)")
+    return parse_config(apply_overrides(tree, overrides or []))
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts/lists into dotted keys (MLflow params)."""
+    out: dict[str, Any] = {}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else None
+    if items is None:
+        return {prefix.rstrip("."): tree}
+    for k, v in items:
+        if isinstance(v, (dict, list)) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

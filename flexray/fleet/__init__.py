@@ -1,0 +1,1 @@
+"""Who the devices are: profiles, speed/availability traces, energy model, actors."""

@@ -1,0 +1,134 @@
+"""DeviceActor: a persistent Ray actor hosting one real device or many simulated ones.
+
+It loads its devices' data once, keeps models cached across rounds, runs the method's
+``local_update`` for each task and turns the work into simulated time and energy according to
+the throttle mode:
+
+- ``virtual``: no sleeping; compute time = counted FLOPs / (profile FLOP/s x trace speed).
+- ``sleep``: as virtual, then the actor sleeps so its wall clock matches (x ``time_scale``).
+- ``none``: real hardware; compute time is the measured wall time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+
+import ray
+import torch
+
+from flexray.config import JobConfig
+from flexray.data.datasets import Dataset, to_tensor
+from flexray.fleet.energy import energy_j, predict_times
+from flexray.fleet.fleet import ActorSpec, Device, derive_seed
+from flexray.fleet.report import DeviceReport, RoundRequest
+from flexray.methods import method_class
+from flexray.methods.base import DeviceContext, DeviceView, LocalData, State, Task, Update
+from flexray.models import build_model, profile_model, state_bytes
+
+
+class DeviceHost:
+    """The actor's logic, kept free of Ray so it can be unit-tested and profiled in-process."""
+
+    def __init__(self, cfg: JobConfig, spec: ActorSpec, devices: Sequence[Device], dataset: Dataset) -> None:
+        torch.set_num_threads(max(1, int(spec.num_cpus)))
+        self.cfg, self.spec = cfg, spec
+        self.devices = {d.id: d for d in devices}
+        self.data = {
+            d.id: LocalData(
+                to_tensor(dataset.x_train[d.indices], dataset.mean, dataset.std),
+                torch.as_tensor(dataset.y_train[d.indices], dtype=torch.long),
+            )
+            for d in devices
+        }
+
+        def model_fn() -> torch.nn.Module:
+            return build_model(cfg.model, dataset.input_shape, dataset.num_classes)
+
+        self.method = method_class(cfg.method.name)(cfg.method, model_fn)
+        self.ctx = DeviceContext(model_fn)
+        self.model_profile = profile_model(self.ctx.model(), dataset.input_shape)
+        self.node = _node_id()
+
+    def info(self) -> dict[str, object]:
+        return {"pid": os.getpid(), "node": self.node, "devices": list(self.devices)}
+
+    def run_round(self, req: RoundRequest, state: State) -> tuple[list[DeviceReport], list[Update]]:
+        """Train every task of this actor; pre-sum accepted updates when the method allows."""
+        shipped = state_bytes(state)
+        reports: list[DeviceReport] = []
+        accepted: list[Update] = []
+        for task in req.tasks:
+            report, update = self._run_task(req, task, state, shipped)
+            reports.append(report)
+            if update is not None:
+                accepted.append(update)
+        if self.method.linear and len(accepted) > 1:
+            accepted = [self.method.combine(accepted)]
+        return reports, accepted
+
+    def _run_task(self, req: RoundRequest, task: Task, state: State, shipped: int) -> tuple[DeviceReport, Update | None]:
+        dev = self.devices[task.device]
+        data = self.data[task.device]
+        speed = dev.trace.speed(req.start_s)
+        view = DeviceView(dev.id, dev.profile, speed, len(data))
+        throttle = self.cfg.fleet.throttle
+        deadline = req.deadline_s if req.drop_stragglers else None
+
+        cost = self.method.cost(task, view, self.model_profile)
+        predicted = sum(predict_times(dev.profile, speed, cost.flops, cost.bytes_down, cost.bytes_up))
+        if throttle == "virtual" and deadline is not None and predicted > deadline:
+            # Virtual time is exact, so a sure straggler's training would be thrown away anyway.
+            dl, comp, ul = predict_times(dev.profile, speed, cost.flops, cost.bytes_down, cost.bytes_up)
+            return self._report(req, task, dev, speed, 0, cost.flops, 0.0, dl, comp, ul, cost.bytes_down, 0, {}, "straggler"), None
+
+        self.ctx.seed(derive_seed(self.cfg.seed, req.round, task.device))
+        t0 = time.perf_counter()
+        update = self.method.local_update(task, state, data, self.ctx)
+        wall = time.perf_counter() - t0
+
+        flops = update.flops if update.flops is not None else update.samples * self.model_profile.train_flops_per_sample
+        bytes_down = update.bytes_down if update.bytes_down is not None else shipped
+        bytes_up = state_bytes(update.tensors)
+        dl, comp, ul = predict_times(dev.profile, speed, flops, bytes_down, bytes_up)
+        if throttle == "none":
+            comp = wall
+        if throttle == "sleep":
+            time.sleep(max(0.0, (dl + comp + ul) * self.cfg.fleet.time_scale - wall))
+        total = dl + comp + ul
+        status = "ok"
+        if req.deadline_s is not None and total > req.deadline_s:
+            status = "straggler" if req.drop_stragglers else "late"
+        report = self._report(
+            req, task, dev, speed, update.samples, flops, wall, dl, comp, ul, bytes_down, bytes_up, update.metrics, status
+        )
+        return report, (None if status == "straggler" else update)
+
+    def _report(
+        self, req: RoundRequest, task: Task, dev: Device, speed: float, samples: int, flops: float, wall: float,
+        dl: float, comp: float, ul: float, bytes_down: int, bytes_up: int, metrics: dict[str, float], status: str,
+    ) -> DeviceReport:
+        if status == "straggler" and req.deadline_s is not None:
+            # Dropped at the deadline: it downloaded, computed until then, never uploaded.
+            comp = max(0.0, min(comp, req.deadline_s - dl))
+            ul, bytes_up = 0.0, 0
+        busy = dl + comp + ul
+        return DeviceReport(
+            round=req.round, device=dev.id, name=dev.name, profile=dev.profile.name, actor=self.spec.label,
+            node=self.node, status=status, samples=samples, flops=flops, speed=speed, wall_s=wall,
+            download_s=dl, compute_s=comp, upload_s=ul, start_s=req.start_s, end_s=req.start_s + busy,
+            energy_j=energy_j(dev.profile, comp, dl + ul), bytes_down=bytes_down, bytes_up=bytes_up,
+            metrics=dict(metrics), spec=dict(task.spec),
+        )
+
+
+def _node_id() -> str:
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # outside Ray (unit tests)
+        return "local"
+
+
+DeviceActor = ray.remote(DeviceHost)
+"""The Ray actor; create with ``DeviceActor.options(num_cpus=..., resources=...).remote(...)``."""

@@ -1,0 +1,61 @@
+"""What an actor sends back per device per round: the row of the event log."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    """One actor's share of a round: its tasks plus the clock facts it needs to throttle."""
+
+    round: int
+    start_s: float  # simulated time the round starts
+    deadline_s: float | None  # relative to start_s
+    drop_stragglers: bool
+    tasks: tuple[Any, ...]  # methods.base.Task
+
+
+@dataclass
+class DeviceReport:
+    round: int
+    device: int
+    name: str
+    profile: str
+    actor: str
+    node: str
+    status: str  # ok | late (waited for) | straggler (dropped at the deadline)
+    samples: int
+    flops: float
+    speed: float
+    wall_s: float
+    download_s: float
+    compute_s: float
+    upload_s: float
+    start_s: float
+    end_s: float
+    energy_j: float
+    bytes_down: int
+    bytes_up: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    spec: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def comm_s(self) -> float:
+        return self.download_s + self.upload_s
+
+    @property
+    def busy_s(self) -> float:
+        return self.end_s - self.start_s
+
+    def row(self) -> dict[str, Any]:
+        """Flat, primitive-only row (Parquet and checkpoint friendly)."""
+        import json
+
+        out = asdict(self)
+        out["comm_s"] = self.comm_s
+        out["train_loss"] = float(self.metrics.get("train_loss", float("nan")))
+        out["metrics"] = json.dumps(self.metrics, sort_keys=True)
+        out["spec"] = json.dumps(self.spec, sort_keys=True, default=str)
+        return out

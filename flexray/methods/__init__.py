@@ -1,0 +1,17 @@
+"""Training methods, one per file; the driver finds them here by config name only."""
+
+from __future__ import annotations
+
+from flexray.errors import FlexrayError
+from flexray.methods.base import Method
+from flexray.methods.fedavg import FedAvg
+from flexray.methods.fedprox import FedProx
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FedAvg, FedProx)}
+
+
+def method_class(name: str) -> type[Method]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise FlexrayError(f"config error: method.name: unknown method {name!r}; use one of {', '.join(METHODS)}") from None

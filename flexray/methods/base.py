@@ -1,0 +1,220 @@
+"""The Method protocol: what a training method tells the driver and the devices.
+
+A method decides *what* each device does (``plan``), *how* a device trains (``local_update``)
+and *how* updates are merged (``aggregate``). It never touches Ray, MLflow or the clock, so the
+same method runs in sync, async, simulated or real mode. Shaped after Flower's ``Strategy``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from flexray.config import MethodConfig
+from flexray.fleet.profiles import DeviceProfile
+from flexray.models.profile import ModelProfile, state_bytes
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    """What the server knows about a device when planning a round."""
+
+    id: int
+    profile: DeviceProfile
+    speed: float
+    num_samples: int
+
+
+@dataclass(frozen=True)
+class Task:
+    """One device's work for one round; ``spec`` holds the method's knobs (logged as JSON)."""
+
+    device: int
+    round: int
+    spec: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Predicted work of a task, the input of the latency/energy model."""
+
+    flops: float
+    bytes_down: int
+    bytes_up: int
+
+
+@dataclass
+class Update:
+    """What a device sends back. ``weight`` is its aggregation weight (usually samples)."""
+
+    tensors: dict[str, torch.Tensor]
+    weight: float
+    samples: int
+    flops: float | None = None  # None: the actor counts samples x counted per-sample FLOPs
+    bytes_down: int | None = None  # None: bytes of the global state that was shipped
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LocalData:
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+class DeviceContext:
+    """Device-side helpers: a model cache (one module per spec) and the task's RNG."""
+
+    def __init__(self, model_fn: Callable[[], nn.Module]) -> None:
+        self._model_fn = model_fn
+        self._models: dict[str, nn.Module] = {}
+        self.generator = torch.Generator()
+
+    def model(self, key: str = "full", build: Callable[[], nn.Module] | None = None) -> nn.Module:
+        if key not in self._models:
+            self._models[key] = (build or self._model_fn)()
+        return self._models[key]
+
+    def seed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+        torch.manual_seed(seed)  # dropout and friends use the global RNG
+
+
+class Method(ABC):
+    """Base class of every method; one subclass per file in ``flexray/methods``."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    linear: ClassVar[bool] = False
+    """True when aggregation is a weighted mean, so an actor may pre-sum its devices' updates."""
+
+    def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module]) -> None:
+        self.cfg = cfg
+        self.model_fn = model_fn
+
+    # ---- server side
+    def init(self, model: nn.Module) -> State:
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def plan(self, rnd: int, devices: Sequence[DeviceView], state: State) -> list[Task]:
+        return [Task(device=d.id, round=rnd) for d in devices]
+
+    def cost(self, task: Task, device: DeviceView, profile: ModelProfile) -> Cost:
+        samples = self.cfg.local_epochs * device.num_samples
+        return Cost(samples * profile.train_flops_per_sample, profile.param_bytes, profile.param_bytes)
+
+    @abstractmethod
+    def aggregate(self, rnd: int, state: State, updates: Sequence[Update]) -> State: ...
+
+    def evaluate(self, state: State, model: nn.Module, data: LocalData) -> dict[str, float]:
+        model.load_state_dict(state)
+        return evaluate_model(model, data)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Server-side method state beyond the global weights (checkpointed)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+    # ---- device side
+    @abstractmethod
+    def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update: ...
+
+    def combine(self, updates: Sequence[Update]) -> Update:
+        """Pre-sum on the actor (only when ``linear``): one weighted-mean update in float64."""
+        total = sum(u.weight for u in updates)
+        return Update(
+            tensors=weighted_mean(updates),
+            weight=total,
+            samples=sum(u.samples for u in updates),
+        )
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def weighted_mean(updates: Sequence[Update], like: State | None = None) -> dict[str, torch.Tensor]:
+    """Sample-weighted mean, accumulated in float64 so pre-summed and flat results agree.
+
+    Results keep float64 so an actor's partial mean loses nothing; ``cast_like`` restores dtypes.
+    """
+    total = sum(u.weight for u in updates)
+    out: dict[str, torch.Tensor] = {}
+    for key in updates[0].tensors:
+        acc = torch.zeros_like(updates[0].tensors[key], dtype=torch.float64)
+        for u in updates:
+            acc += u.tensors[key].to(torch.float64) * (u.weight / total)
+        out[key] = acc
+    return out
+
+
+def cast_like(tensors: Mapping[str, torch.Tensor], like: State) -> State:
+    """Back to the global state's dtypes (integer buffers are rounded)."""
+    out: State = {}
+    for k, ref in like.items():
+        v = tensors[k]
+        out[k] = v.round().to(ref.dtype) if not ref.is_floating_point() else v.to(ref.dtype)
+    return out
+
+
+def sgd_train(
+    model: nn.Module,
+    data: LocalData,
+    cfg: MethodConfig,
+    generator: torch.Generator,
+    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+) -> tuple[int, float]:
+    """Plain local SGD over shuffled mini-batches; returns (samples processed, mean loss)."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
+    n, bs = len(data), cfg.batch_size
+    seen, loss_sum = 0, 0.0
+    for _ in range(cfg.local_epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, bs):
+            idx = order[start : start + bs]
+            xb, yb = data.x[idx], data.y[idx]
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb), yb)
+            if extra_loss is not None:
+                loss = loss + extra_loss(model)
+            loss.backward()
+            opt.step()
+            seen += len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
+    return seen, loss_sum / max(seen, 1)
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, data: LocalData, batch_size: int = 512) -> dict[str, float]:
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    correct, loss = 0, 0.0
+    for start in range(0, len(data), batch_size):
+        xb, yb = data.x[start : start + batch_size], data.y[start : start + batch_size]
+        out = model(xb)
+        loss += float(loss_fn(out, yb))
+        correct += int((out.argmax(1) == yb).sum())
+    n = max(len(data), 1)
+    return {"accuracy": correct / n, "loss": loss / n}
+
+
+def copy_state(model: nn.Module) -> State:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+__all__ = [
+    "Cost", "DeviceContext", "DeviceView", "LocalData", "Method", "State", "Task", "Update",
+    "cast_like", "copy_state", "evaluate_model", "sgd_train", "state_bytes", "weighted_mean",
+]

@@ -1,0 +1,34 @@
+"""FedProx (Li et al., 2020): FedAvg plus a proximal term mu/2 ||w - w_global||^2 that keeps
+heterogeneous devices' local models near the global one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from flexray.config import MethodConfig
+from flexray.methods.base import State
+from flexray.methods.fedavg import FedAvg
+
+
+class FedProxConfig(MethodConfig):
+    mu: float = Field(0.01, ge=0, description="proximal strength; 0 is FedAvg")
+
+
+class FedProx(FedAvg):
+    name = "fedprox"
+    Config = FedProxConfig
+
+    def extra_loss(self, state: State) -> Callable[[nn.Module], torch.Tensor]:
+        mu = self.cfg.mu  # type: ignore[attr-defined]
+        anchors: dict[str, torch.Tensor] = {}
+
+        def prox(model: nn.Module) -> torch.Tensor:
+            if not anchors:
+                anchors.update({n: state[n].detach() for n, _ in model.named_parameters()})
+            return 0.5 * mu * sum(((p - anchors[n]) ** 2).sum() for n, p in model.named_parameters())
+
+        return prox

@@ -1,0 +1,133 @@
+"""Model zoo: every model is an ``nn.Sequential`` of stages.
+
+Stages are the unit that split learning cuts at and that the scheduler profiles, so each
+top-level child must take exactly the previous child's output and nothing else, and the last
+child is the classifier. Stage classes are small named ``nn.Sequential`` subclasses so that a
+profile's ``kind`` says what a stage is, and so models pickle cleanly to Ray workers.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from flexray.config import ModelConfig
+from flexray.errors import FlexrayError
+
+Shape = tuple[int, int, int]
+
+
+class ConvBlock(nn.Sequential):
+    """conv - relu - (max)pool: one cut point per resolution."""
+
+
+class FCBlock(nn.Sequential):
+    """(flatten -) linear - relu: a fully-connected stage in front of the classifier."""
+
+
+class Head(nn.Sequential):
+    """Pooling / flatten / final linear: the classifier stage, always last."""
+
+
+def _pool(size: tuple[int, int]) -> tuple[nn.Module, tuple[int, int]]:
+    """2x2 max-pool along each dim that still has >= 2 pixels, so tiny inputs never hit 0."""
+    k = tuple(2 if s >= 2 else 1 for s in size)
+    if k == (1, 1):
+        return nn.Identity(), size
+    return nn.MaxPool2d(k), (size[0] // k[0], size[1] // k[1])  # type: ignore[arg-type]
+
+
+def _check_shape(input_shape: Shape, num_classes: int) -> None:
+    if len(input_shape) != 3 or min(input_shape) < 1:
+        raise FlexrayError(f"model input shape must be (channels, height, width), got {input_shape!r}")
+    if num_classes < 1:
+        raise FlexrayError(f"model needs at least one class, got num_classes={num_classes}")
+
+
+def cnn(input_shape: Shape, num_classes: int, width: int = 32) -> nn.Sequential:
+    """Small two-conv CNN that works on any input size (digits 8x8 up to CIFAR 32x32).
+
+    The head pools adaptively to 2x2 rather than globally: on 8x8 digits the remaining spatial
+    layout is much of the signal, and 2x2 keeps the head size independent of the input.
+    """
+    c, h, w = input_shape
+    size = (h, w)
+    pool1, size = _pool(size)
+    pool2, size = _pool(size)
+    out = (min(size[0], 2), min(size[1], 2))
+    return nn.Sequential(
+        OrderedDict(
+            conv1=ConvBlock(nn.Conv2d(c, width, 3, padding=1), nn.ReLU(), pool1),
+            conv2=ConvBlock(nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), pool2),
+            head=Head(nn.AdaptiveAvgPool2d(out), nn.Flatten(1), nn.Linear(2 * width * out[0] * out[1], num_classes)),
+        )
+    )
+
+
+def lenet(input_shape: Shape, num_classes: int) -> nn.Sequential:
+    """LeNet-5 (conv 6@5x5, conv 16@5x5, fc 120-84-classes); classic layout on 32x32.
+
+    Below 32 px the first conv is padded by 2 (the usual MNIST variant: 28x28 -> 16x5x5 like
+    the original); if even that leaves the second conv too little room (8x8 digits) it is
+    padded by 2 too, so the network stays LeNet-shaped rather than failing.
+    """
+    c, h, w = input_shape
+    pad1 = 2 if min(h, w) < 32 else 0
+    size = (h + 2 * pad1 - 4, w + 2 * pad1 - 4)
+    if min(size) < 1:
+        raise FlexrayError(f"model.name: lenet needs inputs of at least 1x1 pixels, got {h}x{w}")
+    pool1, size = _pool(size)
+    pad2 = 2 if min(size) - 4 < 2 else 0
+    size = (size[0] + 2 * pad2 - 4, size[1] + 2 * pad2 - 4)
+    pool2, size = _pool(size)
+    flat = 16 * size[0] * size[1]
+    return nn.Sequential(
+        OrderedDict(
+            conv1=ConvBlock(nn.Conv2d(c, 6, 5, padding=pad1), nn.ReLU(), pool1),
+            conv2=ConvBlock(nn.Conv2d(6, 16, 5, padding=pad2), nn.ReLU(), pool2),
+            fc1=FCBlock(nn.Flatten(1), nn.Linear(flat, 120), nn.ReLU()),
+            fc2=FCBlock(nn.Linear(120, 84), nn.ReLU()),
+            head=Head(nn.Linear(84, num_classes)),
+        )
+    )
+
+
+def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """Build ``cfg.name`` for inputs of shape (C, H, W); weights come from torch's global RNG.
+
+    Returns an ``nn.Sequential`` whose top-level children are the stages (see module doc).
+    """
+    input_shape = tuple(int(s) for s in input_shape)  # type: ignore[assignment]
+    _check_shape(input_shape, num_classes)
+    name = cfg.name
+    if name == "cnn":
+        return cnn(input_shape, num_classes, width=cfg.width)
+    if name == "lenet":
+        return lenet(input_shape, num_classes)
+    if name in ("resnet8", "resnet20", "resnet56", "preresnet18"):
+        from flexray.models import resnet_cifar
+
+        return getattr(resnet_cifar, name)(input_shape, num_classes)
+    if name.startswith("torchvision:"):
+        from flexray.models.tv import torchvision_model
+
+        return torchvision_model(name.removeprefix("torchvision:"), input_shape, num_classes)
+    raise FlexrayError(f"model.name: unknown model {name!r}")
+
+
+def stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The (name, module) stages of a model; a non-Sequential model is a single stage."""
+    if isinstance(model, nn.Sequential):
+        return list(model.named_children())
+    return [(type(model).__name__.lower(), model)]
+
+
+def run_stages(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each stage's output in order, for checking cuts and measuring activations."""
+    outs = []
+    for _, stage in stages(model):
+        x = stage(x)
+        outs.append(x)
+    return outs

@@ -1,0 +1,197 @@
+"""The job driver: build the fleet, run rounds, evaluate, checkpoint, log. Never names a method."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+from tqdm import tqdm
+
+from flexray.config import JobConfig, flatten
+from flexray.data.datasets import Dataset, load_dataset, to_tensor
+from flexray.errors import FlexrayError
+from flexray.fleet.actor import DeviceActor
+from flexray.fleet.fleet import ActorSpec, Device, assign_actors, build_fleet
+from flexray.fleet.profiles import resolve_profile
+from flexray.methods import method_class
+from flexray.methods.base import LocalData, Method
+from flexray.models import build_model
+from flexray.runtime.rounds import RoundOutcome, SyncRounds
+from flexray.tracking import plots
+from flexray.tracking.events import write_events
+from flexray.tracking.mlflow_logger import Tracker
+
+log = logging.getLogger("flexray")
+
+# Sections whose change would make a resumed run a different experiment.
+_RESUME_FIXED = ("seed", "data", "model", "fleet", "method", "schedule", "rounds.mode", "rounds.clients_per_round",
+                 "rounds.fraction", "rounds.deadline_s", "rounds.stragglers", "rounds.eval_every")
+
+
+@dataclass
+class JobResult:
+    run_id: str
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.history[-1] if self.history else {}
+
+
+@contextmanager
+def ray_session(cfg: JobConfig) -> Iterator[None]:
+    """Join the configured cluster ($RAY_ADDRESS under ``ray job submit``) or start a local one."""
+    if ray.is_initialized():
+        yield
+        return
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
+    if not address:
+        kwargs.update(num_cpus=cfg.cluster.num_cpus, include_dashboard=False)
+    ray.init(address=address, **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def check_placement(specs: list[ActorSpec]) -> None:
+    """Fail fast, naming the fix, instead of letting Ray wait forever for missing resources."""
+    have = ray.cluster_resources()
+    need: dict[str, float] = {"CPU": sum(s.num_cpus for s in specs)}
+    for s in specs:
+        for k, v in s.resources.items():
+            need[k] = need.get(k, 0.0) + v
+    for key, amount in need.items():
+        if have.get(key, 0.0) + 1e-9 < amount:
+            fix = (
+                "lower fleet.actors or fleet.num_cpus_per_actor, or add nodes"
+                if key == "CPU"
+                else f"start a node with: ray start --address ... --resources '{{\"{key}\": 1}}'"
+            )
+            raise FlexrayError(f"fleet: the cluster has {have.get(key, 0.0):g} {key} but the fleet needs {amount:g}; {fix}")
+
+
+def start_actors(cfg: JobConfig, specs: list[ActorSpec], devices: list[Device], dataset: Dataset) -> list[tuple[ActorSpec, Any]]:
+    check_placement(specs)
+    data_ref = ray.put(dataset)  # once; actors on this node read it zero-copy
+    actors = []
+    for s in specs:
+        hosted = [devices[i] for i in s.devices]
+        handle = DeviceActor.options(num_cpus=s.num_cpus, resources=s.resources or None, max_restarts=3).remote(
+            cfg, s, hosted, data_ref
+        )
+        actors.append((s, handle))
+    ray.get([h.info.remote() for _, h in actors])  # surface start-up errors now, not mid-round
+    return actors
+
+
+def _check_resume(cfg: JobConfig, saved: dict[str, Any]) -> None:
+    now = flatten(cfg.model_dump(mode="json"))
+    for key, value in flatten(saved).items():
+        if key.startswith(_RESUME_FIXED) and now.get(key) != value:
+            raise FlexrayError(f"--resume: {key} was {value!r} in the run but is {now.get(key)!r} now; resume with the run's config")
+
+
+def run_job(cfg: JobConfig, resume: str | None = None) -> JobResult:
+    """Run (or resume) a job end to end; returns the per-round metric history."""
+    wall0 = time.perf_counter()
+    dataset = load_dataset(cfg.data)
+    devices = build_fleet(cfg, dataset.y_train)
+    specs = assign_actors(cfg, devices)
+    server = resolve_profile(cfg.fleet.server_profile, cfg.fleet.profiles)
+
+    def model_fn() -> torch.nn.Module:
+        return build_model(cfg.model, dataset.input_shape, dataset.num_classes)
+
+    torch.manual_seed(cfg.seed)
+    method: Method = method_class(cfg.method.name)(cfg.method, model_fn)
+    eval_model = model_fn()
+    state = method.init(eval_model)
+    test = LocalData(to_tensor(dataset.x_test, dataset.mean, dataset.std), torch.as_tensor(dataset.y_test, dtype=torch.long))
+
+    tracker = Tracker(cfg, resume)
+    start, clock, energy, wall_before = 0, 0.0, 0.0, 0.0
+    rows: list[dict[str, Any]] = []
+    history: list[dict[str, float]] = []
+    if resume:
+        ck = tracker.load_checkpoint()
+        _check_resume(cfg, ck["config"])
+        start, clock, energy, wall_before = ck["round"], ck["clock_s"], ck["energy_j"], ck["wall_s"]
+        state, rows, history = ck["state"], ck["events"], ck["history"]
+        method.load_state_dict(ck["method"])
+    else:
+        tracker.log_config(cfg)
+
+    status = "FAILED"
+    actors: list[tuple[ActorSpec, Any]] = []
+    try:
+        with ray_session(cfg):
+            actors = start_actors(cfg, specs, devices, dataset)
+            rounds = SyncRounds(cfg, devices, actors, method, server)
+            bar = tqdm(range(start, cfg.rounds.num), desc=cfg.name, unit="round", disable=not cfg.tracking.progress)
+            for rnd in bar:
+                out = rounds.run(rnd, clock, state)
+                state = method.aggregate(rnd, state, out.updates)
+                clock += out.duration_s
+                energy += sum(r.energy_j for r in out.reports)
+                metrics = _round_metrics(out, clock, energy, wall_before + time.perf_counter() - wall0)
+                last = rnd + 1 == cfg.rounds.num
+                if (rnd + 1) % cfg.rounds.eval_every == 0 or last:
+                    metrics.update(method.evaluate(state, eval_model, test))
+                    bar.set_postfix(acc=f"{metrics['accuracy']:.3f}", sim_s=f"{clock:.0f}")
+                tracker.log_metrics(rnd + 1, metrics)
+                history.append({"round": rnd + 1, **metrics})
+                rows.extend(r.row() for r in out.reports)
+                every = cfg.tracking.checkpoint_every
+                if every and (rnd + 1) % every == 0 and not last:
+                    tracker.save_checkpoint({
+                        "round": rnd + 1, "clock_s": clock, "energy_j": energy,
+                        "wall_s": wall_before + time.perf_counter() - wall0, "state": state,
+                        "method": method.state_dict(), "events": rows, "history": history,
+                        "config": cfg.model_dump(mode="json"),
+                    })
+            for _, handle in actors:
+                ray.kill(handle)
+        eval_model.load_state_dict(state)
+        _finish(tracker, cfg, rows, history, eval_model, test.x[:2].numpy())
+        status = "FINISHED"
+    finally:
+        tracker.set_terminated(status)
+    return JobResult(tracker.run_id, history)
+
+
+def _round_metrics(out: RoundOutcome, clock: float, energy: float, wall: float) -> dict[str, float]:
+    kept = [r for r in out.reports if r.status != "straggler"]
+    losses = [(r.metrics["train_loss"], r.samples) for r in kept if "train_loss" in r.metrics]
+    metrics = {
+        "sim_time_s": clock, "round_sim_s": out.duration_s, "wall_time_s": wall,
+        "energy_j": energy, "round_energy_j": sum(r.energy_j for r in out.reports),
+        "participants": float(len(kept)), "stragglers": float(out.count("straggler", "late")),
+        "bytes_up": float(sum(r.bytes_up for r in out.reports)),
+        "bytes_down": float(sum(r.bytes_down for r in out.reports)),
+    }
+    if losses and sum(n for _, n in losses):
+        metrics["train_loss"] = sum(l * n for l, n in losses) / sum(n for _, n in losses)
+    return metrics
+
+
+def _finish(tracker: Tracker, cfg: JobConfig, rows: list[dict[str, Any]], history: list[dict[str, float]], model: torch.nn.Module, example: Any) -> None:
+    out = tracker.workdir
+    tracker.log_file(write_events(rows, out / "events.parquet"))
+    if cfg.tracking.plots:
+        for path in (
+            plots.accuracy_vs_time(history, out / "accuracy_vs_time.png"),
+            plots.gantt(rows, cfg.tracking.gantt_rounds, out / "gantt.png"),
+            plots.energy_per_device(rows, out / "energy_per_device.png"),
+        ):
+            tracker.log_file(path, "plots")
+    if cfg.tracking.log_model:
+        tracker.log_model(model.eval(), example)

@@ -1,0 +1,137 @@
+"""One MLflow run per job: params, per-round metrics, artifacts, checkpoints, the final model."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+from flexray.config import JobConfig, flatten
+from flexray.errors import FlexrayError
+
+CHECKPOINT = "checkpoints/checkpoint.pt"
+CHECKPOINT_FORMAT = "flexray-checkpoint-v1"
+
+
+def resolve_uri(cfg_uri: str | None) -> str:
+    """Config, then $MLFLOW_TRACKING_URI, then ./mlflow.db, made absolute so the UI finds it."""
+    uri = cfg_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+    return uri
+
+
+def _sqlite_artifact_root(uri: str) -> str | None:
+    if uri.startswith("sqlite:///"):
+        return (Path(urlparse(uri).path).parent / "mlartifacts").as_uri()
+    return None
+
+
+class Tracker:
+    """Thin wrapper over ``MlflowClient`` so the driver never deals with MLflow details."""
+
+    def __init__(self, cfg: JobConfig, resume_run_id: str | None = None) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.cfg = cfg
+        self.uri = resolve_uri(cfg.tracking.uri)
+        self.client = MlflowClient(self.uri)
+        try:
+            if resume_run_id:
+                run = self.client.get_run(resume_run_id)
+                self.experiment_id = run.info.experiment_id
+                self.run_id = resume_run_id
+            else:
+                self.experiment_id = self._experiment()
+                run = self.client.create_run(
+                    self.experiment_id, run_name=cfg.tracking.run_name or cfg.name, tags={"flexray.job": cfg.name}
+                )
+                self.run_id = run.info.run_id
+        except FlexrayError:
+            raise
+        except Exception as err:  # noqa: BLE001 - MLflow raises many kinds; the user needs one line
+            what = f"run {resume_run_id!r} not found" if resume_run_id else "cannot start a run"
+            raise FlexrayError(f"tracking: {what} at {self.uri}: {str(err).splitlines()[0]}") from None
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"flexray-{self.run_id[:8]}-"))
+
+    def _experiment(self) -> str:
+        name = self.cfg.tracking.experiment
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        return self.client.create_experiment(name, artifact_location=_sqlite_artifact_root(self.uri))
+
+    # ---- logging
+    def log_config(self, cfg: JobConfig) -> None:
+        from mlflow.entities import Param
+
+        params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg.model_dump(mode="json")).items()]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
+        self.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+
+    def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_file(self, path: Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def log_model(self, model: Any, example: Any) -> None:
+        import mlflow
+        import mlflow.pytorch
+
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=self.run_id):
+            # Explicit requirements: inferring them imports the model in a subprocess (slow).
+            mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=["torch"])
+
+    def set_terminated(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+    # ---- checkpoints
+    def save_checkpoint(self, ckpt: dict[str, Any]) -> None:
+        import torch
+
+        path = self.workdir / "checkpoint.pt"
+        torch.save({"format": CHECKPOINT_FORMAT, **ckpt}, path)
+        self.log_file(path, "checkpoints")
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        local = self.client.download_artifacts(self.run_id, CHECKPOINT, str(self.workdir)) if self._has_checkpoint() else None
+        if local is None:
+            raise FlexrayError(f"--resume {self.run_id}: the run has no checkpoint (tracking.checkpoint_every was 0 or it stopped before one)")
+        return read_checkpoint(Path(local))
+
+    def _has_checkpoint(self) -> bool:
+        return any(f.path == CHECKPOINT for f in self.client.list_artifacts(self.run_id, "checkpoints"))
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load with ``weights_only=True``: a checkpoint can never run code."""
+    import pickle
+
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        raise FlexrayError(f"checkpoint {path}: unreadable or not a flexray checkpoint ({str(err).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise FlexrayError(f"checkpoint {path}: not a flexray checkpoint (expected format {CHECKPOINT_FORMAT})")
+    return ckpt
+
