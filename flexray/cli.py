@@ -16,9 +16,10 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from flexray.config import load_config
+
+    cfg = load_config(args.config, args.set)  # validate before importing Ray: bad configs fail fast
     from flexray.runtime.driver import run_job
 
-    cfg = load_config(args.config, args.set)
     result = run_job(cfg, resume=args.resume)
     final = result.final
     acc = f"{final['accuracy']:.4f}" if "accuracy" in final else "n/a"

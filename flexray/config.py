@@ -235,6 +235,12 @@ def parse_config(tree: dict[str, Any]) -> JobConfig:
         method_cfg = cls.Config.model_validate(cfg.method.model_dump())
     except ValidationError as err:
         raise FlexrayError(format_validation_error(err, cls.Config, prefix="method.")) from None
+    if method_cfg.model_extra:  # the method's Config inherits extra="allow": reject typos here
+        bad = next(iter(method_cfg.model_extra))
+        raise FlexrayError(
+            f"config error: method.{bad}: unknown option for method {cfg.method.name!r}; "
+            f"allowed here: {', '.join(cls.Config.model_fields)}"
+        )
     cfg = cfg.model_copy(update={"method": method_cfg})
     _check_cross_fields(cfg)
     return cfg
@@ -267,10 +273,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         raise FlexrayError(f"config file not found: {p} (give the path to a job YAML, e.g. jobs/quickstart.yaml)")
     try:
         tree = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise FlexrayError(f"config error: {p} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())  # one line, always
+        raise FlexrayError(f"config error: {p} is not valid YAML{where}: {problem}") from None
+    except OSError as err:
+        raise FlexrayError(f"config error: cannot read {p}: {err.strerror or err}") from None
     if not isinstance(tree, dict):
         raise FlexrayError(f"config error: {p} must hold a YAML mapping (key: value)")
     return parse_config(apply_overrides(tree, overrides or []))

@@ -17,12 +17,41 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from flexray.models.zoo import stages
 
 _BATCH = 2  # > 1 so BatchNorm in train mode works; results are divided back to per sample
 _FLOAT32_BYTES = 4
+
+
+def _conv_backward_flop(
+    grad_out_shape: list[int],
+    x_shape: list[int],
+    w_shape: list[int],
+    _bias: Any,
+    _stride: Any,
+    _padding: Any,
+    _dilation: Any,
+    transposed: bool,
+    _output_padding: Any,
+    _groups: int,
+    output_mask: list[bool],
+    out_shape: Any = None,
+    **_: Any,
+) -> int:
+    """Each conv gradient (input, weight) costs the same multiply-adds as the forward conv.
+
+    torch's own formula (torch 2.15 and older) ignores ``groups`` for the weight gradient, so
+    it over-counts depthwise convs by their channel count (MobileNet train/forward ratios of
+    ~20 instead of ~3); pytorch/pytorch#183405 fixes that upstream.
+    """
+    fwd = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed=transposed)
+    return fwd * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def _counter() -> FlopCounterMode:
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop})
 
 
 @dataclass(frozen=True)
@@ -104,7 +133,7 @@ def _rng_devices(model: nn.Module) -> list[int]:
 def _train_flops(work: nn.Module, x: torch.Tensor) -> float:
     work.train()
     work.zero_grad(set_to_none=True)
-    with FlopCounterMode(display=False) as counter:
+    with _counter() as counter:
         logits = _logits(work(x))
         target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         loss = F.cross_entropy(logits, target)
@@ -131,7 +160,7 @@ def profile_model(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelP
         with torch.no_grad():
             h: Any = x
             for i, (name, stage) in enumerate(stages(work)):
-                with FlopCounterMode(display=False) as counter:
+                with _counter() as counter:
                     h = stage(h)
                 layers.append(
                     LayerProfile(

@@ -115,7 +115,7 @@ def run_job(cfg: JobConfig, resume: str | None = None) -> JobResult:
     method: Method = method_class(cfg.method.name)(cfg.method, model_fn)
     eval_model = model_fn()
     state = method.init(eval_model)
-    test = LocalData(to_tensor(dataset.x_test, dataset.mean, dataset.std), torch.as_tensor(dataset.y_test, dtype=torch.long))
+    test = LocalData(to_tensor(dataset.x_test, dataset.mean, dataset.std), torch.tensor(dataset.y_test, dtype=torch.long))
 
     tracker = Tracker(cfg, resume)
     start, clock, energy, wall_before = 0, 0.0, 0.0, 0.0
@@ -151,7 +151,7 @@ def run_job(cfg: JobConfig, resume: str | None = None) -> JobResult:
                 history.append({"round": rnd + 1, **metrics})
                 rows.extend(r.row() for r in out.reports)
                 every = cfg.tracking.checkpoint_every
-                if every and (rnd + 1) % every == 0 and not last:
+                if every and ((rnd + 1) % every == 0 or last):  # the last one lets a run be extended
                     tracker.save_checkpoint({
                         "round": rnd + 1, "clock_s": clock, "energy_j": energy,
                         "wall_s": wall_before + time.perf_counter() - wall0, "state": state,

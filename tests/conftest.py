@@ -1,0 +1,83 @@
+"""Shared fixtures: one real Ray head (``ray start --head``) and one MLflow sqlite store per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+# Token auth on, as in production (Ray >= 2.52); set before anything imports ray, which caches it.
+# The head creates ~/.ray/auth_token when missing; every client here reads it.
+os.environ["RAY_AUTH_MODE"] = "token"
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+RAY = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    address: str  # GCS address for ray.init
+    dashboard: str  # http address for ray job submit
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    """A real Ray head on 127.0.0.1 shared by every test; stopped at the end of the session."""
+    import ray
+
+    port, dash = free_port(), free_port()
+    temp = Path("/tmp") / f"flexray-test-ray-{os.getpid()}"  # short: Ray's socket paths must stay < 108 chars
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--temp-dir={temp}", "--disable-usage-stats"]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=180)
+    address = f"127.0.0.1:{port}"
+    try:
+        ray.init(address=address, logging_level="WARNING")
+        yield RayCluster(address, f"http://127.0.0.1:{dash}", env)
+    finally:
+        ray.shutdown()
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return "sqlite:///" + str(tmp_path_factory.mktemp("mlflow") / "mlflow.db")
+
+
+def job_tree(**overrides: object) -> dict:
+    """A tiny digits job (4 devices of 2 classes) that trains in a couple of seconds."""
+    tree: dict = {
+        "name": "test",
+        "seed": 0,
+        "data": {"name": "digits", "partition": {"kind": "iid"}},
+        "model": {"name": "cnn", "width": 8},
+        "fleet": {"actors": 2, "groups": [{"profile": "rpi3", "count": 2}, {"profile": "laptop_cpu", "count": 2}]},
+        "method": {"name": "fedavg", "local_epochs": 1, "batch_size": 32, "lr": 0.1, "momentum": 0.5},
+        "rounds": {"num": 3},
+        "tracking": {"experiment": "tests", "progress": False, "plots": False, "log_model": False, "checkpoint_every": 0},
+    }
+    for dotted, value in overrides.items():
+        cur = tree
+        keys = dotted.split("__")
+        for k in keys[:-1]:
+            cur = cur.setdefault(k, {})
+        cur[keys[-1]] = value
+    return tree
