@@ -58,7 +58,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(_table(["device", "actor", "samples", "flops", "down_s", "compute_s", "up_s", "total_s", "energy_j", "fits_mem"], rows))
     drop = cfg.rounds.stragglers == "drop"
     print(f"\nmodel {cfg.model.name}: {mprof.param_bytes / 1e6:.3f} MB, {mprof.train_flops_per_sample / 1e6:.3f} MFLOP/sample (train)")
-    print(f"predicted round time: {round_time(preds, cfg.rounds.deadline_s, drop):.3f} s simulated "
+    print(f"predicted round time: {round_time(preds, cfg.rounds.deadline_s, drop):.4g} s simulated "
           f"({len(preds)} of {len(devices)} devices available at t=0)")
     return 0
 

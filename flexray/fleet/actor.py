@@ -124,10 +124,8 @@ class DeviceHost:
 
 
 def _node_id() -> str:
-    try:
-        return ray.get_runtime_context().get_node_id()
-    except Exception:  # outside Ray (unit tests)
-        return "local"
+    # Asking for the runtime context outside Ray would start a local Ray instance.
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
 DeviceActor = ray.remote(DeviceHost)
