@@ -45,7 +45,7 @@ def job(data: Path, uri: str) -> dict:
 
 
 class PeakRSS:
-    """Peak of the summed RSS of a process tree (driver, Ray daemons, workers), sampled at 5 Hz."""
+    """Peak of the summed RSS of a process tree (driver, Ray daemons, workers), sampled at 2 Hz."""
 
     def __init__(self, pid: int) -> None:
         self.root, self.peak, self._stop = psutil.Process(pid), 0, threading.Event()
@@ -65,7 +65,7 @@ class PeakRSS:
                 self.peak = max(self.peak, total)
             except psutil.Error:
                 pass
-            self._stop.wait(0.2)
+            self._stop.wait(0.5)
 
     def stop(self) -> float:
         self._stop.set()
@@ -76,46 +76,37 @@ class PeakRSS:
 # ---------------------------------------------------------------- plain PyTorch
 
 
-_SHARDS: dict[int, list] = {}
-
-
-def _worker_init(shards_by_worker: list) -> None:
-    """Data stays resident in the worker, as in flexray's actors: only weights move per round."""
+def _worker(conn, shards: list, model_args: tuple) -> None:
+    """One plain worker process: its devices' data stays resident; only weights move per round."""
     import torch
 
-    torch.set_num_threads(1)
-    _SHARDS.update(enumerate(shards_by_worker))
-
-
-def _train_devices(args: tuple) -> tuple[dict, int]:
-    """Train a list of devices from the same global state; return their sample-weighted sum."""
-    import torch
-
-    state, worker, model_fn_args, seed = args
     from flexray.config import ModelConfig
     from flexray.models import build_model
 
-    model = build_model(ModelConfig(name="lenet"), *model_fn_args)
-    acc, n_total = None, 0
-    for dev, (x, y) in _SHARDS[worker]:
-        model.load_state_dict(state)
-        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-        g = torch.Generator().manual_seed(seed * 1000 + dev)
-        order = torch.randperm(len(y), generator=g)
-        model.train()
-        for s in range(0, len(y), BATCH):
-            idx = order[s : s + BATCH]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-        sd = model.state_dict()
-        if acc is None:
-            acc = {k: v.double() * len(y) for k, v in sd.items()}
-        else:
-            for k, v in sd.items():
-                acc[k] += v.double() * len(y)
-        n_total += len(y)
-    return acc, n_total
+    torch.set_num_threads(1)
+    model = build_model(ModelConfig(name="lenet"), *model_args)
+    while (msg := conn.recv()) is not None:
+        state, seed = msg
+        acc, n_total = None, 0
+        for dev, (x, y) in shards:
+            model.load_state_dict(state)
+            opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+            g = torch.Generator().manual_seed(seed * 1000 + dev)
+            order = torch.randperm(len(y), generator=g)
+            model.train()
+            for s in range(0, len(y), BATCH):
+                idx = order[s : s + BATCH]
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
+            n_total += len(y)
+            sd = model.state_dict()
+            if acc is None:
+                acc = {k: v.double() * len(y) for k, v in sd.items()}
+            else:
+                for k, v in sd.items():
+                    acc[k] += v.double() * len(y)
+        conn.send((acc, n_total))
 
 
 def plain(data: Path) -> dict:
@@ -135,24 +126,32 @@ def plain(data: Path) -> dict:
     margs = (ds.input_shape, ds.num_classes)
     model = build_model(ModelConfig(name="lenet"), *margs)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    # Each worker gets both halves once; task k trains half k (Pool gives no worker affinity).
-    halves_data = [shards[k::2] for k in range(2)]
-    pool = mp.get_context("spawn").Pool(2, initializer=_worker_init, initargs=(halves_data,))
+    ctx = mp.get_context("spawn")
+    pipes, procs = [], []
+    for k in range(2):  # two processes = both cores, each with half the devices
+        here, there = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(there, shards[k::2], margs))
+        proc.start()
+        pipes.append(here)
+        procs.append(proc)
     rounds = []
     for r in range(ROUNDS):
         tr = time.perf_counter()
-        halves = pool.map(_train_devices, [(state, k, margs, r) for k in range(2)], chunksize=1)
+        for conn in pipes:
+            conn.send((state, r))
+        halves = [conn.recv() for conn in pipes]
         n = sum(h[1] for h in halves)
         state = {k: ((halves[0][0][k] + halves[1][0][k]) / n).to(v.dtype) for k, v in state.items()}
         rounds.append(time.perf_counter() - tr)
-    pool.close()
-    pool.join()
+    for conn, proc in zip(pipes, procs):
+        conn.send(None)
+        proc.join()
     model.load_state_dict(state)
     model.eval()
     with torch.no_grad():
         x = to_tensor(ds.x_test, ds.mean, ds.std)
         acc = float((model(x).argmax(1) == torch.tensor(ds.y_test)).float().mean())
-    return {"rounds": rounds, "job_s": time.perf_counter() - t0, "accuracy": acc, "steady": float(np.mean(rounds[1:]))}
+    return {"rounds": rounds, "job_s": time.perf_counter() - t0, "accuracy": acc, "steady": float(np.median(rounds[1:]))}
 
 
 # ---------------------------------------------------------------- flexray
@@ -175,12 +174,12 @@ def through_flexray(data: Path, tmp: Path) -> dict:
     peak = rss.stop()
     if proc.returncode != 0:
         raise SystemExit(f"flexray run failed:\n{out[-3000:]}")
-    run_id = out.strip().splitlines()[-1].split()[1]
+    run_id = next(line.split()[1] for line in out.splitlines() if line.startswith("run ") and " finished:" in line)
     client = MlflowClient(uri)
     wall = [m.value for m in sorted(client.get_metric_history(run_id, "wall_time_s"), key=lambda m: m.step)]
     acc = client.get_metric_history(run_id, "accuracy")[-1].value
     rounds = list(np.diff(wall))  # round r = wall(r) - wall(r-1), rounds 2..5: steady state
-    return {"rounds": rounds, "job_s": job_s, "accuracy": acc, "steady": float(np.mean(rounds)), "peak_rss_mb": peak}
+    return {"rounds": rounds, "job_s": job_s, "accuracy": acc, "steady": float(np.median(rounds)), "peak_rss_mb": peak}
 
 
 def main() -> None:

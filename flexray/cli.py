@@ -25,6 +25,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     acc = f"{final['accuracy']:.4f}" if "accuracy" in final else "n/a"
     print(f"run {result.run_id} finished: rounds={len(result.history)} accuracy={acc} "
           f"sim_time_s={final.get('sim_time_s', 0):.1f} energy_j={final.get('energy_j', 0):.1f}")
+    print(f"tracked in {result.tracking_uri} (view: mlflow ui --backend-store-uri {result.tracking_uri})")
     return 0
 
 

@@ -123,7 +123,10 @@ def test_unplaceable_fleet_fails_fast(ray_cluster, mlflow_uri):
 
     groups = [{"profile": "rpi4", "count": 1, "resources": {"device:rpi4": 1}}]
     with pytest.raises(FlexrayError, match="device:rpi4"):
-        _run(ray_cluster, mlflow_uri, fleet__groups=groups)
+        _run(ray_cluster, mlflow_uri, fleet__groups=groups, tracking__experiment="unplaceable")
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("unplaceable").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]  # no run left dangling as RUNNING
 
 
 def test_client_sampling_is_seeded(ray_cluster, mlflow_uri, tmp_path):

@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,7 @@ _RESUME_FIXED = ("seed", "data", "model", "fleet", "method", "schedule", "rounds
 @dataclass
 class JobResult:
     run_id: str
+    tracking_uri: str
     history: list[dict[str, float]] = field(default_factory=list)
 
     @property
@@ -80,6 +82,8 @@ def check_placement(specs: list[ActorSpec]) -> None:
 
 
 def start_actors(cfg: JobConfig, specs: list[ActorSpec], devices: list[Device], dataset: Dataset) -> list[tuple[ActorSpec, Any]]:
+    """Create the actors without waiting: they import torch and load data while the driver
+    sets up MLflow. ``wait_ready`` surfaces their start-up errors before the first round."""
     check_placement(specs)
     data_ref = ray.put(dataset)  # once; actors on this node read it zero-copy
     actors = []
@@ -89,8 +93,11 @@ def start_actors(cfg: JobConfig, specs: list[ActorSpec], devices: list[Device], 
             cfg, s, hosted, data_ref
         )
         actors.append((s, handle))
-    ray.get([h.info.remote() for _, h in actors])  # surface start-up errors now, not mid-round
     return actors
+
+
+def wait_ready(actors: list[tuple[ActorSpec, Any]]) -> list[dict[str, Any]]:
+    return ray.get([h.info.remote() for _, h in actors])
 
 
 def _check_resume(cfg: JobConfig, saved: dict[str, Any]) -> None:
@@ -106,8 +113,30 @@ def run_job(cfg: JobConfig, resume: str | None = None) -> JobResult:
     dataset = load_dataset(cfg.data)
     devices = build_fleet(cfg, dataset.y_train)
     specs = assign_actors(cfg, devices)
-    server = resolve_profile(cfg.fleet.server_profile, cfg.fleet.profiles)
+    with ThreadPoolExecutor(1) as pool:
+        # MLflow's store set-up is Python work; Ray's start-up is mostly waiting: overlap them.
+        tracker_future = pool.submit(Tracker, cfg, resume)
+        driving = False
+        try:
+            with ray_session(cfg):
+                actors = start_actors(cfg, specs, devices, dataset)
+                try:
+                    tracker = tracker_future.result()
+                    driving = True
+                    return _drive(cfg, resume, tracker, dataset, devices, actors, wall0)
+                finally:
+                    for _, handle in actors:
+                        ray.kill(handle)
+        except BaseException:
+            if not driving and tracker_future.exception() is None:
+                tracker_future.result().set_terminated("FAILED")  # e.g. the fleet could not be placed
+            raise
 
+
+def _drive(
+    cfg: JobConfig, resume: str | None, tracker: Tracker, dataset: Dataset, devices: list[Device],
+    actors: list[tuple[ActorSpec, Any]], wall0: float,
+) -> JobResult:
     def model_fn() -> torch.nn.Module:
         return build_model(cfg.model, dataset.input_shape, dataset.num_classes)
 
@@ -117,55 +146,49 @@ def run_job(cfg: JobConfig, resume: str | None = None) -> JobResult:
     state = method.init(eval_model)
     test = LocalData(to_tensor(dataset.x_test, dataset.mean, dataset.std), torch.tensor(dataset.y_test, dtype=torch.long))
 
-    tracker = Tracker(cfg, resume)
     start, clock, energy, wall_before = 0, 0.0, 0.0, 0.0
     rows: list[dict[str, Any]] = []
     history: list[dict[str, float]] = []
-    if resume:
-        ck = tracker.load_checkpoint()
-        _check_resume(cfg, ck["config"])
-        start, clock, energy, wall_before = ck["round"], ck["clock_s"], ck["energy_j"], ck["wall_s"]
-        state, rows, history = ck["state"], ck["events"], ck["history"]
-        method.load_state_dict(ck["method"])
-    else:
-        tracker.log_config(cfg)
-
     status = "FAILED"
-    actors: list[tuple[ActorSpec, Any]] = []
     try:
-        with ray_session(cfg):
-            actors = start_actors(cfg, specs, devices, dataset)
-            rounds = SyncRounds(cfg, devices, actors, method, server)
-            bar = tqdm(range(start, cfg.rounds.num), desc=cfg.name, unit="round", disable=not cfg.tracking.progress)
-            for rnd in bar:
-                out = rounds.run(rnd, clock, state)
-                state = method.aggregate(rnd, state, out.updates)
-                clock += out.duration_s
-                energy += sum(r.energy_j for r in out.reports)
-                metrics = _round_metrics(out, clock, energy, wall_before + time.perf_counter() - wall0)
-                last = rnd + 1 == cfg.rounds.num
-                if (rnd + 1) % cfg.rounds.eval_every == 0 or last:
-                    metrics.update(method.evaluate(state, eval_model, test))
-                    bar.set_postfix(acc=f"{metrics['accuracy']:.3f}", sim_s=f"{clock:.0f}")
-                tracker.log_metrics(rnd + 1, metrics)
-                history.append({"round": rnd + 1, **metrics})
-                rows.extend(r.row() for r in out.reports)
-                every = cfg.tracking.checkpoint_every
-                if every and ((rnd + 1) % every == 0 or last):  # the last one lets a run be extended
-                    tracker.save_checkpoint({
-                        "round": rnd + 1, "clock_s": clock, "energy_j": energy,
-                        "wall_s": wall_before + time.perf_counter() - wall0, "state": state,
-                        "method": method.state_dict(), "events": rows, "history": history,
-                        "config": cfg.model_dump(mode="json"),
-                    })
-            for _, handle in actors:
-                ray.kill(handle)
+        if resume:
+            ck = tracker.load_checkpoint()
+            _check_resume(cfg, ck["config"])
+            start, clock, energy, wall_before = ck["round"], ck["clock_s"], ck["energy_j"], ck["wall_s"]
+            state, rows, history = ck["state"], ck["events"], ck["history"]
+            method.load_state_dict(ck["method"])
+        else:
+            tracker.log_config(cfg)
+        wait_ready(actors)
+        rounds = SyncRounds(cfg, devices, actors, method, resolve_profile(cfg.fleet.server_profile, cfg.fleet.profiles))
+        bar = tqdm(range(start, cfg.rounds.num), desc=cfg.name, unit="round", disable=not cfg.tracking.progress)
+        for rnd in bar:
+            out = rounds.run(rnd, clock, state)
+            state = method.aggregate(rnd, state, out.updates)
+            clock += out.duration_s
+            energy += sum(r.energy_j for r in out.reports)
+            metrics = _round_metrics(out, clock, energy, wall_before + time.perf_counter() - wall0)
+            last = rnd + 1 == cfg.rounds.num
+            if (rnd + 1) % cfg.rounds.eval_every == 0 or last:
+                metrics.update(method.evaluate(state, eval_model, test))
+                bar.set_postfix(acc=f"{metrics['accuracy']:.3f}", sim_s=f"{clock:.0f}")
+            tracker.log_metrics(rnd + 1, metrics)
+            history.append({"round": rnd + 1, **metrics})
+            rows.extend(r.row() for r in out.reports)
+            every = cfg.tracking.checkpoint_every
+            if every and ((rnd + 1) % every == 0 or last):  # the last one lets a run be extended
+                tracker.save_checkpoint({
+                    "round": rnd + 1, "clock_s": clock, "energy_j": energy,
+                    "wall_s": wall_before + time.perf_counter() - wall0, "state": state,
+                    "method": method.state_dict(), "events": rows, "history": history,
+                    "config": cfg.model_dump(mode="json"),
+                })
         eval_model.load_state_dict(state)
         _finish(tracker, cfg, rows, history, eval_model, test.x[:2].numpy())
         status = "FINISHED"
     finally:
         tracker.set_terminated(status)
-    return JobResult(tracker.run_id, history)
+    return JobResult(tracker.run_id, tracker.uri, history)
 
 
 def _round_metrics(out: RoundOutcome, clock: float, energy: float, wall: float) -> dict[str, float]:

@@ -19,9 +19,19 @@ CHECKPOINT = "checkpoints/checkpoint.pt"
 CHECKPOINT_FORMAT = "flexray-checkpoint-v1"
 
 
+def default_uri() -> str:
+    """./mlflow.db, except under ``ray job submit``: the job's working dir is a temporary copy
+    that Ray deletes, so a relative store would be lost; use ~/.flexray/mlflow.db there."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        home = Path.home() / ".flexray"
+        home.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{home / 'mlflow.db'}"
+    return "sqlite:///mlflow.db"
+
+
 def resolve_uri(cfg_uri: str | None) -> str:
-    """Config, then $MLFLOW_TRACKING_URI, then ./mlflow.db, made absolute so the UI finds it."""
-    uri = cfg_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    """Config, then $MLFLOW_TRACKING_URI, then the default store, made absolute so the UI finds it."""
+    uri = cfg_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
     return uri
