@@ -74,7 +74,7 @@ def test_fedavg_learns_and_logs_everything(ray_cluster, mlflow_uri, tmp_path):
 
     ds = load_dataset(parse_config(job_tree()).data)
     x = to_tensor(ds.x_test, ds.mean, ds.std)
-    acc = float((model(x).argmax(1) == torch.as_tensor(ds.y_test)).float().mean())
+    acc = float((model(x).argmax(1) == torch.tensor(ds.y_test)).float().mean())
     assert acc == pytest.approx(accs[-1], abs=1e-6)
 
 
