@@ -1,4 +1,4 @@
-"""``flexray run | plan | devices | report``. User mistakes print one line and exit 2."""
+"""``flexray run | plan | devices | report | probe``. User mistakes print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flexray.config import load_config
 
     cfg = load_config(args.config, args.set)  # validate before importing Ray: bad configs fail fast
+    from flexray.tracking.mlflow_logger import check_access, resolve_uri
+
+    check_access(resolve_uri(cfg.tracking.uri), cfg.tracking.experiment)  # bad credentials fail before Ray starts
     from flexray.runtime.driver import run_job
 
     result = run_job(cfg, resume=args.resume)
@@ -43,7 +46,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     ds = load_dataset(cfg.data)
     devices = build_fleet(cfg, ds.y_train)
-    actor_of = {d: s.label for s in assign_actors(cfg, devices) for d in s.devices}
+    specs = assign_actors(cfg, devices)
+    actor_of = {d: s.label for s in specs for d in s.devices}
+    node_of: dict[int, str] = {}
+    if args.address:
+        from flexray.fleet.placement import connected_placement
+
+        placement = connected_placement(args.address, specs)
+        node_of = {d: placement.describe(s.index) for s in specs for d in s.devices}
 
     def model_fn() -> torch.nn.Module:
         return build_model(cfg.model, ds.input_shape, ds.num_classes)
@@ -54,13 +64,38 @@ def cmd_plan(args: argparse.Namespace) -> int:
     avail = [d for d in devices if d.trace.available(0.0)]
     tasks = method.plan(0, [DeviceView(d.id, d.profile, d.trace.speed(0.0), len(d.indices)) for d in avail], method.init(model))
     preds = predict(method, tasks, {d.id: d for d in devices}, 0.0, mprof, cfg.method.batch_size)
-    rows = [(p.name, actor_of[p.device], p.samples, p.flops, p.download_s, p.compute_s, p.upload_s, p.total_s,
-             p.energy_j, "yes" if p.fits_memory else "NO") for p in preds]
-    print(_table(["device", "actor", "samples", "flops", "down_s", "compute_s", "up_s", "total_s", "energy_j", "fits_mem"], rows))
+    rows = [(p.name, actor_of[p.device], *([node_of[p.device]] if node_of else []), p.samples, p.flops, p.download_s,
+             p.compute_s, p.upload_s, p.total_s, p.energy_j, "yes" if p.fits_memory else "NO") for p in preds]
+    print(_table(["device", "actor", *(["node"] if node_of else []), "samples", "flops", "down_s", "compute_s", "up_s",
+                  "total_s", "energy_j", "fits_mem"], rows))
     drop = cfg.rounds.stragglers == "drop"
     print(f"\nmodel {cfg.model.name}: {mprof.param_bytes / 1e6:.3f} MB, {mprof.train_flops_per_sample / 1e6:.3f} MFLOP/sample (train)")
     print(f"predicted round time: {round_time(preds, cfg.rounds.deadline_s, drop):.4g} s simulated "
           f"({len(preds)} of {len(devices)} devices available at t=0)")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from flexray.errors import FlexrayError
+    from flexray.fleet.probe import default_name, measure, nearest_class, profile_line
+    from flexray.fleet.profiles import CATALOG
+
+    model, width, data, batch = args.model, args.width, args.data, args.batch_size
+    if args.config:
+        from flexray.config import load_config
+
+        cfg = load_config(args.config, [])
+        model, width, data, batch = cfg.model.name, cfg.model.width, cfg.data.name, cfg.method.batch_size
+    if args.like and args.like not in CATALOG:
+        raise FlexrayError(f"probe: --like {args.like!r}: unknown device class; use one of {', '.join(CATALOG)}")
+    if args.seconds <= 0:
+        raise FlexrayError("probe: --seconds must be > 0")
+    res = measure(model, width, data, batch, seconds=args.seconds, threads=args.threads)
+    like = CATALOG[args.like] if args.like else nearest_class(res.flops)
+    print(f"# flexray probe: {res.flops:.4g} FLOP/s sustained training ({model} width {width} on {data}-shaped input, "
+          f"batch {batch}, {res.threads} threads, {res.steps} steps in {res.seconds:.1f} s)")
+    print(f"# paste under fleet.profiles; bandwidth and power are copied from {like.name} (measure them to be exact)")
+    print(profile_line(args.name or default_name(), res, like))
     return 0
 
 
@@ -105,6 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. rounds.num=5")
         p.set_defaults(fn=fn)
     sub.choices["run"].add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
+    sub.choices["plan"].add_argument("--address", metavar="HOST:PORT",
+                                     help="a running Ray cluster: show the node each device actor lands on (or fail)")
+    pp = sub.add_parser("probe", help="measure this machine's training FLOP/s; prints a fleet.profiles line")
+    pp.add_argument("--name", help="profile name to print (default: the host name)")
+    pp.add_argument("--config", help="take model, data shape and batch size from this job YAML")
+    pp.add_argument("--model", default="cnn", help="model to train (default cnn)")
+    pp.add_argument("--width", type=int, default=32, help="cnn base width (default 32)")
+    pp.add_argument("--data", default="cifar10", choices=["digits", "mnist", "fashion_mnist", "cifar10", "cifar100"],
+                    help="input shape to train on (default cifar10)")
+    pp.add_argument("--batch-size", type=int, default=32)
+    pp.add_argument("--seconds", type=float, default=10.0, help="how long to time training (default 10)")
+    pp.add_argument("--threads", type=int, help="torch threads (default: torch's choice, all cores)")
+    pp.add_argument("--like", help="catalog class to copy bandwidth and power from (default: nearest in FLOP/s)")
+    pp.set_defaults(fn=cmd_probe)
     sub.add_parser("devices", help="list the device catalog").set_defaults(fn=cmd_devices)
     rp = sub.add_parser("report", help="summarise a run from MLflow")
     rp.add_argument("run_id")

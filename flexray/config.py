@@ -87,6 +87,10 @@ class DeviceGroup(_Frozen):
     resources: dict[str, float] = Field(
         default_factory=dict, description='pin to a real device, e.g. {"device:rpi4": 1}'
     )
+    node_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description='pin to nodes started with these labels (Ray label selector), e.g. {"flexray.io/device": "rpi4"}',
+    )
 
 
 class FleetConfig(_Frozen):

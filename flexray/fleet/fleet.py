@@ -8,6 +8,7 @@ import numpy as np
 
 from flexray.config import JobConfig
 from flexray.data.partition import partition
+from flexray.fleet.placement import check_selector
 from flexray.fleet.profiles import DeviceProfile, resolve_profile
 from flexray.fleet.traces import Trace, build_trace
 
@@ -25,6 +26,7 @@ class Device:
     trace: Trace
     indices: np.ndarray  # rows of the training set this device holds
     resources: dict[str, float] = field(default_factory=dict)
+    node_labels: dict[str, str] = field(default_factory=dict)  # Ray label selector, e.g. {"flexray.io/device": "rpi4"}
 
 
 @dataclass(frozen=True)
@@ -35,11 +37,16 @@ class ActorSpec:
     devices: tuple[int, ...]
     num_cpus: float
     resources: dict[str, float]
+    labels: dict[str, str] = field(default_factory=dict)  # node label selector (see fleet/placement.py)
 
     @property
     def label(self) -> str:
-        pinned = ",".join(self.resources) or "sim"
+        pinned = ",".join([*self.resources, *(f"{k}={v}" for k, v in self.labels.items())]) or "sim"
         return f"actor{self.index}[{pinned}]"
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self.resources or self.labels)
 
 
 def build_fleet(cfg: JobConfig, labels: np.ndarray) -> list[Device]:
@@ -48,24 +55,25 @@ def build_fleet(cfg: JobConfig, labels: np.ndarray) -> list[Device]:
     total = sum(g.count for g in groups)
     shards = partition(labels, total, cfg.data.partition, seed=cfg.seed, cap=cfg.data.samples_per_device)
     devices: list[Device] = []
-    for g in groups:
+    for gi, g in enumerate(groups):
+        check_selector(g.node_labels, f"fleet.groups.{gi}.node_labels")
         profile = resolve_profile(g.profile, cfg.fleet.profiles)
         for _ in range(g.count):
             i = len(devices)
             trace = build_trace(g.trace, seed=derive_seed(cfg.seed, 7, i))
-            devices.append(Device(i, f"{g.profile}-{i}", profile, trace, shards[i], dict(g.resources)))
+            devices.append(Device(i, f"{g.profile}-{i}", profile, trace, shards[i], dict(g.resources), dict(g.node_labels)))
     return devices
 
 
 def assign_actors(cfg: JobConfig, devices: list[Device]) -> list[ActorSpec]:
-    """Pinned devices (custom resources) and ``sleep``-throttled devices get an actor each,
+    """Pinned devices (custom resources or node labels) and ``sleep``-throttled devices get an actor each,
     because their wall clock must be theirs alone; the rest share ``fleet.actors`` actors."""
     cpus = cfg.fleet.num_cpus_per_actor
     specs: list[ActorSpec] = []
     shared: list[Device] = []
     for d in devices:
-        if d.resources or cfg.fleet.throttle == "sleep":
-            specs.append(ActorSpec(len(specs), (d.id,), cpus, d.resources))
+        if d.resources or d.node_labels or cfg.fleet.throttle == "sleep":
+            specs.append(ActorSpec(len(specs), (d.id,), cpus, d.resources, dict(d.node_labels)))
         else:
             shared.append(d)
     n = min(cfg.fleet.actors, len(shared))

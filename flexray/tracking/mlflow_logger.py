@@ -37,6 +37,49 @@ def resolve_uri(cfg_uri: str | None) -> str:
     return uri
 
 
+AUTH_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def _is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def access_error(uri: str, experiment: str, status: int | None, detail: str = "") -> FlexrayError | None:
+    """One line for a refused request: which URI, which setting, which env vars to fix."""
+    if status == 401:
+        unset = [v for v in AUTH_ENV if not os.environ.get(v)]
+        why = f"{' and '.join(unset)} not set" if unset else "wrong user name or password"
+        return FlexrayError(f"tracking: the MLflow server at {uri} (tracking.uri) refused the credentials ({why}); "
+                            f"set {AUTH_ENV[0]} and {AUTH_ENV[1]} for a user of that server")
+    if status == 403:
+        user = os.environ.get(AUTH_ENV[0], "?")
+        return FlexrayError(f"tracking: user {user!r} may not use experiment {experiment!r} at {uri} (tracking.uri); "
+                            "ask the server's admin for permission or set tracking.experiment")
+    return None
+
+
+def check_access(uri: str, experiment: str) -> None:
+    """Ask a tracking server for the experiment once, without retries, before any training:
+    wrong credentials or an unreachable server fail here in one line, not after Ray started."""
+    if not _is_server(uri):
+        return
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        resp = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/get-by-name", "GET",
+                            max_retries=0, timeout=15, params={"experiment_name": experiment})
+    except Exception as err:  # noqa: BLE001 - requests/MLflow wrap connection errors differently
+        raise FlexrayError(f"tracking: cannot reach the MLflow server at {uri} (tracking.uri): "
+                           f"{str(err).splitlines()[0][:160]}; is `mlflow server` running there?") from None
+    err = access_error(uri, experiment, resp.status_code)
+    if err is not None:
+        raise err
+    if resp.status_code not in (200, 404):  # 404: the experiment does not exist yet, the Tracker creates it
+        raise FlexrayError(f"tracking: the MLflow server at {uri} (tracking.uri) answered HTTP {resp.status_code}: "
+                           f"{resp.text.strip().splitlines()[0][:160] if resp.text.strip() else ''}")
+
+
 def _sqlite_artifact_root(uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
         return (Path(urlparse(uri).path).parent / "mlartifacts").as_uri()
@@ -66,6 +109,10 @@ class Tracker:
         except FlexrayError:
             raise
         except Exception as err:  # noqa: BLE001 - MLflow raises many kinds; the user needs one line
+            status = getattr(err, "get_http_status_code", lambda: None)()
+            refused = access_error(self.uri, cfg.tracking.experiment, status)
+            if refused is not None:
+                raise refused from None
             what = f"run {resume_run_id!r} not found" if resume_run_id else "cannot start a run"
             raise FlexrayError(f"tracking: {what} at {self.uri}: {str(err).splitlines()[0]}") from None
         self.workdir = Path(tempfile.mkdtemp(prefix=f"flexray-{self.run_id[:8]}-"))
