@@ -116,13 +116,23 @@ class MethodConfig(BaseModel):
 
 
 class RoundsConfig(_Frozen):
-    num: int = Field(10, ge=1)
-    mode: Literal["sync"] = "sync"
+    num: int = Field(10, ge=1, description="sync: rounds; async: server model versions")
+    mode: Literal["sync", "async"] = "sync"
     clients_per_round: int | None = Field(None, ge=1, description="sample this many devices")
     fraction: float = Field(1.0, gt=0, le=1, description="or this fraction of available devices")
     deadline_s: float | None = Field(None, gt=0, description="simulated seconds; null = none")
     stragglers: Literal["drop", "wait"] = "wait"
+    overcommit: float = Field(1.0, ge=1, description="sync: sample this many times more, keep the first")
+    concurrency: int | None = Field(None, ge=1, description="async: devices training at once (default: all)")
+    idle_step_s: float = Field(60.0, gt=0, description="clock step while no device is available")
     eval_every: int = Field(1, ge=1)
+
+
+class FaultsConfig(_Frozen):
+    """Injected faults, for testing that a deployment survives them (empty = none)."""
+
+    nan_updates: list[tuple[int, int]] = Field(default_factory=list, description="[round, device] pairs")
+    bad_shape_updates: list[tuple[int, int]] = Field(default_factory=list, description="[round, device] pairs")
 
 
 class ScheduleConfig(_Frozen):
@@ -156,6 +166,7 @@ class JobConfig(_Frozen):
     schedule: ScheduleConfig = ScheduleConfig()
     tracking: TrackingConfig = TrackingConfig()
     cluster: ClusterConfig = ClusterConfig()
+    faults: FaultsConfig = FaultsConfig()
 
 
 # ---------------------------------------------------------------- loading and errors
@@ -252,6 +263,7 @@ def parse_config(tree: dict[str, Any]) -> JobConfig:
 
 def _check_cross_fields(cfg: JobConfig) -> None:
     from flexray.fleet.profiles import CATALOG
+    from flexray.methods import method_class
 
     for i, g in enumerate(cfg.fleet.groups):
         if g.profile not in CATALOG and g.profile not in cfg.fleet.profiles:
@@ -267,6 +279,13 @@ def _check_cross_fields(cfg: JobConfig) -> None:
         raise FlexrayError(f"config error: fleet.server_profile: unknown device class {cfg.fleet.server_profile!r}")
     if cfg.data.source == "npz" and not cfg.data.path:
         raise FlexrayError("config error: data.path: required for source=npz (a .npz like shared/data/mnist.npz)")
+    if cfg.rounds.mode == "async" and not method_class(cfg.method.name).supports_async:
+        from flexray.methods import METHODS
+
+        able = ", ".join(n for n, m in METHODS.items() if m.supports_async)
+        raise FlexrayError(f"config error: rounds.mode: method {cfg.method.name!r} cannot run async; use one of {able}")
+    if cfg.rounds.mode == "async" and cfg.rounds.overcommit > 1:
+        raise FlexrayError("config error: rounds.overcommit: only for sync rounds (async keeps every device busy)")
     if cfg.data.name == "digits" and cfg.data.source in ("npz", "torchvision"):
         raise FlexrayError("config error: data.source: digits comes from scikit-learn; use source=auto or sklearn")
 

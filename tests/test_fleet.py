@@ -265,3 +265,21 @@ def test_predict_times_hand_computed():
     assert comp == pytest.approx(6.0)  # 3e9 / (1e9 x 0.5)
     assert up == pytest.approx(2.0)  # 2e6 bits / 1e6 bit/s
     assert predict_times(P, 2.0, 0.0, 0.0, 0.0) == (0.0, 0.0, 0.0)
+
+
+def test_available_between_is_exact_for_every_kind(tmp_path):
+    from flexray.fleet.traces import ConstantTrace, PeriodicTrace, RandomWalkTrace, load_replay
+
+    assert ConstantTrace().available_between(0, 1e9)
+    per = PeriodicTrace(1.0, 0.0, 100.0, 0.5, 0.1, 2.0)  # online [0,50), [100,150), ...
+    assert per.available_between(10, 49) and not per.available_between(10, 60)
+    assert not per.available_between(60, 70) and per.available_between(100, 140)
+    rw = RandomWalkTrace(3, 1.0, 0.1, 10.0, 0.1, 2.0, p_offline=0.5)
+    for t0 in range(0, 500, 7):
+        for t1 in (t0, t0 + 15, t0 + 40):
+            expect = all(rw.available(10.0 * k) for k in range(int(t0 // 10), int(t1 // 10) + 1))
+            assert rw.available_between(t0, t1) == expect
+    path = tmp_path / "r.csv"
+    path.write_text("time_s,speed,available\n0,1,1\n10,1,0\n20,1,1\n")
+    rep = load_replay(path)
+    assert rep.available_between(0, 9) and not rep.available_between(5, 25) and rep.available_between(20, 99)

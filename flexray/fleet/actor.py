@@ -51,6 +51,10 @@ class DeviceHost:
         self.model_profile = profile_model(self.ctx.model(), dataset.input_shape)
         self.node = _node_id()
 
+    def __repr__(self) -> str:  # Ray shows it in logs, the dashboard and the state API
+        names = ",".join(d.name for d in self.devices.values())
+        return f"DeviceHost({self.spec.label}: {names[:200]})"
+
     def info(self) -> dict[str, object]:
         return {"pid": os.getpid(), "node": self.node, "devices": list(self.devices)}
 
@@ -64,7 +68,7 @@ class DeviceHost:
             reports.append(report)
             if update is not None:
                 accepted.append(update)
-        if self.method.linear and len(accepted) > 1:
+        if req.presum and self.method.linear and len(accepted) > 1:
             accepted = [self.method.combine(accepted)]
         return reports, accepted
 
@@ -83,7 +87,7 @@ class DeviceHost:
             dl, comp, ul = predict_times(dev.profile, speed, cost.flops, cost.bytes_down, cost.bytes_up)
             return self._report(req, task, dev, speed, 0, cost.flops, 0.0, dl, comp, ul, cost.bytes_down, 0, {}, "straggler"), None
 
-        self.ctx.seed(derive_seed(self.cfg.seed, req.round, task.device))
+        self.ctx.seed(derive_seed(self.cfg.seed, req.round, task.device, req.draw))
         t0 = time.perf_counter()
         update = self.method.local_update(task, state, data, self.ctx)
         wall = time.perf_counter() - t0
@@ -97,13 +101,29 @@ class DeviceHost:
         if throttle == "sleep":
             time.sleep(max(0.0, (dl + comp + ul) * self.cfg.fleet.time_scale - wall))
         total = dl + comp + ul
-        status = "ok"
-        if req.deadline_s is not None and total > req.deadline_s:
+        update.device = task.device
+        self._inject_faults(req.round, update)
+        status, note = "ok", ""
+        if not dev.trace.available_between(req.start_s, req.start_s + total):
+            status, note = "lost", "went offline mid-task"
+        elif req.deadline_s is not None and total > req.deadline_s:
             status = "straggler" if req.drop_stragglers else "late"
+        if status in ("ok", "late") and (reason := self.method.validate(update, state)):
+            status, note = "rejected", reason
         report = self._report(
             req, task, dev, speed, update.samples, flops, wall, dl, comp, ul, bytes_down, bytes_up, update.metrics, status
         )
-        return report, (None if status == "straggler" else update)
+        report.note = note
+        return report, (update if status in ("ok", "late") else None)
+
+    def _inject_faults(self, rnd: int, update: Update) -> None:
+        """Corrupt an update on purpose (config ``faults``) to prove the server rejects it."""
+        faults = self.cfg.faults
+        key = next(k for k, v in update.tensors.items() if v.is_floating_point())
+        if (rnd, update.device) in faults.nan_updates:
+            update.tensors[key] = torch.full_like(update.tensors[key], float("nan"))
+        if (rnd, update.device) in faults.bad_shape_updates:
+            update.tensors[key] = torch.zeros(update.tensors[key].numel() + 1)
 
     def _report(
         self, req: RoundRequest, task: Task, dev: Device, speed: float, samples: int, flops: float, wall: float,
@@ -113,6 +133,8 @@ class DeviceHost:
             # Dropped at the deadline: it downloaded, computed until then, never uploaded.
             comp = max(0.0, min(comp, req.deadline_s - dl))
             ul, bytes_up = 0.0, 0
+        if status == "lost":
+            ul, bytes_up = 0.0, 0  # offline: nothing reached the server
         busy = dl + comp + ul
         return DeviceReport(
             round=req.round, device=dev.id, name=dev.name, profile=dev.profile.name, actor=self.spec.label,

@@ -15,6 +15,8 @@ class RoundRequest:
     deadline_s: float | None  # relative to start_s
     drop_stragglers: bool
     tasks: tuple[Any, ...]  # methods.base.Task
+    presum: bool = True  # False when the driver must pick updates per device (over-commit, async)
+    draw: int = 0  # async: the dispatch number, so one device's repeated tasks differ in randomness
 
 
 @dataclass
@@ -25,7 +27,10 @@ class DeviceReport:
     profile: str
     actor: str
     node: str
-    status: str  # ok | late (waited for) | straggler (dropped at the deadline)
+    status: str
+    """ok | late (past the deadline, waited for) | straggler (dropped at the deadline) | lost (went
+    offline mid-task) | rejected (NaN/Inf or wrong shape) | failed (its actor died) |
+    surplus (over-committed, not among the first K) | stale (async, too stale)"""
     samples: int
     flops: float
     speed: float
@@ -40,6 +45,7 @@ class DeviceReport:
     bytes_up: int
     metrics: dict[str, float] = field(default_factory=dict)
     spec: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
 
     @property
     def comm_s(self) -> float:

@@ -28,6 +28,10 @@ class Trace(ABC):
     def available(self, t: float) -> bool:
         """Whether the device can take work at simulated time ``t``."""
 
+    @abstractmethod
+    def available_between(self, t0: float, t1: float) -> bool:
+        """Online for the whole of [t0, t1]: a task that spans an outage is lost."""
+
 
 class ConstantTrace(Trace):
     def __init__(self, speed: float = 1.0) -> None:
@@ -37,6 +41,9 @@ class ConstantTrace(Trace):
         return self._speed
 
     def available(self, t: float) -> bool:
+        return True
+
+    def available_between(self, t0: float, t1: float) -> bool:
         return True
 
     def __repr__(self) -> str:
@@ -60,6 +67,12 @@ class PeriodicTrace(Trace):
 
     def available(self, t: float) -> bool:
         return self.duty >= 1.0 or (t % self.period_s) < self.duty * self.period_s
+
+    def available_between(self, t0: float, t1: float) -> bool:
+        if self.duty >= 1.0:
+            return True
+        window_end = (t0 // self.period_s) * self.period_s + self.duty * self.period_s
+        return self.available(t0) and t1 < window_end
 
     def __repr__(self) -> str:
         return (
@@ -130,6 +143,10 @@ class RandomWalkTrace(Trace):
     def available(self, t: float) -> bool:
         return self._online[self._index(t)] == 1
 
+    def available_between(self, t0: float, t1: float) -> bool:
+        k1 = self._index(t1)
+        return all(self._online[self._index(t0) : k1 + 1])
+
     def __getstate__(self) -> dict:
         # Ship the recipe, not the cache: it regenerates identically and keeps payloads small.
         state = self.__dict__.copy()
@@ -158,6 +175,9 @@ class ReplayTrace(Trace):
 
     def available(self, t: float) -> bool:
         return self.online[self._row(t)]
+
+    def available_between(self, t0: float, t1: float) -> bool:
+        return all(self.online[self._row(t0) : self._row(t1) + 1])
 
     def __repr__(self) -> str:
         return f"ReplayTrace({self.source!r}, rows={len(self.times)})"

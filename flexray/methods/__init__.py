@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from flexray.errors import FlexrayError
 from flexray.methods.base import Method
+from flexray.methods.fedasync import FedAsync
 from flexray.methods.fedavg import FedAvg
+from flexray.methods.fedbuff import FedBuff
 from flexray.methods.fedprox import FedProx
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FedAvg, FedProx)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FedAvg, FedProx, FedAsync, FedBuff)}
 
 
 def method_class(name: str) -> type[Method]:

@@ -60,6 +60,8 @@ class Update:
     flops: float | None = None  # None: the actor counts samples x counted per-sample FLOPs
     bytes_down: int | None = None  # None: bytes of the global state that was shipped
     metrics: dict[str, float] = field(default_factory=dict)
+    device: int = -1  # set by the actor; -1 for an actor's pre-summed update
+    staleness: int = 0  # set by the async driver: server versions since the device's copy
 
 
 @dataclass
@@ -96,10 +98,13 @@ class Method(ABC):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     linear: ClassVar[bool] = False
     """True when aggregation is a weighted mean, so an actor may pre-sum its devices' updates."""
+    supports_async: ClassVar[bool] = False
+    """True when ``aggregate`` can take updates one at a time, computed on stale models."""
 
-    def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module]) -> None:
+    def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module], asynchronous: bool = False) -> None:
         self.cfg = cfg
         self.model_fn = model_fn
+        self.asynchronous = asynchronous  # updates arrive one at a time (rounds.mode: async)
 
     # ---- server side
     def init(self, model: nn.Module) -> State:
@@ -118,6 +123,18 @@ class Method(ABC):
     def evaluate(self, state: State, model: nn.Module, data: LocalData) -> dict[str, float]:
         model.load_state_dict(state)
         return evaluate_model(model, data)
+
+    def validate(self, update: Update, state: State) -> str | None:
+        """Why an update must be rejected (wrong keys or shapes, NaN/Inf), or None if it is sound."""
+        for key, value in update.tensors.items():
+            ref = state.get(key)
+            if ref is None:
+                return f"unknown tensor {key!r}"
+            if value.shape != ref.shape:
+                return f"{key}: shape {tuple(value.shape)} != {tuple(ref.shape)}"
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                return f"{key}: NaN or Inf"
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """Server-side method state beyond the global weights (checkpointed)."""

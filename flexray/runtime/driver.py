@@ -23,7 +23,8 @@ from flexray.fleet.fleet import ActorSpec, Device, assign_actors, build_fleet
 from flexray.fleet.profiles import resolve_profile
 from flexray.methods import method_class
 from flexray.methods.base import LocalData, Method
-from flexray.models import build_model
+from flexray.models import build_model, profile_model
+from flexray.runtime.async_rounds import AsyncRounds
 from flexray.runtime.rounds import RoundOutcome, SyncRounds
 from flexray.tracking import plots
 from flexray.tracking.events import write_events
@@ -81,7 +82,9 @@ def check_placement(specs: list[ActorSpec]) -> None:
             raise FlexrayError(f"fleet: the cluster has {have.get(key, 0.0):g} {key} but the fleet needs {amount:g}; {fix}")
 
 
-def start_actors(cfg: JobConfig, specs: list[ActorSpec], devices: list[Device], dataset: Dataset) -> list[tuple[ActorSpec, Any]]:
+def start_actors(
+    cfg: JobConfig, specs: list[ActorSpec], devices: list[Device], dataset: Dataset
+) -> tuple[list[tuple[ActorSpec, Any]], Any]:
     """Create the actors without waiting: they import torch and load data while the driver
     sets up MLflow. ``wait_ready`` surfaces their start-up errors before the first round."""
     check_placement(specs)
@@ -93,7 +96,7 @@ def start_actors(cfg: JobConfig, specs: list[ActorSpec], devices: list[Device], 
             cfg, s, hosted, data_ref
         )
         actors.append((s, handle))
-    return actors
+    return actors, data_ref  # hold data_ref for the whole job: a restarted actor reloads from it
 
 
 def wait_ready(actors: list[tuple[ActorSpec, Any]]) -> list[dict[str, Any]]:
@@ -119,7 +122,7 @@ def run_job(cfg: JobConfig, resume: str | None = None) -> JobResult:
         driving = False
         try:
             with ray_session(cfg):
-                actors = start_actors(cfg, specs, devices, dataset)
+                actors, _data_ref = start_actors(cfg, specs, devices, dataset)
                 try:
                     tracker = tracker_future.result()
                     driving = True
@@ -141,7 +144,8 @@ def _drive(
         return build_model(cfg.model, dataset.input_shape, dataset.num_classes)
 
     torch.manual_seed(cfg.seed)
-    method: Method = method_class(cfg.method.name)(cfg.method, model_fn)
+    asynchronous = cfg.rounds.mode == "async"
+    method: Method = method_class(cfg.method.name)(cfg.method, model_fn, asynchronous)
     eval_model = model_fn()
     state = method.init(eval_model)
     test = LocalData(to_tensor(dataset.x_test, dataset.mean, dataset.std), torch.tensor(dataset.y_test, dtype=torch.long))
@@ -157,14 +161,20 @@ def _drive(
             start, clock, energy, wall_before = ck["round"], ck["clock_s"], ck["energy_j"], ck["wall_s"]
             state, rows, history = ck["state"], ck["events"], ck["history"]
             method.load_state_dict(ck["method"])
+            engine_state = ck["engine"]
         else:
             tracker.log_config(cfg)
         wait_ready(actors)
-        rounds = SyncRounds(cfg, devices, actors, method, resolve_profile(cfg.fleet.server_profile, cfg.fleet.profiles))
+        server = resolve_profile(cfg.fleet.server_profile, cfg.fleet.profiles)
+        rounds = (
+            AsyncRounds(cfg, devices, actors, method, server, profile_model(eval_model, dataset.input_shape))
+            if asynchronous else SyncRounds(cfg, devices, actors, method, server)
+        )
+        if resume:
+            rounds.load_state_dict(engine_state)
         bar = tqdm(range(start, cfg.rounds.num), desc=cfg.name, unit="round", disable=not cfg.tracking.progress)
         for rnd in bar:
-            out = rounds.run(rnd, clock, state)
-            state = method.aggregate(rnd, state, out.updates)
+            state, out = rounds.step(rnd, clock, state)
             clock += out.duration_s
             energy += sum(r.energy_j for r in out.reports)
             metrics = _round_metrics(out, clock, energy, wall_before + time.perf_counter() - wall0)
@@ -180,7 +190,7 @@ def _drive(
                 tracker.save_checkpoint({
                     "round": rnd + 1, "clock_s": clock, "energy_j": energy,
                     "wall_s": wall_before + time.perf_counter() - wall0, "state": state,
-                    "method": method.state_dict(), "events": rows, "history": history,
+                    "method": method.state_dict(), "engine": rounds.state_dict(), "events": rows, "history": history,
                     "config": cfg.model_dump(mode="json"),
                 })
         eval_model.load_state_dict(state)
@@ -192,12 +202,13 @@ def _drive(
 
 
 def _round_metrics(out: RoundOutcome, clock: float, energy: float, wall: float) -> dict[str, float]:
-    kept = [r for r in out.reports if r.status != "straggler"]
+    kept = [r for r in out.reports if r.status in ("ok", "late")]
     losses = [(r.metrics["train_loss"], r.samples) for r in kept if "train_loss" in r.metrics]
     metrics = {
         "sim_time_s": clock, "round_sim_s": out.duration_s, "wall_time_s": wall,
         "energy_j": energy, "round_energy_j": sum(r.energy_j for r in out.reports),
         "participants": float(len(kept)), "stragglers": float(out.count("straggler", "late")),
+        "lost": float(out.count("lost")), "rejected": float(out.count("rejected")), "failed": float(out.count("failed")),
         "bytes_up": float(sum(r.bytes_up for r in out.reports)),
         "bytes_down": float(sum(r.bytes_down for r in out.reports)),
     }

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import ray
@@ -28,11 +30,16 @@ class RoundOutcome:
         return sum(r.status in statuses for r in self.reports)
 
 
+def target_count(cfg: JobConfig, n_available: int) -> int:
+    """Updates a round wants: ``clients_per_round`` or ``fraction`` of the available devices."""
+    return min(cfg.rounds.clients_per_round or math.ceil(cfg.rounds.fraction * n_available), n_available)
+
+
 def sample_devices(cfg: JobConfig, rnd: int, available: Sequence[Device]) -> list[Device]:
-    """Seeded by (seed, round) alone, so sampling never depends on actors or host speed."""
+    """Seeded by (seed, round) alone, so sampling never depends on actors or host speed.
+    Over-commit samples more than the target; the round keeps the first to finish."""
     n = len(available)
-    k = cfg.rounds.clients_per_round or math.ceil(cfg.rounds.fraction * n)
-    k = min(k, n)
+    k = min(n, math.ceil(target_count(cfg, n) * cfg.rounds.overcommit))
     rng = np.random.default_rng(derive_seed(cfg.seed, rnd, 1))
     picked = rng.choice(n, size=k, replace=False) if k < n else np.arange(n)
     return [available[i] for i in sorted(picked)]
@@ -49,10 +56,49 @@ class SyncRounds:
         self.devices = {d.id: d for d in devices}
         self.actors = list(actors)
         self.actor_of = {dev: i for i, (spec, _) in enumerate(self.actors) for dev in spec.devices}
+        self.down: set[int] = set()  # actors that died mid-task and are being restarted by Ray
+        self.dead: set[int] = set()  # actors out of restarts: their devices are gone for good
+
+    def _actor_failed(self, device: int, err: Exception) -> None:
+        self.down.add(self.actor_of[device])  # await_recovery's probe tells restarting from dead
+
+    def await_recovery(self, timeout_s: float = 300.0) -> None:
+        """Wait for restarting actors before handing them work (Ray rejects calls meanwhile)."""
+        for idx in sorted(self.down):
+            handle = self.actors[idx][1]
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    ray.get(handle.info.remote())  # type: ignore[attr-defined]
+                    break
+                except ray.exceptions.ActorDiedError:
+                    self.dead.add(idx)
+                    break
+                except ray.exceptions.ActorUnavailableError:
+                    if time.monotonic() > deadline:
+                        self.dead.add(idx)
+                        break
+                    time.sleep(0.2)
+        self.down.clear()
+
+    def usable(self, device: int) -> bool:
+        return self.actor_of[device] not in self.dead
+
+    def step(self, rnd: int, clock_s: float, state: State) -> tuple[State, RoundOutcome]:
+        out = self.run(rnd, clock_s, state)
+        return self.method.aggregate(rnd, state, out.updates), out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # a sync round leaves nothing in flight
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        return None
 
     def run(self, rnd: int, clock_s: float, state: State) -> RoundOutcome:
-        available = [d for d in self.devices.values() if d.trace.available(clock_s)]
+        self.await_recovery()
+        available = [d for d in self.devices.values() if d.trace.available(clock_s) and self.usable(d.id)]
         chosen = sample_devices(self.cfg, rnd, available)
+        target = target_count(self.cfg, len(available))
         views = [DeviceView(d.id, d.profile, d.trace.speed(clock_s), len(d.indices)) for d in chosen]
         tasks = self.method.plan(rnd, views, state)
 
@@ -62,19 +108,54 @@ class SyncRounds:
             per_actor[self.actor_of[t.device]].append(t)
         rounds = self.cfg.rounds
         drop = rounds.stragglers == "drop" and rounds.deadline_s is not None
-        futures = [
-            self.actors[a][1].run_round.remote(  # type: ignore[attr-defined]
-                RoundRequest(rnd, clock_s, rounds.deadline_s, drop, tuple(ts)), state_ref
-            )
+        presum = len(chosen) <= target
+        calls = [
+            (ts, self.actors[a][1].run_round.remote(  # type: ignore[attr-defined]
+                RoundRequest(rnd, clock_s, rounds.deadline_s, drop, tuple(ts), presum), state_ref
+            ))
             for a, ts in sorted(per_actor.items())
         ]
         reports: list[DeviceReport] = []
         updates: list[Update] = []
-        for reps, ups in ray.get(futures):
+        for ts, future in calls:
+            try:
+                reps, ups = ray.get(future)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+                # The actor died mid-round: its devices' work is lost; Ray restarts it for the next round.
+                self._actor_failed(ts[0].device, err)
+                reps, ups = [self.failed(rnd, clock_s, t.device, type(err).__name__) for t in ts], []
             reports.extend(reps)
-            updates.extend(ups)
+            updates.extend(self.screen(reps, ups, state))
         reports.sort(key=lambda r: r.device)
+        if not presum:
+            updates = keep_first(reports, updates, target)
         return self._close(clock_s, state, reports, updates)
+
+    def screen(self, reports: list[DeviceReport], updates: list[Update], state: State) -> list[Update]:
+        """Second line of defence after the actor's own check: never aggregate a bad tensor.
+        A bad pre-summed update (device -1) condemns every device it summed."""
+        kept = []
+        for u in updates:
+            reason = self.method.validate(u, state)
+            if reason is None:
+                kept.append(u)
+                continue
+            for r in reports:
+                if r.status in ("ok", "late") and u.device in (-1, r.device):
+                    r.status, r.note = "rejected", reason
+        return kept
+
+    def failed(self, rnd: int, clock_s: float, device: int, why: str) -> DeviceReport:
+        d = self.devices[device]
+        return DeviceReport(
+            round=rnd, device=d.id, name=d.name, profile=d.profile.name, actor=self.actor_label(device), node="",
+            status="failed", samples=0, flops=0.0, speed=d.trace.speed(clock_s), wall_s=0.0, download_s=0.0,
+            compute_s=0.0, upload_s=0.0, start_s=clock_s, end_s=clock_s, energy_j=0.0, bytes_down=0, bytes_up=0,
+            note=why,
+        )
+
+    def actor_label(self, device: int) -> str:
+        return self.actors[self.actor_of[device]][0].label
 
     def _close(self, clock_s: float, state: State, reports: list[DeviceReport], updates: list[Update]) -> RoundOutcome:
         """Round time = slowest kept participant (or the deadline when someone was dropped)."""
@@ -82,12 +163,21 @@ class SyncRounds:
         if any(r.status == "straggler" for r in reports) and deadline is not None:
             clients_s = deadline
         else:
-            clients_s = max((r.end_s - clock_s for r in reports), default=0.0)
+            clients_s = max((r.end_s - clock_s for r in reports if r.status != "surplus"), default=0.0)
         n_params = sum(v.numel() for v in state.values())
-        kept = sum(r.status != "straggler" for r in reports)
+        kept = sum(r.status in ("ok", "late") for r in reports)
         server_s = 2.0 * n_params * kept / self.server.flops  # one multiply-add per weight per update
         end = clock_s + clients_s
         for r in reports:  # participants idle (radio off) until the round closes
             idle = max(0.0, end - r.end_s)
             r.energy_j += self.devices[r.device].profile.power_idle_w * idle
         return RoundOutcome(reports, updates, clients_s + server_s, server_s)
+
+
+def keep_first(reports: list[DeviceReport], updates: list[Update], target: int) -> list[Update]:
+    """Over-commit: the first ``target`` usable updates by simulated completion win."""
+    usable = sorted((r for r in reports if r.status in ("ok", "late")), key=lambda r: (r.end_s, r.device))
+    winners = {r.device for r in usable[:target]}
+    for r in usable[target:]:
+        r.status, r.note = "surplus", "over-committed; not among the first to finish"
+    return [u for u in updates if u.device in winners]

@@ -34,6 +34,7 @@ SCHEMA = pa.schema(
         ("train_loss", pa.float64()),
         ("metrics", pa.string()),
         ("spec", pa.string()),
+        ("note", pa.string()),
     ]
 )
 

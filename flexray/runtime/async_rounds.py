@@ -1,0 +1,140 @@
+"""Asynchronous training: each device trains on whatever model version is current when it starts;
+the server applies updates as they arrive, never waiting for the slowest device.
+
+With ``virtual`` throttling, arrivals are ordered by *simulated* completion time (an event queue):
+the predicted finish of every in-flight task is exact, so the run does not depend on how fast the
+host is and the same seed gives the same metrics. With ``sleep``/``none`` throttling, arrivals
+are taken as the actors really finish (``ray.wait``), which is what a real deployment sees.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+
+from flexray.config import JobConfig
+from flexray.errors import FlexrayError
+from flexray.fleet.energy import predict_times
+from flexray.fleet.fleet import ActorSpec, Device, derive_seed
+from flexray.fleet.report import DeviceReport, RoundRequest
+from flexray.methods.base import DeviceView, Method, State, Update
+from flexray.models.profile import ModelProfile
+from flexray.runtime.rounds import RoundOutcome, SyncRounds
+
+_GIVE_UP_S = 365 * 86400.0  # a simulated year with no device online is a config problem
+
+
+@dataclass(order=True)
+class Flight:
+    end_s: float  # predicted simulated completion: the event queue's key
+    seq: int
+    device: int = field(compare=False)
+    version: int = field(compare=False)  # model version the device started from
+    start_s: float = field(compare=False)
+    future: Any = field(compare=False, default=None)
+
+
+class AsyncRounds(SyncRounds):
+    """``step`` runs until the server's model changes once (one "round" = one model version)."""
+
+    def __init__(
+        self, cfg: JobConfig, devices: Sequence[Device], actors: Sequence[tuple[ActorSpec, object]],
+        method: Method, server: Any, model_profile: ModelProfile,
+    ) -> None:
+        super().__init__(cfg, devices, actors, method, server)
+        self.profile = model_profile
+        self.concurrency = cfg.rounds.concurrency or len(self.devices)
+        self.virtual = cfg.fleet.throttle == "virtual"
+        self.flights: list[Flight] = []
+        self.seq = 0
+        self.states: dict[int, State] = {}  # base model of every version still in flight
+        self.refs: dict[int, Any] = {}
+
+    # ---- the event loop
+    def step(self, rnd: int, clock_s: float, state: State) -> tuple[State, RoundOutcome]:
+        start, clock = clock_s, clock_s
+        self.states[rnd] = state
+        reports: list[DeviceReport] = []
+        while True:
+            self.await_recovery()
+            self._fill(rnd, clock)
+            if not self.flights:
+                clock += self.cfg.rounds.idle_step_s  # nobody online: wait for someone
+                if clock - start > _GIVE_UP_S:
+                    raise FlexrayError("rounds: no device came online for a simulated year; check the fleet's traces")
+                continue
+            flight, reps, ups = self._land()
+            clock = max(clock, max((r.end_s for r in reps), default=flight.end_s))
+            for r in reps:
+                r.metrics["staleness"] = float(rnd - flight.version)
+            for u in ups:
+                u.staleness = rnd - flight.version
+            reports.extend(reps)
+            ups = self.screen(reps, ups, state)
+            new = self.method.aggregate(rnd, state, ups) if ups else state
+            self._forget_unused(rnd)
+            if new is not state:
+                return new, RoundOutcome(reports, ups, clock - start, 0.0)
+
+    def _fill(self, version: int, clock: float) -> None:
+        busy = {f.device for f in self.flights}
+        idle = [d for d in self.devices.values()
+                if d.id not in busy and d.trace.available(clock) and self.usable(d.id)]
+        while idle and len(self.flights) < self.concurrency:
+            rng = np.random.default_rng(derive_seed(self.cfg.seed, version, self.seq, 3))
+            dev = idle.pop(int(rng.integers(len(idle))))
+            self._launch(Flight(0.0, self.seq, dev.id, version, clock))
+            self.seq += 1
+
+    def _launch(self, f: Flight) -> None:
+        dev = self.devices[f.device]
+        state = self.states[f.version]
+        view = DeviceView(dev.id, dev.profile, dev.trace.speed(f.start_s), len(dev.indices))
+        task = self.method.plan(f.version, [view], state)[0]
+        cost = self.method.cost(task, view, self.profile)
+        f.end_s = f.start_s + sum(predict_times(dev.profile, view.speed, cost.flops, cost.bytes_down, cost.bytes_up))
+        if f.version not in self.refs:
+            self.refs[f.version] = ray.put(state)  # once per version, shared by every flight on it
+        req = RoundRequest(f.version, f.start_s, None, False, (task,), presum=False, draw=f.seq)
+        f.future = self.actors[self.actor_of[f.device]][1].run_round.remote(req, self.refs[f.version])  # type: ignore[attr-defined]
+        heapq.heappush(self.flights, f)
+
+    def _land(self) -> tuple[Flight, list[DeviceReport], list[Update]]:
+        if self.virtual:
+            f = heapq.heappop(self.flights)  # earliest simulated arrival
+        else:
+            ready, _ = ray.wait([x.future for x in self.flights], num_returns=1)
+            f = next(x for x in self.flights if x.future == ready[0])  # earliest real arrival
+            self.flights.remove(f)
+            heapq.heapify(self.flights)
+        try:
+            reps, ups = ray.get(f.future)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+            self._actor_failed(f.device, err)
+            reps, ups = [self.failed(f.version, f.start_s, f.device, type(err).__name__)], []
+        return f, reps, ups
+
+    def _forget_unused(self, current: int) -> None:
+        live = {f.version for f in self.flights} | {current}
+        for v in [v for v in self.states if v not in live]:
+            self.states.pop(v)
+            self.refs.pop(v, None)
+
+    # ---- checkpoints: in-flight work is re-launched from the same inputs on resume
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "flights": [[f.seq, f.device, f.version, f.start_s] for f in sorted(self.flights)],
+            "states": {str(v): s for v, s in self.states.items()},
+        }
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.seq = int(saved["seq"])
+        self.states = {int(v): s for v, s in saved["states"].items()}
+        for seq, device, version, start_s in saved["flights"]:
+            self._launch(Flight(0.0, int(seq), int(device), int(version), float(start_s)))
