@@ -45,7 +45,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--temp-dir={temp}", "--disable-usage-stats"]
+           f"--temp-dir={temp}", "--disable-usage-stats",
+           '--resources={"device:a": 2}']  # a device class of its own: test_cluster_multinode pins to it
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=180)
     address = f"127.0.0.1:{port}"
     try:
