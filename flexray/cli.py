@@ -91,11 +91,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if args.seconds <= 0:
         raise FlexrayError("probe: --seconds must be > 0")
     res = measure(model, width, data, batch, seconds=args.seconds, threads=args.threads)
-    like = CATALOG[args.like] if args.like else nearest_class(res.flops)
+    name = args.name or default_name()
+    like = CATALOG[args.like] if args.like else CATALOG.get(name) or nearest_class(res.flops)
     print(f"# flexray probe: {res.flops:.4g} FLOP/s sustained training ({model} width {width} on {data}-shaped input, "
           f"batch {batch}, {res.threads} threads, {res.steps} steps in {res.seconds:.1f} s)")
     print(f"# paste under fleet.profiles; bandwidth and power are copied from {like.name} (measure them to be exact)")
-    print(profile_line(args.name or default_name(), res, like))
+    print(profile_line(name, res, like))
     return 0
 
 
@@ -152,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--batch-size", type=int, default=32)
     pp.add_argument("--seconds", type=float, default=10.0, help="how long to time training (default 10)")
     pp.add_argument("--threads", type=int, help="torch threads (default: torch's choice, all cores)")
-    pp.add_argument("--like", help="catalog class to copy bandwidth and power from (default: nearest in FLOP/s)")
+    pp.add_argument("--like", help="catalog class to copy bandwidth and power from (default: --name if it is one, else nearest in FLOP/s)")
     pp.set_defaults(fn=cmd_probe)
     sub.add_parser("devices", help="list the device catalog").set_defaults(fn=cmd_devices)
     rp = sub.add_parser("report", help="summarise a run from MLflow")

@@ -147,3 +147,17 @@ def test_placement_predicts_nodes_and_names_the_fix():
         check_placement([*crowd, ActorSpec(2, (2,), 1.5, {}, {"flexray.io/device": "rpi4"})], [HEAD, PI])
     with pytest.raises(FlexrayError, match="does not fit beside the pinned actors"):
         check_placement([*crowd, ActorSpec(2, (2,), 1.5, {}), ActorSpec(3, (3,), 1.5, {})], [HEAD, PI])
+
+
+def test_unreachable_tracking_server_fails_at_once():
+    import time
+
+    from flexray.tracking.mlflow_logger import check_access
+    from tests.conftest import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    t0 = time.monotonic()
+    with pytest.raises(FlexrayError, match=rf"cannot reach the MLflow server at {uri} \(tracking.uri\)"):
+        check_access(uri, "x")
+    assert time.monotonic() - t0 < 10
+    check_access("sqlite:///local.db", "x")  # local stores need no check

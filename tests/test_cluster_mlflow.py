@@ -117,8 +117,8 @@ def test_job_logs_to_the_server_with_the_right_credentials(ray_cluster, mlflow_s
 
 
 @pytest.mark.parametrize("user, password, why", [
-    ("admin", "not-the-password", "wrong user name or password"),
-    (None, None, "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD not set"),
+    ("admin", "not-the-password", "user 'admin' or its password is wrong"),
+    (None, None, "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD are not set"),
 ])
 def test_bad_credentials_are_refused_before_training(ray_cluster, mlflow_server, monkeypatch, tmp_path, capsys,
                                                      user, password, why):
@@ -154,7 +154,7 @@ def test_tracker_maps_refusals_to_one_line(mlflow_server, monkeypatch):
 
     cfg = parse_config(_tree(mlflow_server.uri, experiment="private"))
     _login(monkeypatch, "admin", "still-not-the-password")
-    with pytest.raises(FlexrayError, match=r"refused the credentials \(wrong user name or password\); set MLFLOW_TRACKING_USERNAME"):
+    with pytest.raises(FlexrayError, match=r"refused the credentials \(user 'admin' or its password is wrong\); set MLFLOW_TRACKING_USERNAME"):
         Tracker(cfg)
 
     # A real user without write access to someone else's experiment: 403, not 401.

@@ -44,18 +44,20 @@ def _is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-def access_error(uri: str, experiment: str, status: int | None, detail: str = "") -> FlexrayError | None:
+def access_error(uri: str, experiment: str, status: int | None) -> FlexrayError | None:
     """One line for a refused request: which URI, which setting, which env vars to fix."""
+    if status not in (401, 403):
+        return None
+    from mlflow.utils.credentials import read_mlflow_creds  # env vars, else ~/.mlflow/credentials
+
+    creds = read_mlflow_creds()
     if status == 401:
-        unset = [v for v in AUTH_ENV if not os.environ.get(v)]
-        why = f"{' and '.join(unset)} not set" if unset else "wrong user name or password"
+        why = (f"user {creds.username!r} or its password is wrong" if creds.username and creds.password
+               else f"{AUTH_ENV[0]} and {AUTH_ENV[1]} are not set")
         return FlexrayError(f"tracking: the MLflow server at {uri} (tracking.uri) refused the credentials ({why}); "
-                            f"set {AUTH_ENV[0]} and {AUTH_ENV[1]} for a user of that server")
-    if status == 403:
-        user = os.environ.get(AUTH_ENV[0], "?")
-        return FlexrayError(f"tracking: user {user!r} may not use experiment {experiment!r} at {uri} (tracking.uri); "
-                            "ask the server's admin for permission or set tracking.experiment")
-    return None
+                            f"set {AUTH_ENV[0]} and {AUTH_ENV[1]} (or ~/.mlflow/credentials) for a user of that server")
+    return FlexrayError(f"tracking: user {creds.username or '?'!r} may not use experiment {experiment!r} at {uri} "
+                        "(tracking.uri); ask the server's admin for permission or set tracking.experiment")
 
 
 def check_access(uri: str, experiment: str) -> None:
