@@ -54,8 +54,42 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
         yield RayCluster(address, f"http://127.0.0.1:{dash}", env)
     finally:
         ray.shutdown()
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_ray_node(temp)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def stop_ray_node(temp_dir: Path, timeout_s: float = 30.0) -> None:
+    """Stop only the Ray node whose ``--temp-dir`` is ``temp_dir`` (and its workers).
+
+    ``ray stop`` would kill every Ray process on the machine, including other test sessions'
+    clusters; Ray's daemons carry their temp dir on the command line, workers are their children.
+    """
+    import psutil
+
+    roots = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(f"{temp_dir}/" in arg or arg.endswith(str(temp_dir)) for arg in p.info["cmdline"] or ()):
+                roots.append(p)
+        except psutil.Error:
+            continue
+    procs = {p.pid: p for p in roots}
+    for p in roots:
+        try:
+            procs.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.Error:
+            pass
+    for p in procs.values():
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=timeout_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
 
 
 @pytest.fixture(scope="session")
