@@ -114,9 +114,9 @@ def head_id(ray_cluster) -> str:
     return node
 
 
-def pinned_tree(tmp_path: Path, **extra: object) -> dict:
-    """2 rpi4 pinned to the head, 1 rpi3 pinned to node b, 1 simulated laptop anywhere; tiny."""
-    groups = [
+def pinned_tree(tmp_path: Path, groups: list[dict] | None = None, **extra: object) -> dict:
+    """By default 2 rpi4 pinned to the head, 1 rpi3 pinned to node b, 1 simulated laptop anywhere; tiny."""
+    groups = groups or [
         {"profile": "rpi4", "count": 2, "resources": {"device:a": 1}},
         {"profile": "rpi3", "count": 1, "resources": {"device:b": 1}},
         {"profile": "laptop_cpu", "count": 1},
@@ -240,7 +240,7 @@ def test_job_pins_devices_by_node_label(ray_cluster, node_b, head_id, tmp_path):
 
     groups = [{"profile": "rpi3", "count": 1, "node_labels": {"flexray.io/device": "b"}},
               {"profile": "rpi4", "count": 1, "node_labels": {"flexray.io/device": "!b"}}]
-    cfg = parse_config(pinned_tree(tmp_path, fleet__groups=groups))
+    cfg = parse_config(pinned_tree(tmp_path, groups))
     run_job(cfg)
     _, rows = _events(f"sqlite:///{tmp_path}/mlflow.db", "multinode")
     assert {r["profile"]: r["node"] for r in rows} == {"rpi3": node_b.node_id, "rpi4": head_id}
