@@ -164,7 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import logging
+
     from flexray.errors import FlexrayError
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("flexray: %(message)s"))
+    logger = logging.getLogger("flexray")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
     args = build_parser().parse_args(argv)
     try:

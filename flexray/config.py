@@ -148,6 +148,7 @@ class TrackingConfig(_Frozen):
     plots: bool = True
     gantt_rounds: int = Field(3, ge=1)
     progress: bool = True
+    offline_grace_s: float = Field(60.0, ge=0, description="at the end, wait this long for an unreachable MLflow")
 
 
 class ClusterConfig(_Frozen):

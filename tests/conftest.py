@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,3 +117,46 @@ def job_tree(**overrides: object) -> dict:
             cur = cur.setdefault(k, {})
         cur[keys[-1]] = value
     return tree
+
+
+MLFLOW = str(Path(sys.executable).with_name("mlflow")) if Path(sys.executable).with_name("mlflow").exists() else "mlflow"
+
+
+def start_mlflow_server(root: Path, port: int, env: dict[str, str], *extra: str, timeout_s: float = 120) -> subprocess.Popen:
+    """A real ``mlflow server`` on 127.0.0.1 (its own process group), returned once /health answers."""
+    import urllib.request
+
+    log = open(root / "server.log", "a")
+    proc = subprocess.Popen(
+        [MLFLOW, "server", *extra, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_process_group(proc)
+            raise RuntimeError("mlflow server did not start: " + (root / "server.log").read_text()[-3000:])
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        time.sleep(0.5)
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group (uvicorn's workers go with it), SIGKILL if it lingers."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue

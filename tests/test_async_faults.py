@@ -173,3 +173,55 @@ def test_killed_driver_resumes_to_bit_identical_metrics(ray_cluster, mlflow_uri,
     final = {k: v for k, v in resumed.data.metrics.items() if k != "wall_time_s"}
     expect = {k: v for k, v in full.final.items() if k in final}
     assert final == expect  # bit for bit
+
+
+def test_mlflow_outage_mid_run_loses_nothing(ray_cluster, tmp_path):
+    """Stop the real MLflow server after round 1 and bring it back later: training goes on,
+    and every round's metrics end up in the store, in order, once it is back."""
+    import os
+
+    from tests.conftest import free_port, start_mlflow_server, stop_process_group
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    server = start_mlflow_server(tmp_path, port, env)
+    uri = f"http://127.0.0.1:{port}"
+    client = MlflowClient(uri)
+    events_log: list[str] = []
+
+    def outage() -> None:
+        nonlocal server
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            try:
+                exp = client.get_experiment_by_name("outage")
+                runs = client.search_runs([exp.experiment_id]) if exp else []
+                if runs and client.get_metric_history(runs[0].info.run_id, "round_sim_s"):
+                    break
+            except Exception:  # noqa: BLE001
+                pass
+            time.sleep(0.1)
+        stop_process_group(server)
+        events_log.append("down")
+        time.sleep(6)  # rounds go by while it is down
+        server = start_mlflow_server(tmp_path, port, env)
+        events_log.append("up")
+
+    t = threading.Thread(target=outage, daemon=True)
+    t.start()
+    try:
+        res = _run(ray_cluster, uri, rounds__num=6, fleet__throttle="sleep", fleet__time_scale=20.0,
+                   fleet__num_cpus_per_actor=0.5, tracking__experiment="outage", tracking__checkpoint_every=2,
+                   tracking__offline_grace_s=180.0)
+        t.join(timeout=180)
+        assert events_log == ["down", "up"]
+        assert len(res.history) == 6
+        run = client.get_run(res.run_id)
+        assert run.info.status == "FINISHED"
+        for key in ("accuracy", "sim_time_s", "energy_j"):
+            steps = sorted(m.step for m in client.get_metric_history(res.run_id, key))
+            assert steps == [1, 2, 3, 4, 5, 6], key
+        names = {f.path for f in client.list_artifacts(res.run_id)}
+        assert "events.parquet" in names
+    finally:
+        stop_process_group(server)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Mapping
@@ -14,6 +17,8 @@ import yaml
 
 from flexray.config import JobConfig, flatten
 from flexray.errors import FlexrayError
+
+log = logging.getLogger("flexray")
 
 CHECKPOINT = "checkpoints/checkpoint.pt"
 CHECKPOINT_FORMAT = "flexray-checkpoint-v1"
@@ -118,6 +123,14 @@ class Tracker:
             what = f"run {resume_run_id!r} not found" if resume_run_id else "cannot start a run"
             raise FlexrayError(f"tracking: {what} at {self.uri}: {str(err).splitlines()[0]}") from None
         self.workdir = Path(tempfile.mkdtemp(prefix=f"flexray-{self.run_id[:8]}-"))
+        # While the store is unreachable, rows and files wait here (and in memory) until it is back.
+        self.spill = Path.home() / ".flexray" / "unsent" / self.run_id
+        self.pending: list[Any] = []  # mlflow Metric rows not yet accepted by the store
+        self.unsent: list[tuple[Path, str | None]] = []
+        self.offline = False
+        if _is_server(self.uri):  # fail over in seconds, not MLflow's default minutes of retries
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
     def _experiment(self) -> str:
         name = self.cfg.tracking.experiment
@@ -136,28 +149,92 @@ class Tracker:
         self.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
 
     def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Never raises: if the store is down, training goes on and the rows wait for it."""
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+        self.pending.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send everything that is waiting; True when nothing is left behind."""
+        try:
+            for i in range(0, len(self.pending), 900):  # MLflow accepts <= 1000 metrics a batch
+                self.client.log_batch(self.run_id, metrics=self.pending[i : i + 900])
+            while self.unsent:
+                path, folder = self.unsent[0]
+                self.client.log_artifact(self.run_id, str(path), folder)
+                self.unsent.pop(0)
+        except Exception as err:  # noqa: BLE001 - connection, HTTP and DB errors all mean "later"
+            self._went_offline(err)
+            return False
+        if self.offline:
+            log.warning("MLflow at %s is reachable again; the waiting metrics and files were sent", self.uri)
+            shutil.rmtree(self.spill, ignore_errors=True)
+        self.pending, self.offline = [], False
+        return True
+
+    def _went_offline(self, err: Exception) -> None:
+        if not self.offline:
+            log.warning("MLflow at %s is unreachable (%s); training goes on, metrics wait in %s",
+                        self.uri, str(err).splitlines()[0][:120], self.spill)
+        self.offline = True
+        self.spill.mkdir(parents=True, exist_ok=True)
+        rows = [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in self.pending]
+        (self.spill / "metrics.json").write_text(json.dumps(rows))
 
     def log_text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+        path = self.workdir / name
+        path.write_text(text)
+        self.log_file(path)
 
     def log_file(self, path: Path, folder: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), folder)
+        """Artifacts queue up like metrics when the store is down (a local copy is kept)."""
+        if self.offline or self.unsent:
+            self._keep(path, folder)
+            self.flush()
+            return
+        try:
+            self.client.log_artifact(self.run_id, str(path), folder)
+        except Exception as err:  # noqa: BLE001
+            self._keep(path, folder)
+            self._went_offline(err)
+
+    def _keep(self, path: Path, folder: str | None) -> None:
+        dest = self.spill / (folder or "") / path.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dest)
+        self.unsent = [(p, f) for p, f in self.unsent if (p.name, f) != (path.name, folder)] + [(dest, folder)]
 
     def log_model(self, model: Any, example: Any) -> None:
         import mlflow
         import mlflow.pytorch
 
         mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=self.run_id):
-            # Explicit requirements: inferring them imports the model in a subprocess (slow).
-            mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=["torch"])
+        try:
+            with mlflow.start_run(run_id=self.run_id):
+                # Explicit requirements: inferring them imports the model in a subprocess (slow).
+                mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=["torch"])
+        except Exception as err:  # noqa: BLE001 - the trained weights must survive a store outage
+            import torch
+
+            self._went_offline(err)
+            path = self.workdir / "model_state_dict.pt"
+            torch.save(model.state_dict(), path)
+            self._keep(path, "model")  # uploaded as a plain artifact once the store is back
 
     def set_terminated(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status)
+        deadline = time.monotonic() + self.cfg.tracking.offline_grace_s
+        while not self.flush() and time.monotonic() < deadline:
+            time.sleep(2.0)  # a short outage at the very end should not leave the run RUNNING
+        if not self.offline:
+            try:
+                self.client.set_terminated(self.run_id, status)
+                return
+            except Exception as err:  # noqa: BLE001
+                self._went_offline(err)
+        log.warning("MLflow at %s is still unreachable: this run's remaining metrics and files are in %s "
+                    "(the run shows as RUNNING there)", self.uri, self.spill)
 
     # ---- checkpoints
     def save_checkpoint(self, ckpt: dict[str, Any]) -> None:
