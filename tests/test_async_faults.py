@@ -39,6 +39,16 @@ def test_fedbuff_virtual_async_is_deterministic_and_favours_fast_devices(ray_clu
     assert per_update_async < per_update_sync
 
 
+def test_real_time_async_takes_updates_as_actors_finish(ray_cluster, mlflow_uri, tmp_path):
+    """``sleep`` throttle: arrivals come from ray.wait, in the order the actors really finish."""
+    res = _run(ray_cluster, mlflow_uri, fleet__throttle="sleep", fleet__time_scale=5.0,
+               fleet__num_cpus_per_actor=0.5, **ASYNC)
+    assert len(res.history) == 6 and all(h["participants"] == 2 for h in res.history)
+    ev = events(mlflow_uri, res.run_id, tmp_path)
+    per = {p: sum(e["profile"] == p for e in ev) for p in ("rpi3", "laptop_cpu")}
+    assert per["laptop_cpu"] > per["rpi3"]  # the laptops really do finish first
+
+
 def test_fedasync_weights_stale_updates_less(ray_cluster, mlflow_uri, tmp_path):
     res = _run(ray_cluster, mlflow_uri, rounds__mode="async", rounds__num=12, method__name="fedasync")
     assert res.history[-1]["accuracy"] > res.history[0]["accuracy"]
