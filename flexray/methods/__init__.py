@@ -8,8 +8,11 @@ from flexray.methods.fedasync import FedAsync
 from flexray.methods.fedavg import FedAvg
 from flexray.methods.fedbuff import FedBuff
 from flexray.methods.fedprox import FedProx
+from flexray.methods.fedrolex import FedRolex
+from flexray.methods.fjord import FjORD
+from flexray.methods.heterofl import HeteroFL
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FedAvg, FedProx, FedAsync, FedBuff)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FedAvg, FedProx, FedAsync, FedBuff, HeteroFL, FjORD, FedRolex)}
 
 
 def method_class(name: str) -> type[Method]:

@@ -71,6 +71,7 @@ class ModelProfile:
     train_flops_per_sample: float  # forward + backward, counted
     param_bytes: int  # all parameters + buffers as shipped (state_dict bytes)
     input_bytes: int
+    input_shape: tuple[int, ...] | None = None  # (C, H, W) it was profiled at; lets methods profile sub-models
 
     @property
     def fwd_flops_per_sample(self) -> float:
@@ -179,4 +180,5 @@ def profile_model(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelP
         train_flops_per_sample=train,
         param_bytes=state_bytes(model.state_dict()),
         input_bytes=math.prod(input_shape) * _FLOAT32_BYTES,
+        input_shape=input_shape,
     )

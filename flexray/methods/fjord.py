@@ -1,0 +1,123 @@
+"""FjORD (Horvath et al., NeurIPS 2021, arXiv 2102.13451): ordered dropout. A device of
+capability ``p_max`` holds the leading-channel sub-model of width ``p_max``; at every local step
+it samples ``p`` uniformly from the allowed rates up to ``p_max`` and trains only the leading
+``ceil(p * C)`` channels, so every narrower model nested in it stays usable on its own.
+
+Optional self-distillation (paper sec. 3.3): the ``p_max`` model is the teacher of the sampled
+``p``: loss = CE + ``distill_weight`` * T^2 * KL(student_T || stopgrad(teacher_T)). Static BN
+defaults on (running statistics differ per width); the scaler and masked classifier are
+HeteroFL's and default off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+from itertools import chain
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+from torch.func import functional_call
+
+from flexray.methods.base import DeviceContext, LocalData, State, Task, Update, sgd_train
+from flexray.methods.width import WidthConfig, WidthMethod
+from flexray.models import elastic
+from flexray.models.profile import state_bytes
+
+
+class FjORDConfig(WidthConfig):
+    scaler: bool = Field(False, description="HeteroFL scaler: outputs x 1/p while training")
+    masked_classifier: bool = Field(False, description="train and average only the classifier rows of local labels")
+    distill: bool = Field(False, description="self-distillation from the device's p_max model")
+    distill_weight: float = Field(1.0, ge=0, description="weight of the distillation term")
+    temperature: float = Field(1.0, gt=0, description="distillation softmax temperature")
+
+
+class OrderedDropout(nn.Module):
+    """The ``p_max`` model whose training forward runs a random nested width ``p`` per step.
+
+    The width-``p`` forward is the width-``p`` architecture called with leading *views* of the
+    ``p_max`` parameters and buffers, so gradients and BN statistics land in the ``p_max`` model
+    and one optimizer serves every width.
+    """
+
+    def __init__(
+        self, base: nn.Module, skeletons: dict[float, nn.Module], rates: Sequence[float], generator: torch.Generator,
+        flops: dict[float, float], teacher_flops: float, distill: bool,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.skeletons = skeletons  # plain dict: not submodules, their own weights are never used
+        self.rates, self.generator = list(rates), generator
+        self.per_sample, self.teacher_flops, self.distill = flops, teacher_flops, distill
+        self.shapes = {p: {k: v.shape for k, v in m.state_dict().items()} for p, m in skeletons.items()}
+        self.flops = 0.0
+        self.student: torch.Tensor | None = None
+        self.teacher: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.base(x)
+        p = self.rates[int(torch.randint(len(self.rates), (1,), generator=self.generator))]
+        self.flops += len(x) * self.per_sample[p]
+        self.teacher = None
+        if p == max(self.rates):
+            return self.base(x)
+        shapes = self.shapes[p]
+        tensors = {
+            k: elastic.leading_view(v, shapes[k]) for k, v in chain(self.base.named_parameters(), self.base.named_buffers())
+        }
+        self.student = functional_call(self.skeletons[p], tensors, (x,))
+        if self.distill:
+            with torch.no_grad():
+                self.teacher = self.base(x)
+            self.flops += len(x) * self.teacher_flops
+        return self.student
+
+    def distill_loss(self, temperature: float, weight: float) -> torch.Tensor:
+        if self.teacher is None or self.student is None:
+            return torch.zeros(())
+        t = temperature
+        kl = F.kl_div(F.log_softmax(self.student / t, 1), F.softmax(self.teacher / t, 1), reduction="batchmean")
+        return weight * t * t * kl
+
+
+class FjORD(WidthMethod):
+    name = "fjord"
+    Config = FjORDConfig
+
+    def allowed(self, p_max: float) -> list[float]:
+        return sorted(p for p in self.wcfg.rates if p <= p_max)
+
+    def flops_per_sample(self, rate: float, input_shape: tuple[int, ...]) -> float:
+        """Expected per-sample FLOPs: p is uniform over the allowed rates (teacher forward if distilling)."""
+        rates = self.allowed(rate)
+        train = sum(self.sub_profile(p, input_shape).train_flops_per_sample for p in rates) / len(rates)
+        cfg: FjORDConfig = self.cfg  # type: ignore[assignment]
+        if cfg.distill:
+            train += self.sub_profile(rate, input_shape).fwd_flops_per_sample * sum(p < rate for p in rates) / len(rates)
+        return train
+
+    def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
+        cfg: FjORDConfig = self.cfg  # type: ignore[assignment]
+        p_max = float(task.spec["rate"])
+        rates = self.allowed(p_max)
+        sub = elastic.extract(state, self.index(p_max, task.round))
+        base = ctx.model(f"{self.name}:{p_max}", lambda: self.build(p_max))
+        base.load_state_dict(sub)
+        skeletons = {p: ctx.model(f"{self.name}:{p}", lambda p=p: self.build(p)) for p in rates if p < p_max}
+        shape = tuple(data.x.shape[1:])
+        flops = {p: self.sub_profile(p, shape).train_flops_per_sample for p in rates}
+        od = OrderedDropout(
+            base, skeletons, rates, ctx.generator, flops, self.sub_profile(p_max, shape).fwd_flops_per_sample, cfg.distill
+        )
+        labels = self.label_mask(data, state)
+        extra = (lambda _m: od.distill_loss(cfg.temperature, cfg.distill_weight)) if cfg.distill else None
+        with ExitStack() as stack:  # every width's classifier masks the labels the device lacks
+            for m in (base, *skeletons.values()):
+                stack.enter_context(elastic.mask_logits(m, labels))
+            samples, loss = sgd_train(od, data, self.cfg, ctx.generator, extra)
+        return self.finish(base, labels, p_max, len(data), samples, od.flops, state_bytes(sub), loss)
+

@@ -1,0 +1,257 @@
+"""Shared server and device logic of the width-scaling methods (HeteroFL, FjORD, FedRolex).
+
+Each device trains a width-``p`` sub-model of one global model (``flexray.models.elastic``);
+the subclasses differ only in which channels a sub-model holds (leading or a rolling window)
+and in how a device trains it. Sub-models of different shapes cannot be pre-summed on an
+actor, so ``linear`` is False.
+
+Static rate assignment (the papers' capability tiers): ``rate`` forces one rate on every device
+(FedSmall); else ``tiers`` maps a device class to its rate; else a device gets the largest rate
+``p`` with ``p^2 <= flops / full_rate_flops`` (a conv net's FLOPs scale with ``p^2``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from flexray.config import MethodConfig
+from flexray.errors import FlexrayError
+from flexray.fleet.profiles import DeviceProfile
+from flexray.methods.base import (
+    Cost, DeviceContext, DeviceView, LocalData, Method, State, Task, Update, cast_like, copy_state, evaluate_model,
+    sgd_train,
+)
+from flexray.models import elastic
+from flexray.models.profile import ModelProfile, profile_model, state_bytes
+
+RATES = (1.0, 0.5, 0.25, 0.125, 0.0625)
+LABELS = "_labels"
+"""Update key of the bool vector of labels a device holds (masked classifier aggregation)."""
+
+
+class WidthConfig(MethodConfig):
+    rates: list[float] = Field(default_factory=lambda: list(RATES), min_length=1, description="allowed width rates")
+    rate: float | None = Field(None, description="every device trains this rate (e.g. FedSmall); overrides tiers")
+    tiers: dict[str, float] = Field(default_factory=dict, description="device class -> rate (static tiers)")
+    full_rate_flops: float = Field(100e9, gt=0, description="FLOP/s that earns rate 1; else largest p with p^2 <= flops/this")
+    scaler: bool = Field(True, description="HeteroFL scaler: outputs x 1/p while training")
+    static_bn: bool = Field(True, description="ship no BN running stats; evaluate BN with batch statistics")
+    masked_classifier: bool = Field(True, description="train and aggregate only the classifier rows of local labels")
+    eval_rates: bool = Field(True, description="also evaluate every sub-model (leading channels): acc_p{rate}")
+
+    @field_validator("rates")
+    @classmethod
+    def _rates_ok(cls, v: list[float]) -> list[float]:
+        bad = [r for r in v if not 0 < r <= 1]
+        if bad:
+            raise ValueError(f"width rates must be in (0, 1], got {bad[0]}")
+        return sorted({float(r) for r in v}, reverse=True)
+
+    @model_validator(mode="after")
+    def _known_rates(self) -> WidthConfig:
+        for name, r in [("rate", self.rate), *((f"tiers.{k}", v) for k, v in self.tiers.items())]:
+            if r is not None and r not in self.rates:
+                raise ValueError(f"{name}: {r} is not one of rates {self.rates}")
+        return self
+
+
+def tier_rate(cfg: WidthConfig, profile: DeviceProfile) -> float:
+    """The static rate of a device class (see module doc)."""
+    if cfg.rate is not None:
+        return cfg.rate
+    if profile.name in cfg.tiers:
+        return cfg.tiers[profile.name]
+    ratio = profile.flops / cfg.full_rate_flops
+    fits = [p for p in cfg.rates if p * p <= ratio * (1 + 1e-9)]
+    return max(fits) if fits else min(cfg.rates)
+
+
+class WidthMethod(Method):
+    """Base of the width-scaling methods; a subclass sets ``name``, ``Config`` and maybe ``offset``."""
+
+    Config: ClassVar[type[MethodConfig]] = WidthConfig
+    linear = False
+
+    def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module], asynchronous: bool = False) -> None:
+        super().__init__(cfg, model_fn, asynchronous)
+        self._full: nn.Module | None = None
+        self._layout: elastic.Layout | None = None
+        self._index: dict[tuple[float, int | None], elastic.Index] = {}
+        self._profiles: dict[tuple[float, tuple[int, ...]], ModelProfile] = {}
+        self._eval_models: dict[float, nn.Module] = {}
+        self._planned: dict[int, float] = {}
+
+    @property
+    def wcfg(self) -> WidthConfig:
+        return self.cfg  # type: ignore[return-value]
+
+    # ---- shared pieces
+    @property
+    def full(self) -> nn.Module:
+        if self._full is None:
+            with torch.random.fork_rng():  # building must not shift the training RNG stream
+                self._full = self.model_fn()
+        return self._full
+
+    @property
+    def layout(self) -> elastic.Layout:
+        if self._layout is None:
+            self._layout = elastic.width_layout(self.full)
+        return self._layout
+
+    def offset(self, rnd: int) -> int | None:
+        """Start of the channel window in round ``rnd``; None keeps the leading channels."""
+        return None
+
+    def index(self, rate: float, rnd: int) -> elastic.Index:
+        key = (rate, self.offset(rnd))
+        if key not in self._index:
+            self._index = {k: v for k, v in self._index.items() if k[1] == key[1]}  # drop past windows
+            self._index[key] = elastic.sub_index(self.layout, rate, key[1])
+        return self._index[key]
+
+    def build(self, rate: float, scaler: bool | None = None) -> nn.Module:
+        """A width-``rate`` model (with HeteroFL's scaler hooks when configured)."""
+        with torch.random.fork_rng():
+            model = elastic.narrow(self.full, rate)
+        if self.wcfg.scaler if scaler is None else scaler:
+            elastic.add_scalers(model, rate)
+        return model
+
+    def sub_profile(self, rate: float, input_shape: tuple[int, ...]) -> ModelProfile:
+        key = (rate, tuple(input_shape))
+        if key not in self._profiles:
+            self._profiles[key] = profile_model(self.build(rate, scaler=False), key[1])  # type: ignore[arg-type]
+        return self._profiles[key]
+
+    def shipped(self, key: str) -> bool:
+        """Whether a device sends this entry back (static BN keeps running stats home)."""
+        return not (self.wcfg.static_bn and elastic.is_bn_stat(key))
+
+    def expected_shapes(self, rate: float, state: State) -> dict[str, torch.Size]:
+        shapes = elastic.sub_shapes(self.layout, rate, state)
+        out = {k: s for k, s in shapes.items() if self.shipped(k)}
+        if self.wcfg.masked_classifier:
+            head = elastic.classifier_keys(self.full)
+            if head:
+                out[LABELS] = torch.Size([state[head[0]].shape[0]])
+        return out
+
+    def label_mask(self, data: LocalData, state: State) -> torch.Tensor | None:
+        head = elastic.classifier_keys(self.full)
+        if not self.wcfg.masked_classifier or not head:
+            return None
+        mask = torch.zeros(state[head[0]].shape[0], dtype=torch.bool)
+        mask[data.y.unique()] = True
+        return mask
+
+    def _input_shape(self, profile: ModelProfile) -> tuple[int, ...]:
+        if profile.input_shape is None:
+            raise FlexrayError(f"method {self.name}: the model profile lacks input_shape; build it with profile_model")
+        return profile.input_shape
+
+    def _shipped_bytes(self, rate: float, state_like: State) -> int:
+        shapes = self.expected_shapes(rate, state_like)
+        return sum(
+            s.numel() * (state_like[k].element_size() if k in state_like else 1) for k, s in shapes.items()
+        )
+
+    # ---- server side
+    def plan(self, rnd: int, devices: Sequence[DeviceView], state: State) -> list[Task]:
+        tasks = []
+        for d in devices:
+            rate = tier_rate(self.wcfg, d.profile)
+            tasks.append(Task(device=d.id, round=rnd, spec=self.spec(rnd, rate)))
+        self._planned = {t.device: float(t.spec["rate"]) for t in tasks}
+        return tasks
+
+    def spec(self, rnd: int, rate: float) -> dict[str, Any]:
+        """What lands in the event log's ``spec`` column (JSON)."""
+        off = self.offset(rnd)
+        return {"rate": rate} if off is None else {"rate": rate, "offset": off}
+
+    def cost(self, task: Task, device: DeviceView, profile: ModelProfile) -> Cost:
+        rate = float(task.spec["rate"])
+        sub = self.sub_profile(rate, self._input_shape(profile))
+        flops = self.wcfg.local_epochs * device.num_samples * self.flops_per_sample(rate, sub.input_shape or ())
+        return Cost(flops, sub.param_bytes, self._shipped_bytes(rate, self.full.state_dict()))
+
+    def flops_per_sample(self, rate: float, input_shape: tuple[int, ...]) -> float:
+        """Predicted training FLOPs per sample of a task at ``rate`` (FjORD: expected over its rates)."""
+        return self.sub_profile(rate, input_shape).train_flops_per_sample
+
+    def validate(self, update: Update, state: State) -> str | None:
+        rate = update.metrics.get("rate")
+        if rate is None or float(rate) not in self.wcfg.rates:
+            return f"update has no allowed width rate (got {rate!r})"
+        planned = self._planned.get(update.device)
+        if planned is not None and planned != float(rate):
+            return f"update trained rate {rate}, planned {planned}"
+        expected = self.expected_shapes(float(rate), state)
+        if set(update.tensors) != set(expected):
+            odd = sorted(set(update.tensors) ^ set(expected))[0]
+            return f"{odd}: {'unknown' if odd in update.tensors else 'missing'} tensor for rate {rate}"
+        for key, value in update.tensors.items():
+            if value.shape != expected[key]:
+                return f"{key}: shape {tuple(value.shape)} != {tuple(expected[key])} (rate {rate})"
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                return f"{key}: NaN or Inf"
+        return None
+
+    def aggregate(self, rnd: int, state: State, updates: Sequence[Update]) -> State:
+        if not updates:
+            return state
+        parts = []
+        for u in updates:
+            tensors = dict(u.tensors)
+            rows = tensors.pop(LABELS, None)
+            parts.append(elastic.Part(tensors, self.index(float(u.metrics["rate"]), rnd), u.weight, rows))
+        merged = elastic.aggregate(state, parts, classifier=elastic.classifier_keys(self.full))
+        return cast_like(merged, state)
+
+    def evaluate(self, state: State, model: nn.Module, data: LocalData) -> dict[str, float]:
+        model.load_state_dict(state)
+        with elastic.batch_stat_bn(model, self.wcfg.static_bn):
+            metrics = evaluate_model(model, data)
+        if self.wcfg.eval_rates:
+            for rate in self.wcfg.rates:
+                if rate == 1:
+                    continue
+                if rate not in self._eval_models:
+                    self._eval_models[rate] = self.build(rate, scaler=False)
+                sub = self._eval_models[rate]
+                sub.load_state_dict(elastic.extract(state, elastic.sub_index(self.layout, rate)))
+                with elastic.batch_stat_bn(sub, self.wcfg.static_bn):
+                    metrics[f"acc_p{rate:g}"] = evaluate_model(sub, data)["accuracy"]
+        return metrics
+
+    # ---- device side
+    def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
+        """Train the task's sub-model with plain local SGD (HeteroFL, FedRolex)."""
+        rate = float(task.spec["rate"])
+        sub = elastic.extract(state, self.index(rate, task.round))
+        model = ctx.model(f"{self.name}:{rate}", lambda: self.build(rate))
+        model.load_state_dict(sub)
+        labels = self.label_mask(data, state)
+        with elastic.mask_logits(model, labels):
+            samples, loss = sgd_train(model, data, self.cfg, ctx.generator)
+        per_sample = self.sub_profile(rate, tuple(data.x.shape[1:])).train_flops_per_sample
+        return self.finish(model, labels, rate, len(data), samples, samples * per_sample, state_bytes(sub), loss)
+
+    def finish(
+        self, model: nn.Module, labels: torch.Tensor | None, rate: float, weight: int, samples: int, flops: float,
+        bytes_down: int, loss: float,
+    ) -> Update:
+        """The update a device sends: shipped entries of its sub-model, its labels, and its rate."""
+        tensors = {k: v for k, v in copy_state(model).items() if self.shipped(k)}
+        if labels is not None:
+            tensors[LABELS] = labels
+        return Update(
+            tensors, weight=weight, samples=samples,
+            flops=flops, bytes_down=bytes_down, metrics={"train_loss": loss, "rate": rate},
+        )

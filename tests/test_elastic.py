@@ -1,0 +1,328 @@
+"""Width-elastic sub-models and the HeteroFL / FjORD / FedRolex methods (fast, no Ray)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from flexray.config import DataConfig, MethodConfig, ModelConfig
+from flexray.data.datasets import load_dataset, to_tensor
+from flexray.errors import FlexrayError
+from flexray.fleet.profiles import CATALOG
+from flexray.methods import METHODS, method_class
+from flexray.methods.base import DeviceContext, DeviceView, LocalData, Task, Update
+from flexray.methods.fedavg import FedAvg
+from flexray.methods.width import LABELS, WidthMethod
+from flexray.models import build_model, elastic, profile_model
+
+DIGITS, CIFAR = (1, 8, 8), (3, 32, 32)
+RATES = (1.0, 0.5, 0.25, 0.125, 0.0625)
+MODELS = [("cnn", DIGITS), ("lenet", DIGITS), ("resnet8", DIGITS), ("resnet20", CIFAR), ("preresnet18", DIGITS)]
+WIDTH = ("heterofl", "fjord", "fedrolex")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def build(name: str, shape: tuple[int, int, int], seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(name=name, width=16), shape, 10)
+
+
+def random_state(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+        for k, v in model.state_dict().items()
+    }
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+@pytest.mark.parametrize("name,shape", MODELS, ids=[m for m, _ in MODELS])
+def test_narrow_matches_layout_and_runs(name: str, shape: tuple[int, int, int]) -> None:
+    full = build(name, shape)
+    layout = elastic.width_layout(full)
+    state = full.state_dict()
+    assert set(layout) == set(state)
+    for rate in RATES:
+        sub = elastic.narrow(full, rate)
+        assert {k: v.shape for k, v in sub.state_dict().items()} == elastic.sub_shapes(layout, rate, state)
+        sub.load_state_dict(elastic.extract(state, elastic.sub_index(layout, rate, offset=int(rate * 16) + 3)))
+        assert sub(torch.randn(2, *shape)).shape == (2, 10)  # classifier keeps every label
+    # first layer keeps its inputs, hidden channels shrink to ceil(p*C)
+    first = next(m for m in elastic.narrow(full, 0.25).modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    orig = next(m for m in full.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert first.weight.shape[1] == orig.weight.shape[1]
+    assert first.weight.shape[0] == math.ceil(0.25 * orig.weight.shape[0])
+
+
+@pytest.mark.parametrize("name,shape", MODELS, ids=[m for m, _ in MODELS])
+def test_leading_sub_model_is_a_prefix_slice_of_global(name: str, shape: tuple[int, int, int]) -> None:
+    full = build(name, shape)
+    state = full.state_dict()
+    layout = elastic.width_layout(full)
+    for rate in RATES[1:]:
+        sub = elastic.extract(state, elastic.sub_index(layout, rate))
+        for k, v in sub.items():
+            assert torch.equal(v, state[k][tuple(slice(0, n) for n in v.shape)]), k
+
+
+def test_rolling_window_wraps_and_keeps_groups() -> None:
+    ax = elastic.Axis(16)
+    assert elastic.channel_index(ax, 0.25, offset=14).tolist() == [14, 15, 0, 1]
+    assert elastic.channel_index(ax, 0.25, offset=16 + 3).tolist() == [3, 4, 5, 6]  # offset mod C
+    assert elastic.channel_index(ax, 0.25).tolist() == [0, 1, 2, 3]  # leading
+    assert elastic.channel_index(ax, 1.0, offset=5) is None  # whole dimension: never permuted
+    grouped = elastic.channel_index(elastic.Axis(4, group=3), 0.5, offset=3)  # Linear after Flatten
+    assert grouped.tolist() == [9, 10, 11, 0, 1, 2]
+    # cnn head: its input window covers the same channels as the last conv's output window
+    full = build("cnn", DIGITS)
+    index = elastic.sub_index(elastic.width_layout(full), 0.25, offset=30)
+    conv = index["conv2.0.weight"][0]
+    head = index["head.2.weight"][1]
+    group = full.head[2].in_features // full.conv2[0].out_channels
+    assert torch.equal(head.view(-1, group)[:, 0] // group, conv)
+    assert conv.tolist() == [30, 31, 0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("offset", [None, 5])
+def test_aggregate_identical_updates_is_exact_and_untouched_keep_value(offset: int | None) -> None:
+    full = build("resnet8", DIGITS)
+    state = random_state(full, 1)
+    layout = elastic.width_layout(full)
+    index = elastic.sub_index(layout, 0.5, offset)
+    update = elastic.extract(random_state(full, 2), index)  # what two devices both send
+    parts = [elastic.Part(update, index, 3.0), elastic.Part(update, index, 7.0)]
+    merged = elastic.aggregate(state, parts)
+    covered = {k: torch.zeros(v.shape, dtype=torch.bool) for k, v in state.items()}
+    for k, c in covered.items():
+        if c.dim() == 0:
+            covered[k] = torch.tensor(True)
+        else:
+            c[elastic._positions(index[k], c.shape)] = True
+    for k, v in merged.items():
+        got = v.to(state[k].dtype)
+        # covered entries equal the (identical) updates exactly; the rest keep the global value
+        back = elastic.extract({k: got}, index, [k])[k]
+        assert torch.equal(back, update[k]), k
+        assert torch.equal(got[~covered[k]], state[k][~covered[k]]), k
+    assert any((~c).any() for c in covered.values())  # the test really had untouched entries
+
+
+def test_aggregate_weighted_mean_and_masked_rows() -> None:
+    full = build("cnn", DIGITS)
+    state = random_state(full, 0)
+    layout = elastic.width_layout(full)
+    big, small = elastic.sub_index(layout, 1.0), elastic.sub_index(layout, 0.5)
+    a = {k: torch.full(v.shape, 1.0) for k, v in state.items() if v.is_floating_point()}
+    b = {k: torch.full(s, 4.0) for k, s in elastic.sub_shapes(layout, 0.5, state).items()}
+    rows = torch.zeros(10, dtype=torch.bool)
+    rows[:3] = True
+    head = elastic.classifier_keys(full)
+    merged = elastic.aggregate(state, [elastic.Part(a, big, 1.0), elastic.Part(b, small, 2.0, rows)], head)
+    w = merged["conv1.0.weight"]
+    assert torch.allclose(w[:8], torch.tensor(3.0, dtype=torch.float64))  # (1*1 + 2*4) / 3
+    assert torch.allclose(w[8:], torch.tensor(1.0, dtype=torch.float64))  # only the full model covers
+    bias = merged[head[1]]
+    assert torch.allclose(bias[:3], torch.tensor(3.0, dtype=torch.float64))
+    assert torch.allclose(bias[3:], torch.tensor(1.0, dtype=torch.float64))  # masked rows: labels b never saw
+    only_b = elastic.aggregate(state, [elastic.Part(b, small, 2.0, rows)], head)
+    assert torch.equal(only_b[head[1]][3:].float(), state[head[1]][3:])  # nobody covered: unchanged
+
+
+def test_scaler_and_batch_stat_bn_helpers() -> None:
+    full = build("cnn", DIGITS)
+    sub = elastic.add_scalers(elastic.narrow(full, 0.5), 0.5)
+    plain = elastic.narrow(full, 0.5)
+    plain.load_state_dict(sub.state_dict())
+    x = torch.randn(4, *DIGITS)
+    sub.eval(), plain.eval()
+    assert torch.equal(sub(x), plain(x))  # identity at evaluation
+    sub.train()
+    conv = sub.conv1[0]
+    assert torch.allclose(conv(x), 2 * torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))
+    net = build("resnet8", DIGITS).eval()
+    before = net.stem[1].running_mean.clone()
+    with elastic.batch_stat_bn(net):
+        out = net(torch.randn(8, *DIGITS))
+    assert torch.equal(net.stem[1].running_mean, before) and out.shape == (8, 10)
+
+
+def test_unsupported_layer_is_a_one_line_error() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, groups=1), nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(), nn.LazyLinear(2))
+    with pytest.raises(FlexrayError, match="grouped"):
+        elastic.width_layout(model)
+    with pytest.raises(FlexrayError, match="width rate"):
+        elastic.narrow(build("cnn", DIGITS), 1.5)
+
+
+# ---------------------------------------------------------------- methods
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[LocalData, LocalData, tuple[int, int, int]]:
+    ds = load_dataset(DataConfig(name="digits"))
+    x = to_tensor(ds.x_train, ds.mean, ds.std)
+    y = torch.as_tensor(ds.y_train.copy(), dtype=torch.long)
+    keep = y < 6  # a device that lacks labels 6..9
+    local = LocalData(x[keep][:96], y[keep][:96])
+    other = LocalData(x[200:296], y[200:296])
+    return local, other, ds.input_shape
+
+
+def make(name: str, model: str, shape: tuple[int, int, int], **opts: object):  # noqa: ANN201
+    cfg = method_class(name).Config.model_validate(
+        {"name": name, "local_epochs": 1, "batch_size": 32, "lr": 0.05, **opts}
+    )
+
+    def model_fn() -> nn.Module:
+        return build_model(ModelConfig(name=model, width=16), shape, 10)
+
+    torch.manual_seed(0)
+    method = method_class(name)(cfg, model_fn)
+    return method, method.init(model_fn()), model_fn
+
+
+def view(i: int, profile: str, n: int = 96) -> DeviceView:
+    return DeviceView(i, CATALOG[profile], 1.0, n)
+
+
+@pytest.mark.parametrize("name", WIDTH)
+@pytest.mark.parametrize("model", ["cnn", "resnet8"])
+def test_method_round_validates_and_aggregates(name: str, model: str, digits) -> None:  # noqa: ANN001
+    local, other, shape = digits
+    extra = {"distill": True} if name == "fjord" else {}
+    method, state, model_fn = make(name, model, shape, **extra)
+    devices = [view(0, "rpi3"), view(1, "laptop_cpu"), view(2, "phone_mid")]
+    tasks = method.plan(3, devices, state)
+    assert [t.spec["rate"] for t in tasks] == [0.0625, 1.0, 0.25]
+    json.dumps([t.spec for t in tasks])  # lands in the event log
+    prof = profile_model(model_fn(), shape)
+    costs = [method.cost(t, d, prof) for t, d in zip(tasks, devices)]
+    assert costs[0].flops < costs[2].flops < costs[1].flops and costs[0].bytes_down < costs[1].bytes_down
+    updates = []
+    for task, data in zip(tasks, [local, other, local]):
+        ctx = DeviceContext(model_fn)
+        ctx.seed(task.device)
+        u = method.local_update(task, state, data, ctx)
+        u.device = task.device
+        assert method.validate(u, state) is None
+        assert u.flops and u.flops > 0 and u.bytes_down and u.samples == len(data)
+        updates.append(u)
+    assert updates[0].flops < updates[1].flops
+    assert method.validate(updates[1], state) is None and Method_validate_rejects(method, updates[0], state)
+    new = method.aggregate(3, state, updates)
+    assert {k: v.shape for k, v in new.items()} == {k: v.shape for k, v in state.items()}
+    assert all(torch.isfinite(v.float()).all() for v in new.values())
+    assert any(not torch.equal(new[k], state[k]) for k in state)
+    metrics = method.evaluate(new, model_fn(), other)
+    assert 0 <= metrics["accuracy"] <= 1 and {f"acc_p{r:g}" for r in RATES[1:]} <= set(metrics)
+
+
+def Method_validate_rejects(method: WidthMethod, update: Update, state: dict) -> bool:  # noqa: N802
+    """Shapes must be the task's sub-model's; NaN is refused; the planned rate is enforced."""
+    key = next(k for k, v in update.tensors.items() if v.is_floating_point() and v.dim() > 1)
+    bad = Update(dict(update.tensors), update.weight, update.samples, metrics=dict(update.metrics), device=update.device)
+    bad.tensors[key] = torch.zeros(bad.tensors[key].numel() + 1)
+    assert "shape" in (method.validate(bad, state) or "")
+    bad.tensors[key] = torch.full_like(update.tensors[key], float("nan"))
+    assert "NaN" in (method.validate(bad, state) or "")
+    bad = Update(dict(update.tensors), update.weight, update.samples, metrics={**update.metrics, "rate": 1.0},
+                 device=update.device)
+    assert "planned" in (method.validate(bad, state) or "")
+    bad.device = 99  # unplanned device: the shapes still give it away
+    assert "shape" in (method.validate(bad, state) or "")
+    return True
+
+
+def test_heterofl_at_rate_one_equals_fedavg(digits) -> None:  # noqa: ANN001
+    local, other, shape = digits
+    opts = {"rate": 1.0, "scaler": True, "static_bn": False, "masked_classifier": False}
+    hetero, state, model_fn = make("heterofl", "resnet8", shape, **opts)
+    fedavg = FedAvg(MethodConfig(name="fedavg", local_epochs=1, batch_size=32, lr=0.05), model_fn)
+    devices = [view(0, "rpi3"), view(1, "laptop_cpu")]
+    outs: dict[str, list[Update]] = {"h": [], "f": []}
+    for key, method in (("h", hetero), ("f", fedavg)):
+        for task, data in zip(method.plan(0, devices, state), [local, other]):
+            ctx = DeviceContext(model_fn)
+            ctx.seed(task.device)
+            outs[key].append(method.local_update(task, state, data, ctx))
+    for h, f in zip(outs["h"], outs["f"]):
+        assert all(torch.equal(h.tensors[k], f.tensors[k]) for k in f.tensors)
+    got, want = hetero.aggregate(0, state, outs["h"]), fedavg.aggregate(0, state, outs["f"])
+    for k in want:
+        assert torch.allclose(got[k].double(), want[k].double(), rtol=1e-6, atol=1e-7), k
+
+
+def test_static_bn_ships_no_running_stats_and_masked_classifier(digits) -> None:  # noqa: ANN001
+    local, _, shape = digits
+    method, state, model_fn = make("heterofl", "resnet8", shape)
+    task = method.plan(0, [view(0, "jetson_nano")], state)[0]
+    ctx = DeviceContext(model_fn)
+    ctx.seed(0)
+    u = method.local_update(task, state, local, ctx)
+    assert not any(elastic.is_bn_stat(k) for k in u.tensors)
+    assert u.tensors[LABELS].tolist() == [True] * 6 + [False] * 4
+    head = elastic.classifier_keys(model_fn())
+    new = method.aggregate(0, state, [u])
+    assert torch.equal(new[head[0]][6:], state[head[0]][6:])  # rows of labels the device lacks
+    assert not torch.equal(new[head[0]][:6], state[head[0]][:6])
+    assert all(torch.equal(new[k], state[k]) for k in state if elastic.is_bn_stat(k))
+
+
+def test_fedrolex_window_moves_each_round(digits) -> None:  # noqa: ANN001
+    local, _, shape = digits
+    method, state, model_fn = make("fedrolex", "cnn", shape, rate=0.25)
+    assert method.plan(5, [view(0, "rpi4")], state)[0].spec == {"rate": 0.25, "offset": 5}
+    i5, i6 = method.index(0.25, 5), method.index(0.25, 6)
+    assert i5["conv1.0.weight"][0].tolist() == [5, 6, 7, 8] and i6["conv1.0.weight"][0].tolist() == [6, 7, 8, 9]
+    task = method.plan(15, [view(0, "rpi4")], state)[0]
+    ctx = DeviceContext(model_fn)
+    ctx.seed(0)
+    new = method.aggregate(15, state, [method.local_update(task, state, local, ctx)])
+    changed = [c for c in range(16) if not torch.equal(new["conv1.0.weight"][c], state["conv1.0.weight"][c])]
+    assert changed == [0, 1, 2, 15]  # window 15, 16 mod 16 = 0, 1, 2
+
+
+def test_fjord_samples_nested_widths_and_updates_only_its_prefix(digits) -> None:  # noqa: ANN001
+    local, _, shape = digits
+    method, state, model_fn = make("fjord", "cnn", shape)
+    task = method.plan(0, [view(0, "phone_mid")], state)[0]  # p_max 0.25
+    assert task.spec["rate"] == 0.25
+    ctx = DeviceContext(model_fn)
+    ctx.seed(0)
+    u = method.local_update(task, state, local, ctx)
+    per = {p: method.sub_profile(p, shape).train_flops_per_sample for p in (0.0625, 0.125, 0.25)}
+    assert min(per.values()) * u.samples < u.flops < max(per.values()) * u.samples  # mixed widths ran
+    new = method.aggregate(0, state, [u])
+    w = new["conv1.0.weight"]
+    assert not torch.equal(w[:4], state["conv1.0.weight"][:4]) and torch.equal(w[4:], state["conv1.0.weight"][4:])
+
+
+def test_tiers_and_config_errors() -> None:
+    cls = method_class("heterofl")
+    cfg = cls.Config.model_validate({"name": "heterofl", "tiers": {"rpi4": 0.5}})
+    from flexray.methods.width import tier_rate
+
+    assert tier_rate(cfg, CATALOG["rpi4"]) == 0.5 and tier_rate(cfg, CATALOG["rpi3"]) == 0.0625
+    assert tier_rate(cfg, CATALOG["jetson_nano"]) == 0.5 and tier_rate(cfg, CATALOG["cloud_gpu"]) == 1.0
+    from flexray.config import parse_config
+
+    base = {"fleet": {"groups": [{"profile": "rpi4"}]}, "method": {"name": "heterofl"}}
+    for bad, msg in [({"rates": [1.0, 1.5]}, "in \\(0, 1\\]"), ({"rate": 0.3}, "not one of rates"),
+                     ({"tiers": {"rpi4": 0.2}}, "not one of rates")]:
+        with pytest.raises(FlexrayError, match=msg) as err:
+            parse_config({**base, "method": {"name": "heterofl", **bad}})
+        assert "\n" not in str(err.value)
+    assert {"heterofl", "fjord", "fedrolex"} <= set(METHODS) and not any(METHODS[n].linear for n in WIDTH)
