@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,9 @@ from flexray.methods import METHODS, method_class
 from flexray.methods.base import DeviceContext, DeviceView, LocalData, Task, Update
 from flexray.methods.fedavg import FedAvg
 from flexray.methods.width import LABELS, WidthMethod
-from flexray.models import build_model, elastic, profile_model
+from flexray.models import build_model, elastic, profile_model, state_bytes
+
+REPO = Path(__file__).resolve().parents[1]
 
 DIGITS, CIFAR = (1, 8, 8), (3, 32, 32)
 RATES = (1.0, 0.5, 0.25, 0.125, 0.0625)
@@ -326,3 +329,55 @@ def test_tiers_and_config_errors() -> None:
             parse_config({**base, "method": {"name": "heterofl", **bad}})
         assert "\n" not in str(err.value)
     assert {"heterofl", "fjord", "fedrolex"} <= set(METHODS) and not any(METHODS[n].linear for n in WIDTH)
+
+
+@pytest.mark.parametrize("name", WIDTH)
+def test_cost_predicts_what_the_device_sends(name: str, digits) -> None:  # noqa: ANN001
+    local, _, shape = digits
+    method, state, model_fn = make(name, "resnet8", shape)
+    dev = view(0, "jetson_nano", n=len(local))
+    task = method.plan(0, [dev], state)[0]
+    cost = method.cost(task, dev, profile_model(model_fn(), shape))
+    ctx = DeviceContext(model_fn)
+    ctx.seed(0)
+    u = method.local_update(task, state, local, ctx)
+    assert cost.bytes_down == u.bytes_down and cost.bytes_up == state_bytes(u.tensors)
+    if name != "fjord":  # FjORD's cost is the expectation over its randomly drawn widths
+        assert cost.flops == pytest.approx(u.flops)
+
+
+def test_fjord_bn_statistics_reach_the_pmax_model(digits) -> None:  # noqa: ANN001
+    local, _, shape = digits
+    method, state, model_fn = make("fjord", "resnet8", shape, static_bn=False, rate=0.5)
+    task = method.plan(0, [view(0, "rpi4")], state)[0]
+    ctx = DeviceContext(model_fn)
+    ctx.seed(0)
+    u = method.local_update(task, state, local, ctx)
+    assert "stem.1.running_mean" in u.tensors and u.tensors["stem.1.num_batches_tracked"] == len(local) // 32
+    new = method.aggregate(0, state, [u])
+    assert not torch.equal(new["stem.1.running_mean"][:8], state["stem.1.running_mean"][:8])
+    assert torch.equal(new["stem.1.running_mean"][8:], state["stem.1.running_mean"][8:])
+
+
+@pytest.mark.parametrize("name", WIDTH)
+def test_round_through_the_device_host_in_process(name: str) -> None:
+    """The actor's own path (cost, local_update, byte counts, validate) without starting Ray."""
+    from flexray.config import load_config
+    from flexray.fleet.actor import DeviceHost
+    from flexray.fleet.fleet import assign_actors, build_fleet
+    from flexray.fleet.report import RoundRequest
+
+    cfg = load_config(REPO / "jobs" / "quickstart.yaml", [f"method.name={name}", "fleet.actors=1"])
+    ds = load_dataset(cfg.data)
+    devices = build_fleet(cfg, ds.y_train)[:4]
+    host = DeviceHost(cfg, assign_actors(cfg, devices)[0], devices, ds)
+    method = method_class(name)(cfg.method, host.ctx._model_fn)
+    state = method.init(host.ctx.model())
+    views = [DeviceView(d.id, d.profile, 1.0, len(d.indices)) for d in devices]
+    tasks = method.plan(0, views, state)
+    reports, updates = host.run_round(RoundRequest(0, 0.0, None, False, tuple(tasks), True), state)
+    assert [r.status for r in reports] == ["ok"] * 4 and len(updates) == 4  # never pre-summed
+    assert [r.spec["rate"] for r in reports] == [t.spec["rate"] for t in tasks]
+    assert all(method.validate(u, state) is None for u in updates)
+    new = method.aggregate(0, state, updates)
+    assert all(torch.isfinite(v.float()).all() and v.shape == state[k].shape for k, v in new.items())

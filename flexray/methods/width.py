@@ -85,6 +85,7 @@ class WidthMethod(Method):
         self._profiles: dict[tuple[float, tuple[int, ...]], ModelProfile] = {}
         self._eval_models: dict[float, nn.Module] = {}
         self._planned: dict[int, float] = {}
+        self._up_bytes: dict[float, int] = {}
 
     @property
     def wcfg(self) -> WidthConfig:
@@ -155,11 +156,12 @@ class WidthMethod(Method):
             raise FlexrayError(f"method {self.name}: the model profile lacks input_shape; build it with profile_model")
         return profile.input_shape
 
-    def _shipped_bytes(self, rate: float, state_like: State) -> int:
-        shapes = self.expected_shapes(rate, state_like)
-        return sum(
-            s.numel() * (state_like[k].element_size() if k in state_like else 1) for k, s in shapes.items()
-        )
+    def _shipped_bytes(self, rate: float) -> int:
+        if rate not in self._up_bytes:
+            like = self.full.state_dict()
+            shapes = self.expected_shapes(rate, like)
+            self._up_bytes[rate] = sum(s.numel() * (like[k].element_size() if k in like else 1) for k, s in shapes.items())
+        return self._up_bytes[rate]
 
     # ---- server side
     def plan(self, rnd: int, devices: Sequence[DeviceView], state: State) -> list[Task]:
@@ -179,7 +181,7 @@ class WidthMethod(Method):
         rate = float(task.spec["rate"])
         sub = self.sub_profile(rate, self._input_shape(profile))
         flops = self.wcfg.local_epochs * device.num_samples * self.flops_per_sample(rate, sub.input_shape or ())
-        return Cost(flops, sub.param_bytes, self._shipped_bytes(rate, self.full.state_dict()))
+        return Cost(flops, sub.param_bytes, self._shipped_bytes(rate))
 
     def flops_per_sample(self, rate: float, input_shape: tuple[int, ...]) -> float:
         """Predicted training FLOPs per sample of a task at ``rate`` (FjORD: expected over its rates)."""
