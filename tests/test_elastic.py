@@ -381,3 +381,46 @@ def test_round_through_the_device_host_in_process(name: str) -> None:
     assert all(method.validate(u, state) is None for u in updates)
     new = method.aggregate(0, state, updates)
     assert all(torch.isfinite(v.float()).all() and v.shape == state[k].shape for k, v in new.items())
+
+
+# ---------------------------------------------------------------- depth prefixes (FlexTrain)
+
+
+@pytest.mark.parametrize("name,shape", [("resnet8", DIGITS), ("resnet20", CIFAR), ("preresnet18", DIGITS)])
+def test_depth_prefixes_share_the_global_tensors(name: str, shape: tuple[int, int, int]) -> None:
+    from flexray.models import depth
+
+    full = build(name, shape).eval()
+    blocks = depth.block_names(full)
+    assert depth.num_configs(full) == len(blocks)
+    x = torch.randn(4, *shape)
+    with torch.no_grad():
+        assert torch.equal(depth.depth_prefix(full, len(blocks))(x), full(x))  # deepest = the full model
+        for k in range(len(blocks) + 1):
+            prefix = depth.depth_prefix(full, k).eval()
+            assert prefix(x).shape == (4, 10)
+            keys = depth.prefix_keys(full, k)
+            expected = [key for key in full.state_dict() if key.split(".")[0] not in blocks[k:]]
+            assert keys == expected  # stem, blocks 1..k, head: a prefix of the stages
+            glob = full.state_dict()
+            assert all(v.data_ptr() == glob[key].data_ptr() for key, v in prefix.state_dict().items())
+    assert sum(p.numel() for p in depth.depth_prefix(full, 0).parameters()) < sum(p.numel() for p in full.parameters())
+
+
+def test_depth_prefix_trains_only_its_blocks_and_aggregates() -> None:
+    from flexray.models import depth
+
+    full = build("resnet8", DIGITS)
+    state = {k: v.clone() for k, v in full.state_dict().items()}
+    prefix = depth.depth_prefix(full, 1).train()
+    prefix(torch.randn(4, *DIGITS)).sum().backward()
+    grads = {n for n, p in full.named_parameters() if p.grad is not None}
+    assert grads == {n for n, _ in prefix.named_parameters()} and not any(n.startswith("layer3") for n in grads)
+    upd = depth.prefix_state(random_state(full, 5), full, 1)
+    merged = elastic.aggregate(state, [elastic.Part(upd, elastic.whole_index(upd), 1.0)] * 2)
+    for k, v in state.items():
+        assert torch.equal(merged[k].to(v.dtype), upd[k] if k in upd else v), k
+    with pytest.raises(FlexrayError, match="residual"):
+        depth.block_names(build("cnn", DIGITS))
+    with pytest.raises(FlexrayError, match="out of range"):
+        depth.depth_prefix(full, 4)

@@ -179,6 +179,11 @@ def sub_index(layout: Layout, rate: float, offset: int | None = None) -> Index:
     return {k: tuple(channel_index(ax, rate, offset) if ax else None for ax in axes) for k, axes in layout.items()}
 
 
+def whole_index(state: Mapping[str, torch.Tensor]) -> Index:
+    """Every entry at its own position: the index of depth prefixes, which keep whole tensors."""
+    return {k: (None,) * v.dim() for k, v in state.items()}
+
+
 def extract(state: Mapping[str, torch.Tensor], index: Index, keys: Sequence[str] | None = None) -> State:
     """The sub-model's state: ``state`` gathered at ``index`` (a copy, never a view)."""
     out: State = {}
@@ -320,5 +325,5 @@ def is_bn_stat(key: str) -> bool:
 __all__ = [
     "Axis", "BN_STATS", "Index", "Layout", "Part", "Scaler", "add_scalers", "aggregate", "batch_stat_bn",
     "channel_index", "check_rate", "classifier_keys", "extract", "is_bn_stat", "leading_view", "mask_logits",
-    "narrow", "scaled", "sub_index", "sub_shapes", "width_layout",
+    "narrow", "scaled", "sub_index", "sub_shapes", "whole_index", "width_layout",
 ]
