@@ -66,9 +66,8 @@ class OrderedDropout(nn.Module):
         if p == max(self.rates):
             return self.base(x)
         shapes = self.shapes[p]
-        tensors = {
-            k: elastic.leading_view(v, shapes[k]) for k, v in chain(self.base.named_parameters(), self.base.named_buffers())
-        }
+        own = chain(self.base.named_parameters(), self.base.named_buffers())
+        tensors = {k: elastic.leading_view(v, shapes[k]) for k, v in own}
         self.student = functional_call(self.skeletons[p], tensors, (x,))
         if self.distill:
             with torch.no_grad():
@@ -97,7 +96,8 @@ class FjORD(WidthMethod):
         train = sum(self.sub_profile(p, input_shape).train_flops_per_sample for p in rates) / len(rates)
         cfg: FjORDConfig = self.cfg  # type: ignore[assignment]
         if cfg.distill:
-            train += self.sub_profile(rate, input_shape).fwd_flops_per_sample * sum(p < rate for p in rates) / len(rates)
+            teacher = self.sub_profile(rate, input_shape).fwd_flops_per_sample
+            train += teacher * sum(p < rate for p in rates) / len(rates)  # steps that ran a narrower width
         return train
 
     def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
@@ -110,9 +110,8 @@ class FjORD(WidthMethod):
         skeletons = {p: ctx.model(f"{self.name}:{p}", lambda p=p: self.build(p)) for p in rates if p < p_max}
         shape = tuple(data.x.shape[1:])
         flops = {p: self.sub_profile(p, shape).train_flops_per_sample for p in rates}
-        od = OrderedDropout(
-            base, skeletons, rates, ctx.generator, flops, self.sub_profile(p_max, shape).fwd_flops_per_sample, cfg.distill
-        )
+        teacher = self.sub_profile(p_max, shape).fwd_flops_per_sample
+        od = OrderedDropout(base, skeletons, rates, ctx.generator, flops, teacher, cfg.distill)
         labels = self.label_mask(data, state)
         extra = (lambda _m: od.distill_loss(cfg.temperature, cfg.distill_weight)) if cfg.distill else None
         with ExitStack() as stack:  # every width's classifier masks the labels the device lacks

@@ -38,7 +38,9 @@ class WidthConfig(MethodConfig):
     rates: list[float] = Field(default_factory=lambda: list(RATES), min_length=1, description="allowed width rates")
     rate: float | None = Field(None, description="every device trains this rate (e.g. FedSmall); overrides tiers")
     tiers: dict[str, float] = Field(default_factory=dict, description="device class -> rate (static tiers)")
-    full_rate_flops: float = Field(100e9, gt=0, description="FLOP/s that earns rate 1; else largest p with p^2 <= flops/this")
+    full_rate_flops: float = Field(
+        100e9, gt=0, description="FLOP/s that earns rate 1; slower devices: largest p with p^2 <= flops/this"
+    )
     scaler: bool = Field(True, description="HeteroFL scaler: outputs x 1/p while training")
     static_bn: bool = Field(True, description="ship no BN running stats; evaluate BN with batch statistics")
     masked_classifier: bool = Field(True, description="train and aggregate only the classifier rows of local labels")
@@ -95,7 +97,7 @@ class WidthMethod(Method):
     @property
     def full(self) -> nn.Module:
         if self._full is None:
-            with torch.random.fork_rng():  # building must not shift the training RNG stream
+            with torch.random.fork_rng(devices=[]):  # building must not shift the training RNG stream
                 self._full = self.model_fn()
         return self._full
 
@@ -118,7 +120,7 @@ class WidthMethod(Method):
 
     def build(self, rate: float, scaler: bool | None = None) -> nn.Module:
         """A width-``rate`` model (with HeteroFL's scaler hooks when configured)."""
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(devices=[]):
             model = elastic.narrow(self.full, rate)
         if self.wcfg.scaler if scaler is None else scaler:
             elastic.add_scalers(model, rate)
@@ -160,7 +162,8 @@ class WidthMethod(Method):
         if rate not in self._up_bytes:
             like = self.full.state_dict()
             shapes = self.expected_shapes(rate, like)
-            self._up_bytes[rate] = sum(s.numel() * (like[k].element_size() if k in like else 1) for k, s in shapes.items())
+            sizes = {k: like[k].element_size() if k in like else 1 for k in shapes}  # LABELS: 1 byte each
+            self._up_bytes[rate] = sum(s.numel() * sizes[k] for k, s in shapes.items())
         return self._up_bytes[rate]
 
     # ---- server side

@@ -83,7 +83,10 @@ def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, bool, bool, int]]:
     prev = 0
     for name, m in layers:
         yield name, m, name == first, name == last, prev
-        prev = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features if isinstance(m, nn.Linear) else m.num_features
+        if isinstance(m, nn.Conv2d):
+            prev = m.out_channels
+        else:
+            prev = m.out_features if isinstance(m, nn.Linear) else m.num_features
     for name, m in model.named_modules():
         own = list(m.parameters(recurse=False)) + [b for b in m.buffers(recurse=False)]
         if own and not isinstance(m, (nn.Conv2d, nn.Linear, *_BN)):
