@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from flexray.config import MethodConfig
@@ -54,12 +54,22 @@ class WidthConfig(MethodConfig):
             raise ValueError(f"width rates must be in (0, 1], got {bad[0]}")
         return sorted({float(r) for r in v}, reverse=True)
 
-    @model_validator(mode="after")
-    def _known_rates(self) -> WidthConfig:
-        for name, r in [("rate", self.rate), *((f"tiers.{k}", v) for k, v in self.tiers.items())]:
-            if r is not None and r not in self.rates:
-                raise ValueError(f"{name}: {r} is not one of rates {self.rates}")
-        return self
+    @field_validator("rate")
+    @classmethod
+    def _rate_known(cls, v: float | None, info: ValidationInfo) -> float | None:
+        rates = info.data.get("rates", RATES)
+        if v is not None and v not in rates:
+            raise ValueError(f"{v} is not one of rates {list(rates)}")
+        return v
+
+    @field_validator("tiers")
+    @classmethod
+    def _tiers_known(cls, v: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        rates = info.data.get("rates", RATES)
+        for name, r in v.items():
+            if r not in rates:
+                raise ValueError(f"{name}: {r} is not one of rates {list(rates)}")
+        return v
 
 
 def tier_rate(cfg: WidthConfig, profile: DeviceProfile) -> float:
