@@ -74,6 +74,12 @@ def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, bool, bool, int]]:
     Registration order is execution order for the zoo's Sequential stages and blocks; the
     first Conv2d/Linear consumes the input and the last Linear is the classifier.
     """
+    for name, m in model.named_modules():
+        own = list(m.parameters(recurse=False)) + [b for b in m.buffers(recurse=False)]
+        if own and not isinstance(m, (nn.Conv2d, nn.Linear, *_BN)):
+            raise FlexrayError(f"width scaling does not support layer {name or 'model'} ({type(m).__name__})")
+        if isinstance(m, nn.Conv2d) and m.groups != 1:
+            raise FlexrayError(f"width scaling does not support grouped convolution {name}")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, *_BN))]
     weighted = [n for n, m in layers if isinstance(m, (nn.Conv2d, nn.Linear))]
     linears = [n for n, m in layers if isinstance(m, nn.Linear)]
@@ -87,12 +93,6 @@ def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, bool, bool, int]]:
             prev = m.out_channels
         else:
             prev = m.out_features if isinstance(m, nn.Linear) else m.num_features
-    for name, m in model.named_modules():
-        own = list(m.parameters(recurse=False)) + [b for b in m.buffers(recurse=False)]
-        if own and not isinstance(m, (nn.Conv2d, nn.Linear, *_BN)):
-            raise FlexrayError(f"width scaling does not support layer {name or 'model'} ({type(m).__name__})")
-        if isinstance(m, nn.Conv2d) and m.groups != 1:
-            raise FlexrayError(f"width scaling does not support grouped convolution {name}")
 
 
 def _linear_in_axis(m: nn.Linear, prev: int, first: bool) -> Axis | None:
