@@ -59,7 +59,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def stop_ray_node(temp_dir: Path, timeout_s: float = 30.0) -> None:
+def stop_ray_node(temp_dir: Path, timeout_s: float = 30.0) -> int:
     """Stop only the Ray node whose ``--temp-dir`` is ``temp_dir`` (and its workers).
 
     ``ray stop`` would kill every Ray process on the machine, including other test sessions'
@@ -67,10 +67,12 @@ def stop_ray_node(temp_dir: Path, timeout_s: float = 30.0) -> None:
     """
     import psutil
 
+    me = psutil.Process()
+    skip = {me.pid, *(p.pid for p in me.parents())}
     roots = []
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if any(f"{temp_dir}/" in arg or arg.endswith(str(temp_dir)) for arg in p.info["cmdline"] or ()):
+            if p.pid not in skip and any(f"{temp_dir}/" in a or a.endswith(str(temp_dir)) for a in p.info["cmdline"] or ()):
                 roots.append(p)
         except psutil.Error:
             continue
@@ -91,6 +93,8 @@ def stop_ray_node(temp_dir: Path, timeout_s: float = 30.0) -> None:
             p.kill()
         except psutil.Error:
             pass
+    psutil.wait_procs(alive, timeout=10)
+    return len(procs)
 
 
 @pytest.fixture(scope="session")

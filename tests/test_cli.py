@@ -60,8 +60,27 @@ def run_main(argv: list[str]) -> tuple[int, str]:
     return rc, buf.getvalue()
 
 
+_RAY_INITS: list[tuple] = []
+
+
+@pytest.fixture(autouse=True)
+def _count_ray_inits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Record ray.init calls (still calling the real one): another test file may already
+    hold a Ray session in this process, so is_initialized() alone cannot tell."""
+    import ray
+
+    real = ray.init
+    _RAY_INITS.clear()
+
+    def spy(*args: object, **kwargs: object) -> object:
+        _RAY_INITS.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ray, "init", spy)
+
+
 def ray_started() -> bool:
-    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    return bool(_RAY_INITS)
 
 
 # ---------------------------------------------------------------- parser

@@ -4,7 +4,6 @@ and the placement logic that needs no cluster (fake nodes). Fast: no Ray cluster
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml

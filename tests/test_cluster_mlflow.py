@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_port, job_tree
+from tests.conftest import free_port, job_tree, start_mlflow_server, stop_process_group
 
 pytestmark = pytest.mark.ray
 
-MLFLOW = str(Path(sys.executable).with_name("mlflow")) if Path(sys.executable).with_name("mlflow").exists() else "mlflow"
 
 
 @dataclass(frozen=True)
@@ -47,34 +42,11 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI"):
         env.pop(var, None)
     port = free_port()
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [MLFLOW, "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
+    proc = start_mlflow_server(root, port, env, "--app-name", "basic-auth")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "mlflow server did not start: " + (root / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
-        yield Server(uri, "admin", password, root)
+        yield Server(f"http://127.0.0.1:{port}", "admin", password, root)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # its own session: uvicorn's worker goes with it
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
+        stop_process_group(proc)
 
 
 def _login(monkeypatch: pytest.MonkeyPatch, user: str | None, password: str | None) -> None:

@@ -18,11 +18,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
-from tests.conftest import RAY, REPO, free_port, job_tree
+from tests.conftest import RAY, REPO, free_port, job_tree, stop_ray_node
 
 pytestmark = pytest.mark.ray
 
@@ -33,39 +32,6 @@ JOIN = REPO / "cluster" / "join-device.sh"
 class WorkerNode:
     node_id: str
     temp_dir: Path
-
-
-def stop_node(temp_dir: Path, timeout: float = 30.0) -> int:
-    """Terminate one node's Ray processes: those naming its temp dir, and their children
-    (workers rename themselves to ``ray::...`` and keep no temp dir in their command line)."""
-    me = psutil.Process()
-    skip = {me.pid, *(p.pid for p in me.parents())}
-    roots = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if p.pid not in skip and any(str(temp_dir) in a for a in p.info["cmdline"] or []):
-                roots.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    procs = {p.pid: p for p in roots}
-    for r in roots:
-        try:
-            procs.update({c.pid: c for c in r.children(recursive=True)})
-        except psutil.NoSuchProcess:
-            continue
-    for p in procs.values():
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=timeout)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
-    return len(procs)
 
 
 def _alive_node_with(resource: str) -> str | None:
@@ -88,7 +54,7 @@ def join_node(head: str, device: str, env: dict[str, str], num_cpus: int = 1) ->
             time.sleep(0.5)
         assert node, f"node device:{device} never registered"
     except BaseException:
-        stop_node(temp)
+        stop_ray_node(temp)
         shutil.rmtree(temp, ignore_errors=True)
         raise
     return WorkerNode(node, temp)
@@ -100,7 +66,7 @@ def node_b(ray_cluster) -> Iterator[WorkerNode]:
     try:
         yield node
     finally:
-        stop_node(node.temp_dir)
+        stop_ray_node(node.temp_dir)
         deadline = time.monotonic() + 30
         while _alive_node_with("device:b") and time.monotonic() < deadline:
             time.sleep(0.5)  # let the head mark it dead, so later tests see the head alone

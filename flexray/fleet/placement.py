@@ -157,7 +157,7 @@ class Placement:
 def check_placement(specs: Sequence[ActorSpec], nodes: Sequence[Node] | None = None) -> Placement:
     """Fail fast, naming the fix, when the fleet cannot be placed; else predict where it lands.
 
-    Checks, in order: cluster totals (as ``driver.check_placement``), a node for every pinned
+    Checks, in order: cluster totals, a node for every pinned
     actor, and a packing of all actors into the nodes' total resources (pinned first, by
     backtracking; the interchangeable simulated actors then go wherever there is room).
     """

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from flexray.config import JobConfig, flatten
 from flexray.data.datasets import Dataset, load_dataset, to_tensor
 from flexray.errors import FlexrayError
+from flexray.fleet import placement
 from flexray.fleet.actor import DeviceActor
 from flexray.fleet.fleet import ActorSpec, Device, assign_actors, build_fleet
 from flexray.fleet.profiles import resolve_profile
@@ -65,36 +66,17 @@ def ray_session(cfg: JobConfig) -> Iterator[None]:
         ray.shutdown()
 
 
-def check_placement(specs: list[ActorSpec]) -> None:
-    """Fail fast, naming the fix, instead of letting Ray wait forever for missing resources."""
-    have = ray.cluster_resources()
-    need: dict[str, float] = {"CPU": sum(s.num_cpus for s in specs)}
-    for s in specs:
-        for k, v in s.resources.items():
-            need[k] = need.get(k, 0.0) + v
-    for key, amount in need.items():
-        if have.get(key, 0.0) + 1e-9 < amount:
-            fix = (
-                "lower fleet.actors or fleet.num_cpus_per_actor, or add nodes"
-                if key == "CPU"
-                else f"start a node with: ray start --address ... --resources '{{\"{key}\": 1}}'"
-            )
-            raise FlexrayError(f"fleet: the cluster has {have.get(key, 0.0):g} {key} but the fleet needs {amount:g}; {fix}")
-
-
 def start_actors(
     cfg: JobConfig, specs: list[ActorSpec], devices: list[Device], dataset: Dataset
 ) -> tuple[list[tuple[ActorSpec, Any]], Any]:
     """Create the actors without waiting: they import torch and load data while the driver
     sets up MLflow. ``wait_ready`` surfaces their start-up errors before the first round."""
-    check_placement(specs)
+    placement.check_placement(specs)  # fail fast, naming the fix, instead of waiting forever
     data_ref = ray.put(dataset)  # once; actors on this node read it zero-copy
     actors = []
     for s in specs:
         hosted = [devices[i] for i in s.devices]
-        handle = DeviceActor.options(num_cpus=s.num_cpus, resources=s.resources or None, max_restarts=3).remote(
-            cfg, s, hosted, data_ref
-        )
+        handle = DeviceActor.options(**placement.actor_options(s), max_restarts=3).remote(cfg, s, hosted, data_ref)
         actors.append((s, handle))
     return actors, data_ref  # hold data_ref for the whole job: a restarted actor reloads from it
 
