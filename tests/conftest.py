@@ -97,6 +97,17 @@ def stop_ray_node(temp_dir: Path, timeout_s: float = 30.0) -> int:
     return len(procs)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads, and OpenMP spinning is slow on busy CI boxes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     return "sqlite:///" + str(tmp_path_factory.mktemp("mlflow") / "mlflow.db")

@@ -28,11 +28,8 @@ WIDTH = ("heterofl", "fjord", "fedrolex")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread: None) -> None:
+    """Single-threaded torch for the whole module (see conftest.one_torch_thread)."""
 
 
 def build(name: str, shape: tuple[int, int, int], seed: int = 0) -> nn.Module:

@@ -31,12 +31,8 @@ needs_torchvision = pytest.mark.skipif(not HAS_TORCHVISION, reason="torchvision 
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and OpenMP spinning is slow on busy CI boxes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread: None) -> None:
+    """Single-threaded torch for the whole module (see conftest.one_torch_thread)."""
 
 
 def build(name: str, shape: tuple[int, int, int], classes: int = 10, seed: int = 0, **kw: int) -> nn.Module:
