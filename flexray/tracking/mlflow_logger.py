@@ -253,9 +253,6 @@ class Tracker:
     def _has_checkpoint(self) -> bool:
         return any(f.path == CHECKPOINT for f in self.client.list_artifacts(self.run_id, "checkpoints"))
 
-    def metric_history(self, key: str) -> list[tuple[int, float]]:
-        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
-
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load with ``weights_only=True``: a checkpoint can never run code."""
