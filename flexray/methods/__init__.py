@@ -10,9 +10,12 @@ from flexray.methods.fedbuff import FedBuff
 from flexray.methods.fedprox import FedProx
 from flexray.methods.fedrolex import FedRolex
 from flexray.methods.fjord import FjORD
+from flexray.methods.flextrain import FlexTrain
 from flexray.methods.heterofl import HeteroFL
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FedAvg, FedProx, FedAsync, FedBuff, HeteroFL, FjORD, FedRolex)}
+METHODS: dict[str, type[Method]] = {
+    m.name: m for m in (FedAvg, FedProx, FedAsync, FedBuff, HeteroFL, FjORD, FedRolex, FlexTrain)
+}
 
 
 def method_class(name: str) -> type[Method]:

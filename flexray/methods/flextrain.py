@@ -1,0 +1,247 @@
+"""FlexTrain, federated mode (Unsal et al., arXiv 2310.20457): depth-elastic sub-models.
+
+Configuration ``k`` runs the stem, the first ``k`` residual blocks and the classifier
+(``flexray.models.depth``); this method uses ``k = 1..K`` (``K`` = every block). Device ``j`` has a
+fixed ``k_j`` from its capability (static tier) and trains prefix ``W~_{k_j}`` for ``local_epochs``
+with ``CE(f_{k_j}(x), y) + beta * ||f_{k_j - 1}(x) - stopgrad(f_{k_j}(x))||^2`` (teacher: its own
+``k_j``; student: ``k_j - 1``; no distillation term at the smallest configuration, ``k = 1``). It
+sends back exactly the entries of configuration ``k_j``; the server sets every global entry to the
+*uniform* mean over the updates that hold it (paper eq. 8 / Algorithm 2), the rest keep their value.
+
+Classifier rule (``HEAD_RULE = "zero_pad"``, also ``FlexTrain.head_rule``): a prefix that ends
+inside a narrower stage reaches the one shared classifier through the skipped blocks' option-A
+identity shortcuts, i.e. its features zero-padded to the classifier's width; no per-stage heads.
+
+Static tiers: ``depths`` maps a device class to ``k``; else a device gets the largest ``k`` whose
+predicted per-sample training FLOPs fit ``flops / full_depth_flops`` of the full model's (at
+least 1). Planning has no input shape, so those FLOPs are profiled at ``(C, 32, 32)``; for the
+global-pooled residual nets the per-``k`` *ratios* do not depend on the spatial size. ``cost``
+profiles each prefix at the real input shape (once per ``k``).
+
+BN: the student's forward pass shares the teacher's BN modules, so in training mode it updates
+their running statistics too (as in the paper's shared-weight formulation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+from torch import nn
+
+from flexray.config import MethodConfig
+from flexray.errors import FlexrayError
+from flexray.fleet.profiles import DeviceProfile
+from flexray.methods.base import (
+    Cost,
+    DeviceContext,
+    DeviceView,
+    LocalData,
+    Method,
+    State,
+    Task,
+    Update,
+    cast_like,
+    evaluate_model,
+    state_bytes,
+)
+from flexray.models import depth, elastic
+from flexray.models.depth import HEAD_RULE
+from flexray.models.profile import ModelProfile, profile_model
+
+PROBE_HW = (32, 32)
+"""Spatial size the planning FLOPs are profiled at (see module doc)."""
+
+
+class FlexTrainConfig(MethodConfig):
+    beta: float = Field(0.2, ge=0, description="self-distillation weight (paper: 0.2)")
+    depths: dict[str, int] = Field(default_factory=dict, description="device class -> depth configuration k (>= 1)")
+    full_depth_flops: float = Field(
+        100e9, gt=0, description="FLOP/s that earns the full depth; slower: largest k fitting flops/this of its FLOPs"
+    )
+
+    @field_validator("beta")
+    @classmethod
+    def _beta_finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"beta must be finite, got {v}")
+        return v
+
+    @field_validator("depths")
+    @classmethod
+    def _depths_ok(cls, v: dict[str, int]) -> dict[str, int]:
+        for name, k in v.items():
+            if k < 1:
+                raise ValueError(f"{name}: depth configuration must be >= 1, got {k}")
+        return v
+
+
+class FlexTrain(Method):
+    name = "flextrain"
+    Config: ClassVar[type[MethodConfig]] = FlexTrainConfig
+    linear = False
+    head_rule: ClassVar[str] = HEAD_RULE
+
+    def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module], asynchronous: bool = False) -> None:
+        super().__init__(cfg, model_fn, asynchronous)
+        self._full: nn.Module | None = None
+        self._profiles: dict[tuple[int, tuple[int, ...]], ModelProfile] = {}
+        self._keys: dict[int, list[str]] = {}
+        self._bytes: dict[int, int] = {}
+
+    @property
+    def fcfg(self) -> FlexTrainConfig:
+        return self.cfg  # type: ignore[return-value]
+
+    # ---- shared pieces
+    @property
+    def full(self) -> nn.Module:
+        if self._full is None:
+            with torch.random.fork_rng(devices=[]):  # building must not shift the training RNG stream
+                self._full = self.model_fn()
+            depth.block_names(self._full)  # one-line error for non-residual models
+        return self._full
+
+    @property
+    def max_k(self) -> int:
+        return depth.num_configs(self.full)
+
+    @property
+    def configs(self) -> list[int]:
+        """The depth configurations this method assigns and evaluates: 1..K."""
+        return list(range(1, self.max_k + 1))
+
+    def keys(self, k: int) -> list[str]:
+        if k not in self._keys:
+            self._keys[k] = depth.prefix_keys(self.full, k)
+        return self._keys[k]
+
+    def prefix_profile(self, k: int, input_shape: tuple[int, ...]) -> ModelProfile:
+        key = (k, tuple(input_shape))
+        if key not in self._profiles:
+            self._profiles[key] = profile_model(depth.depth_prefix(self.full, k), key[1])  # type: ignore[arg-type]
+        return self._profiles[key]
+
+    def distills(self, k: int) -> bool:
+        return k > 1 and self.fcfg.beta > 0
+
+    def flops_per_sample(self, k: int, input_shape: tuple[int, ...]) -> float:
+        """Training FLOPs per sample at ``k``: the prefix, plus the student ``k - 1`` when distilling."""
+        flops = self.prefix_profile(k, input_shape).train_flops_per_sample
+        if self.distills(k):
+            flops += self.prefix_profile(k - 1, input_shape).train_flops_per_sample
+        return flops
+
+    def _probe_shape(self) -> tuple[int, ...]:
+        conv = next((m for m in self.full.modules() if isinstance(m, nn.Conv2d)), None)
+        if conv is None:
+            raise FlexrayError(f"method {self.name}: the model has no Conv2d stem to probe its input channels")
+        return (conv.in_channels, *PROBE_HW)
+
+    def tier_depth(self, profile: DeviceProfile) -> int:
+        """The static depth configuration of a device class (see module doc)."""
+        K = self.max_k
+        if profile.name in self.fcfg.depths:
+            k = self.fcfg.depths[profile.name]
+            if k > K:
+                raise FlexrayError(f"config error: method.depths: {profile.name}: k={k} exceeds the model's {K} blocks")
+            return k
+        shape = self._probe_shape()
+        budget = profile.flops / self.fcfg.full_depth_flops * self.flops_per_sample(K, shape)
+        fits = [k for k in self.configs if self.flops_per_sample(k, shape) <= budget * (1 + 1e-9)]
+        return max(fits) if fits else 1
+
+    def _prefix_bytes(self, k: int) -> int:
+        if k not in self._bytes:
+            like = self.full.state_dict()
+            self._bytes[k] = state_bytes({key: like[key] for key in self.keys(k)})
+        return self._bytes[k]
+
+    # ---- server side
+    def plan(self, rnd: int, devices: Sequence[DeviceView], state: State) -> list[Task]:
+        return [Task(device=d.id, round=rnd, spec={"k": self.tier_depth(d.profile)}) for d in devices]
+
+    def cost(self, task: Task, device: DeviceView, profile: ModelProfile) -> Cost:
+        if profile.input_shape is None:
+            raise FlexrayError(f"method {self.name}: the model profile lacks input_shape; build it with profile_model")
+        k = int(task.spec["k"])
+        flops = self.cfg.local_epochs * device.num_samples * self.flops_per_sample(k, profile.input_shape)
+        nbytes = self._prefix_bytes(k)
+        return Cost(flops, nbytes, nbytes)
+
+    def validate(self, update: Update, state: State) -> str | None:
+        k = update.metrics.get("k")
+        if k is None or not math.isfinite(float(k)) or float(k) != int(k) or int(k) not in self.configs:
+            return f"update has no valid depth configuration k (got {k!r})"
+        expected = self.keys(int(k))
+        if set(update.tensors) != set(expected):
+            odd = min(set(update.tensors) ^ set(expected))
+            return f"{odd}: {'unknown' if odd in update.tensors else 'missing'} tensor for k={int(k)}"
+        for key, value in update.tensors.items():
+            if value.shape != state[key].shape:
+                return f"{key}: shape {tuple(value.shape)} != {tuple(state[key].shape)} (k={int(k)})"
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                return f"{key}: NaN or Inf"
+        return None
+
+    def aggregate(self, rnd: int, state: State, updates: Sequence[Update]) -> State:
+        """Uniform mean over the updates holding each entry (eq. 8); untouched entries keep their value."""
+        if not updates:
+            return state
+        parts = [elastic.Part(u.tensors, elastic.whole_index(u.tensors), 1.0) for u in updates]
+        return cast_like(elastic.aggregate(state, parts), state)
+
+    def evaluate(self, state: State, model: nn.Module, data: LocalData) -> dict[str, float]:
+        model.load_state_dict(state)
+        metrics = evaluate_model(model, data)
+        for k in self.configs:  # prefixes share the loaded model's modules
+            metrics[f"acc_k{k}"] = evaluate_model(depth.depth_prefix(model, k), data)["accuracy"]
+        return metrics
+
+    # ---- device side
+    def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
+        k = int(task.spec["k"])
+        if k not in self.configs:
+            raise FlexrayError(f"method {self.name}: depth configuration k={k} out of range 1..{self.max_k}")
+        model = ctx.model(self.name)
+        keys = self.keys(k)
+        sub = {key: state[key] for key in keys}
+        model.load_state_dict(sub, strict=False)  # entries outside the prefix are never used
+        teacher = depth.depth_prefix(model, k)
+        student = depth.depth_prefix(model, k - 1) if self.distills(k) else None
+        samples, loss = self._train(teacher, student, data, ctx.generator)
+        tensors = {key: v.detach().clone() for key, v in teacher.state_dict().items()}
+        per_sample = self.flops_per_sample(k, tuple(data.x.shape[1:]))
+        return Update(
+            tensors, weight=1.0, samples=samples, flops=samples * per_sample, bytes_down=state_bytes(sub),
+            metrics={"train_loss": loss, "k": float(k)},
+        )
+
+    def _train(
+        self, teacher: nn.Module, student: nn.Module | None, data: LocalData, generator: torch.Generator
+    ) -> tuple[int, float]:
+        cfg = self.cfg
+        teacher.train()
+        opt = torch.optim.SGD(teacher.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        n, bs = len(data), cfg.batch_size
+        seen, loss_sum = 0, 0.0
+        for _ in range(cfg.local_epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, bs):
+                idx = order[start : start + bs]
+                xb, yb = data.x[idx], data.y[idx]
+                opt.zero_grad(set_to_none=True)
+                out = teacher(xb)
+                loss = F.cross_entropy(out, yb)
+                if student is not None:
+                    gap = student(xb) - out.detach()
+                    loss = loss + self.fcfg.beta * gap.pow(2).sum(1).mean()
+                loss.backward()
+                opt.step()
+                seen += len(idx)
+                loss_sum += float(loss.detach()) * len(idx)
+        return seen, loss_sum / max(seen, 1)

@@ -1,0 +1,240 @@
+"""FlexTrain, federated mode: depth tiers, cost, local update, validate, uniform aggregation (fast, no Ray)."""
+
+from __future__ import annotations
+
+import json
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from flexray.config import DataConfig, ModelConfig, parse_config
+from flexray.data.datasets import load_dataset, to_tensor
+from flexray.errors import FlexrayError
+from flexray.fleet.profiles import CATALOG
+from flexray.methods import METHODS, flextrain, method_class
+from flexray.methods.base import DeviceContext, DeviceView, LocalData, Task, Update
+from flexray.methods.flextrain import FlexTrain
+from flexray.models import build_model, depth, profile_model, state_bytes
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_torch_thread: None) -> None:
+    """Single-threaded torch for the whole module (see conftest.one_torch_thread)."""
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[LocalData, LocalData, tuple[int, int, int]]:
+    ds = load_dataset(DataConfig(name="digits"))
+    x = to_tensor(ds.x_train, ds.mean, ds.std)
+    y = torch.as_tensor(ds.y_train.copy(), dtype=torch.long)
+    return LocalData(x[:96], y[:96]), LocalData(x[200:296], y[200:296]), ds.input_shape
+
+
+def make(shape: tuple[int, int, int], model: str = "resnet8", **opts: object) -> tuple[FlexTrain, dict, object]:
+    cfg = FlexTrain.Config.model_validate(
+        {"name": "flextrain", "local_epochs": 1, "batch_size": 32, "lr": 0.05, **opts}
+    )
+
+    def model_fn() -> nn.Module:
+        return build_model(ModelConfig(name=model, width=16), shape, 10)
+
+    torch.manual_seed(0)
+    method = FlexTrain(cfg, model_fn)
+    return method, method.init(model_fn()), model_fn
+
+
+def view(i: int, profile: str, n: int = 96) -> DeviceView:
+    return DeviceView(i, CATALOG[profile], 1.0, n)
+
+
+def train(method: FlexTrain, task: Task, state: dict, data: LocalData, model_fn) -> Update:
+    ctx = DeviceContext(model_fn)
+    ctx.seed(task.device)
+    update = method.local_update(task, state, data, ctx)
+    update.device = task.device
+    return update
+
+
+def random_state(state: dict, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone() for k, v in state.items()}
+
+
+def test_registered_and_config_errors() -> None:
+    assert METHODS["flextrain"] is FlexTrain and not FlexTrain.linear
+    assert FlexTrain.head_rule == depth.HEAD_RULE == "zero_pad" and depth.HEAD_RULE in (flextrain.__doc__ or "")
+    base = {"fleet": {"groups": [{"profile": "rpi4"}]}}
+    for bad, field in [({"beta": -1}, "beta"), ({"depths": {"rpi4": 0}}, "depths"),
+                       ({"full_depth_flops": 0}, "full_depth_flops")]:
+        with pytest.raises(FlexrayError, match=f"method.{field}") as err:
+            parse_config({**base, "method": {"name": "flextrain", **bad}})
+        assert "\n" not in str(err.value)
+    cfg = parse_config({**base, "method": {"name": "flextrain"}}).method
+    assert cfg.beta == 0.2 and cfg.depths == {}
+
+
+def test_plan_gives_faster_devices_deeper_prefixes(digits) -> None:
+    _, _, shape = digits
+    method, state, _ = make(shape, "resnet20")  # K = 9
+    names = ["rpi3", "rpi4", "phone_mid", "jetson_nano", "laptop_cpu", "cloud_gpu"]
+    tasks = method.plan(2, [view(i, n) for i, n in enumerate(names)], state)
+    ks = [t.spec["k"] for t in tasks]
+    json.dumps([t.spec for t in tasks])  # lands in the event log
+    assert set(tasks[0].spec) == {"k"} and all(isinstance(k, int) for k in ks)
+    assert ks == sorted(ks) and ks[0] == 1 and ks[-1] == method.max_k == 9 and len(set(ks)) >= 3
+    # the rule: largest k whose per-sample FLOPs fit flops/full_depth_flops of the full model's
+    probe = method._probe_shape()
+    full = method.flops_per_sample(9, probe)
+    for name, k in zip(names, ks):
+        ratio = CATALOG[name].flops / method.fcfg.full_depth_flops
+        if k < 9:
+            assert method.flops_per_sample(k + 1, probe) > ratio * full
+        if k > 1:
+            assert method.flops_per_sample(k, probe) <= ratio * full * (1 + 1e-9)
+    pinned, _, _ = make(shape, "resnet20", depths={"rpi3": 7})
+    assert pinned.plan(0, [view(0, "rpi3")], state)[0].spec == {"k": 7}
+    too_deep, _, _ = make(shape, "resnet20", depths={"rpi3": 10})
+    with pytest.raises(FlexrayError, match="depths"):
+        too_deep.plan(0, [view(0, "rpi3")], state)
+
+
+def test_cost_grows_with_k(digits) -> None:
+    _, _, shape = digits
+    method, _, model_fn = make(shape)
+    prof = profile_model(model_fn(), shape)
+    dev = view(0, "rpi4")
+    costs = [method.cost(Task(0, 0, {"k": k}), dev, prof) for k in method.configs]
+    assert all(a.flops < b.flops and a.bytes_down < b.bytes_down for a, b in pairwise(costs))
+    assert costs[-1].bytes_up == costs[-1].bytes_down == prof.param_bytes
+    no_distill, _, _ = make(shape, beta=0.0)
+    last = method.configs[-1]
+    assert no_distill.cost(Task(0, 0, {"k": last}), dev, prof).flops == pytest.approx(
+        method.cfg.local_epochs * dev.num_samples * prof.train_flops_per_sample
+    )  # the full prefix alone is the full model
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_local_update_returns_the_prefix_and_validates(k: int, digits) -> None:
+    local, _, shape = digits
+    method, state, model_fn = make(shape)
+    dev = view(0, "rpi4", n=len(local))
+    task = Task(0, 0, {"k": k})
+    u = train(method, task, state, local, model_fn)
+    assert list(u.tensors) == depth.prefix_keys(model_fn(), k)
+    assert u.metrics["k"] == k and u.weight == 1.0 and u.samples == len(local)
+    assert method.validate(u, state) is None
+    assert any(not torch.equal(u.tensors[key], state[key]) for key in u.tensors)  # it trained
+    cost = method.cost(task, dev, profile_model(model_fn(), shape))
+    assert cost.flops == pytest.approx(u.flops) and cost.bytes_down == u.bytes_down == state_bytes(u.tensors)
+
+
+def test_distillation_only_above_the_smallest_configuration(digits) -> None:
+    local, _, shape = digits
+    plain, state, model_fn = make(shape, beta=0.0)
+    distil, _, _ = make(shape)  # beta = 0.2
+    for k, differs in [(1, False), (2, True), (3, True)]:
+        a = train(plain, Task(0, 0, {"k": k}), state, local, model_fn)
+        b = train(distil, Task(0, 0, {"k": k}), state, local, model_fn)
+        same = all(torch.equal(a.tensors[key], b.tensors[key]) for key in a.tensors)
+        assert same is not differs, k
+        assert (a.metrics["train_loss"] != b.metrics["train_loss"]) is differs, k
+        assert (b.flops > a.flops) is differs, k  # the student's pass is counted
+
+
+def test_validate_rejects_nan_and_wrong_keys(digits) -> None:
+    local, _, shape = digits
+    method, state, model_fn = make(shape)
+    good = train(method, Task(0, 0, {"k": 2}), state, local, model_fn)
+    key = next(k for k, v in good.tensors.items() if v.dim() > 1)
+    extra = next(k for k in state if k not in good.tensors)
+    cases = [
+        ({**good.tensors, key: torch.full_like(good.tensors[key], float("nan"))}, good.metrics, "NaN"),
+        ({**good.tensors, extra: state[extra]}, good.metrics, "unknown"),
+        ({k: v for k, v in good.tensors.items() if k != key}, good.metrics, "missing"),
+        (good.tensors, {**good.metrics, "k": 3.0}, "missing"),  # claims a deeper configuration
+        ({**good.tensors, key: torch.zeros(good.tensors[key].numel())}, good.metrics, "shape"),
+        (good.tensors, {"train_loss": 1.0}, "depth configuration"),
+        (good.tensors, {**good.metrics, "k": 0.0}, "depth configuration"),
+        (good.tensors, {**good.metrics, "k": float("nan")}, "depth configuration"),
+    ]
+    for tensors, metrics, why in cases:
+        bad = Update(tensors, good.weight, good.samples, metrics=metrics, device=0)
+        assert why in (method.validate(bad, state) or ""), why
+
+
+def test_aggregate_is_an_exact_uniform_mean_and_keeps_untouched(digits) -> None:
+    _, _, shape = digits
+    method, _, model_fn = make(shape)
+    full = model_fn()
+    state = random_state(full.state_dict(), 0)
+    k1, k2 = depth.prefix_keys(full, 1), depth.prefix_keys(full, 2)
+    a = {key: v for key, v in random_state(state, 1).items() if key in k1}
+    b = {key: v for key, v in random_state(state, 2).items() if key in k2}
+
+    def upd(t: dict, k: int, samples: int) -> Update:
+        return Update(t, 1.0, samples, metrics={"k": float(k)})
+
+    same = method.aggregate(0, state, [upd(a, 1, 10), upd(a, 1, 500)])
+    for key, v in state.items():
+        assert torch.equal(same[key], a.get(key, v)), key
+    merged = method.aggregate(0, state, [upd(a, 1, 10), upd(b, 2, 1000)])  # sample counts must not matter
+    untouched = [key for key in state if key not in k2]
+    assert untouched
+    for key, v in state.items():
+        want = (a[key].double() + b[key].double()) / 2 if key in a else b.get(key, v)
+        if v.is_floating_point():
+            assert torch.equal(merged[key], want.to(v.dtype)), key
+        else:
+            assert torch.equal(merged[key], want.double().round().to(v.dtype)), key
+        assert merged[key].dtype == v.dtype
+    assert all(torch.equal(merged[key], state[key]) for key in untouched)
+    assert method.aggregate(0, state, []) is state
+
+
+def test_evaluate_reports_every_configuration(digits) -> None:
+    local, other, shape = digits
+    method, state, model_fn = make(shape)
+    tasks = method.plan(0, [view(0, "rpi3"), view(1, "laptop_cpu")], state)
+    new = method.aggregate(0, state, [train(method, t, state, local, model_fn) for t in tasks])
+    metrics = method.evaluate(new, model_fn(), other)
+    assert {f"acc_k{k}" for k in method.configs} <= set(metrics) and "acc_k0" not in metrics
+    assert all(0 <= metrics[f"acc_k{k}"] <= 1 for k in method.configs)
+    assert metrics[f"acc_k{method.max_k}"] == metrics["accuracy"]  # the deepest prefix is the full model
+    assert 0 <= metrics["accuracy"] <= 1 and metrics["loss"] > 0
+
+
+def test_non_residual_model_is_a_one_line_error(digits) -> None:
+    _, _, shape = digits
+    method, state, _ = make(shape, "cnn")
+    with pytest.raises(FlexrayError, match="residual"):
+        method.plan(0, [view(0, "rpi4")], state)
+
+
+def test_round_through_the_device_host_in_process() -> None:
+    """The actor's own path (cost, local_update, byte counts, validate) without starting Ray."""
+    from flexray.config import load_config
+    from flexray.fleet.actor import DeviceHost
+    from flexray.fleet.fleet import assign_actors, build_fleet
+    from flexray.fleet.report import RoundRequest
+
+    overrides = ["method.name=flextrain", "model.name=resnet8", "fleet.actors=1"]
+    cfg = load_config(REPO / "jobs" / "quickstart.yaml", overrides)
+    ds = load_dataset(cfg.data)
+    devices = build_fleet(cfg, ds.y_train)[:4]
+    host = DeviceHost(cfg, assign_actors(cfg, devices)[0], devices, ds)
+    method = method_class("flextrain")(cfg.method, host.ctx._model_fn)
+    state = method.init(host.ctx.model())
+    views = [DeviceView(d.id, d.profile, 1.0, len(d.indices)) for d in devices]
+    tasks = method.plan(0, views, state)
+    reports, updates = host.run_round(RoundRequest(0, 0.0, None, False, tuple(tasks), True), state)
+    assert [r.status for r in reports] == ["ok"] * 4 and len(updates) == 4  # never pre-summed
+    assert [r.spec["k"] for r in reports] == [t.spec["k"] for t in tasks]
+    assert [int(u.metrics["k"]) for u in updates] == [t.spec["k"] for t in tasks]
+    assert all(method.validate(u, state) is None for u in updates)
+    new = method.aggregate(0, state, updates)
+    assert all(torch.isfinite(v.float()).all() and v.shape == state[k].shape for k, v in new.items())
