@@ -175,3 +175,25 @@ def stop_process_group(proc: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def host_round(overrides: list[str]) -> tuple:
+    """One round of the quickstart's first 4 devices through the actor's own code path
+    (``DeviceHost.run_round``) without starting Ray: (method, state, tasks, reports, updates)."""
+    from flexray.config import load_config
+    from flexray.data import load_dataset
+    from flexray.fleet.actor import DeviceHost
+    from flexray.fleet.fleet import assign_actors, build_fleet
+    from flexray.fleet.report import RoundRequest
+    from flexray.methods import method_class
+    from flexray.methods.base import DeviceView
+
+    cfg = load_config(REPO / "jobs" / "quickstart.yaml", [*overrides, "fleet.actors=1"])
+    ds = load_dataset(cfg.data)
+    devices = build_fleet(cfg, ds.y_train)[:4]
+    host = DeviceHost(cfg, assign_actors(cfg, devices)[0], devices, ds)
+    method = method_class(cfg.method.name)(cfg.method, host.ctx._model_fn)
+    state = method.init(host.ctx.model())
+    tasks = method.plan(0, [DeviceView(d.id, d.profile, 1.0, len(d.indices)) for d in devices], state)
+    reports, updates = host.run_round(RoundRequest(0, 0.0, None, False, tuple(tasks), True), state)
+    return method, state, tasks, reports, updates

@@ -19,6 +19,7 @@ from flexray.methods.base import DeviceContext, DeviceView, LocalData, Task, Upd
 from flexray.methods.fedavg import FedAvg
 from flexray.methods.width import LABELS, WidthMethod, tier_rate
 from flexray.models import build_model, elastic, profile_model, state_bytes
+from tests.conftest import host_round
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS, CIFAR = (1, 8, 8), (3, 32, 32)
@@ -332,20 +333,7 @@ def test_fjord_bn_statistics_reach_the_pmax_model(digits) -> None:  # noqa: ANN0
 @pytest.mark.parametrize("name", WIDTH)
 def test_round_through_the_device_host_in_process(name: str) -> None:
     """The actor's own path (cost, local_update, byte counts, validate) without starting Ray."""
-    from flexray.config import load_config
-    from flexray.fleet.actor import DeviceHost
-    from flexray.fleet.fleet import assign_actors, build_fleet
-    from flexray.fleet.report import RoundRequest
-
-    cfg = load_config(REPO / "jobs" / "quickstart.yaml", [f"method.name={name}", "fleet.actors=1"])
-    ds = load_dataset(cfg.data)
-    devices = build_fleet(cfg, ds.y_train)[:4]
-    host = DeviceHost(cfg, assign_actors(cfg, devices)[0], devices, ds)
-    method = method_class(name)(cfg.method, host.ctx._model_fn)
-    state = method.init(host.ctx.model())
-    views = [DeviceView(d.id, d.profile, 1.0, len(d.indices)) for d in devices]
-    tasks = method.plan(0, views, state)
-    reports, updates = host.run_round(RoundRequest(0, 0.0, None, False, tuple(tasks), True), state)
+    method, state, tasks, reports, updates = host_round([f"method.name={name}"])
     assert [r.status for r in reports] == ["ok"] * 4 and len(updates) == 4  # never pre-summed
     assert [r.spec["rate"] for r in reports] == [t.spec["rate"] for t in tasks]
     assert all(method.validate(u, state) is None for u in updates)

@@ -14,10 +14,11 @@ from flexray.config import DataConfig, ModelConfig, parse_config
 from flexray.data.datasets import load_dataset, to_tensor
 from flexray.errors import FlexrayError
 from flexray.fleet.profiles import CATALOG
-from flexray.methods import METHODS, flextrain, method_class
+from flexray.methods import METHODS, flextrain
 from flexray.methods.base import DeviceContext, DeviceView, LocalData, Task, Update
 from flexray.methods.flextrain import FlexTrain
 from flexray.models import build_model, depth, profile_model, state_bytes
+from tests.conftest import host_round
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -217,21 +218,7 @@ def test_non_residual_model_is_a_one_line_error(digits) -> None:
 
 def test_round_through_the_device_host_in_process() -> None:
     """The actor's own path (cost, local_update, byte counts, validate) without starting Ray."""
-    from flexray.config import load_config
-    from flexray.fleet.actor import DeviceHost
-    from flexray.fleet.fleet import assign_actors, build_fleet
-    from flexray.fleet.report import RoundRequest
-
-    overrides = ["method.name=flextrain", "model.name=resnet8", "fleet.actors=1"]
-    cfg = load_config(REPO / "jobs" / "quickstart.yaml", overrides)
-    ds = load_dataset(cfg.data)
-    devices = build_fleet(cfg, ds.y_train)[:4]
-    host = DeviceHost(cfg, assign_actors(cfg, devices)[0], devices, ds)
-    method = method_class("flextrain")(cfg.method, host.ctx._model_fn)
-    state = method.init(host.ctx.model())
-    views = [DeviceView(d.id, d.profile, 1.0, len(d.indices)) for d in devices]
-    tasks = method.plan(0, views, state)
-    reports, updates = host.run_round(RoundRequest(0, 0.0, None, False, tuple(tasks), True), state)
+    method, state, tasks, reports, updates = host_round(["method.name=flextrain", "model.name=resnet8"])
     assert [r.status for r in reports] == ["ok"] * 4 and len(updates) == 4  # never pre-summed
     assert [r.spec["k"] for r in reports] == [t.spec["k"] for t in tasks]
     assert [int(u.metrics["k"]) for u in updates] == [t.spec["k"] for t in tasks]

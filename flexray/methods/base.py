@@ -106,6 +106,15 @@ class Method(ABC):
         self.model_fn = model_fn
         self.asynchronous = asynchronous  # updates arrive one at a time (rounds.mode: async)
 
+    @property
+    def full(self) -> nn.Module:
+        """A reference copy of the full model for shapes and profiles, built once on first use
+        without shifting the training RNG stream."""
+        if getattr(self, "_full", None) is None:
+            with torch.random.fork_rng(devices=[]):
+                self._full = self.model_fn()
+        return self._full
+
     # ---- server side
     def init(self, model: nn.Module) -> State:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -190,11 +199,16 @@ def sgd_train(
     cfg: MethodConfig,
     generator: torch.Generator,
     extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+    batch_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[int, float]:
-    """Plain local SGD over shuffled mini-batches; returns (samples processed, mean loss)."""
+    """Plain local SGD over shuffled mini-batches; returns (samples processed, mean loss).
+
+    ``batch_loss(x, y)`` replaces cross-entropy of ``model(x)`` (e.g. self-distillation);
+    ``extra_loss(model)`` is added to it (e.g. FedProx's proximal term)."""
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    loss_fn = nn.CrossEntropyLoss()
+    ce = nn.CrossEntropyLoss()
+    loss_fn = batch_loss or (lambda x, y: ce(model(x), y))
     n, bs = len(data), cfg.batch_size
     seen, loss_sum = 0, 0.0
     for _ in range(cfg.local_epochs):
@@ -203,7 +217,7 @@ def sgd_train(
             idx = order[start : start + bs]
             xb, yb = data.x[idx], data.y[idx]
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xb), yb)
+            loss = loss_fn(xb, yb)
             if extra_loss is not None:
                 loss = loss + extra_loss(model)
             loss.backward()

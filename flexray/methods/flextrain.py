@@ -47,6 +47,7 @@ from flexray.methods.base import (
     Update,
     cast_like,
     evaluate_model,
+    sgd_train,
     state_bytes,
 )
 from flexray.models import depth, elastic
@@ -88,7 +89,7 @@ class FlexTrain(Method):
 
     def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module], asynchronous: bool = False) -> None:
         super().__init__(cfg, model_fn, asynchronous)
-        self._full: nn.Module | None = None
+        self._residual_checked = False
         self._profiles: dict[tuple[int, tuple[int, ...]], ModelProfile] = {}
         self._keys: dict[int, list[str]] = {}
         self._bytes: dict[int, int] = {}
@@ -100,11 +101,11 @@ class FlexTrain(Method):
     # ---- shared pieces
     @property
     def full(self) -> nn.Module:
-        if self._full is None:
-            with torch.random.fork_rng(devices=[]):  # building must not shift the training RNG stream
-                self._full = self.model_fn()
-            depth.block_names(self._full)  # one-line error for non-residual models
-        return self._full
+        model = super().full
+        if not self._residual_checked:
+            depth.block_names(model)  # one-line error for non-residual models
+            self._residual_checked = True
+        return model
 
     @property
     def max_k(self) -> int:
@@ -224,24 +225,14 @@ class FlexTrain(Method):
     def _train(
         self, teacher: nn.Module, student: nn.Module | None, data: LocalData, generator: torch.Generator
     ) -> tuple[int, float]:
-        cfg = self.cfg
-        teacher.train()
-        opt = torch.optim.SGD(teacher.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        n, bs = len(data), cfg.batch_size
-        seen, loss_sum = 0, 0.0
-        for _ in range(cfg.local_epochs):
-            order = torch.randperm(n, generator=generator)
-            for start in range(0, n, bs):
-                idx = order[start : start + bs]
-                xb, yb = data.x[idx], data.y[idx]
-                opt.zero_grad(set_to_none=True)
-                out = teacher(xb)
-                loss = F.cross_entropy(out, yb)
-                if student is not None:
-                    gap = student(xb) - out.detach()
-                    loss = loss + self.fcfg.beta * gap.pow(2).sum(1).mean()
-                loss.backward()
-                opt.step()
-                seen += len(idx)
-                loss_sum += float(loss.detach()) * len(idx)
-        return seen, loss_sum / max(seen, 1)
+        """CE of configuration k plus beta * ||f_{k-1}(x) - stopgrad(f_k(x))||^2 (paper, eq. 4)."""
+
+        def loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            out = teacher(xb)
+            total = F.cross_entropy(out, yb)
+            if student is not None:
+                gap = student(xb) - out.detach()
+                total = total + self.fcfg.beta * gap.pow(2).sum(1).mean()
+            return total
+
+        return sgd_train(teacher, data, self.cfg, generator, batch_loss=loss)

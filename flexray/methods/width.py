@@ -91,7 +91,6 @@ class WidthMethod(Method):
 
     def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module], asynchronous: bool = False) -> None:
         super().__init__(cfg, model_fn, asynchronous)
-        self._full: nn.Module | None = None
         self._layout: elastic.Layout | None = None
         self._index: dict[tuple[float, int | None], elastic.Index] = {}
         self._profiles: dict[tuple[float, tuple[int, ...]], ModelProfile] = {}
@@ -104,13 +103,6 @@ class WidthMethod(Method):
         return self.cfg  # type: ignore[return-value]
 
     # ---- shared pieces
-    @property
-    def full(self) -> nn.Module:
-        if self._full is None:
-            with torch.random.fork_rng(devices=[]):  # building must not shift the training RNG stream
-                self._full = self.model_fn()
-        return self._full
-
     @property
     def layout(self) -> elastic.Layout:
         if self._layout is None:
