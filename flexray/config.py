@@ -136,7 +136,14 @@ class FaultsConfig(_Frozen):
 
 
 class ScheduleConfig(_Frozen):
-    mode: Literal["static", "minmax"] = "minmax"
+    """How methods with a sub-model knob (depth k, width p) pick each device's sub-model."""
+
+    mode: Literal["static", "minmax"] = Field(
+        "minmax", description="static: capability tiers (the papers); minmax: re-planned every round from the traces"
+    )
+    slack: float = Field(
+        1.0, ge=1.0, description="minmax: devices may take up to slack x the min-max latency for a larger sub-model"
+    )
 
 
 class TrackingConfig(_Frozen):

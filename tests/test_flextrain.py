@@ -225,3 +225,84 @@ def test_round_through_the_device_host_in_process() -> None:
     assert all(method.validate(u, state) is None for u in updates)
     new = method.aggregate(0, state, updates)
     assert all(torch.isfinite(v.float()).all() and v.shape == state[k].shape for k, v in new.items())
+
+
+# ---------------------------------------------------------------- centralised mode, FedClass, deployment
+
+
+def test_centralised_mode_samples_k_and_distills_from_k_plus_one(digits) -> None:
+    train_data, test_data, shape = digits
+    method, state, model_fn = make(shape, mode="centralised", pi=[0.0, 1.0, 0.0])  # always k = 2
+    assert method.options() == []  # no knob for the scheduler: every device trains the whole model
+    task = method.plan(0, [view(0, "rpi4")], state)[0]
+    update = train(method, task, state, train_data, model_fn)
+    assert set(update.tensors) == set(state) and method.validate(update, state) is None
+    # Only weights up to k=2 learned (block 3 only fed the no-grad teacher; its BN statistics move).
+    k2 = set(depth.prefix_keys(method.full, 2))
+    params = {name for name, _ in method.full.named_parameters()}
+    changed = {k for k in params if not torch.equal(state[k], update.tensors[k])}
+    assert changed and changed <= k2
+    per = method.prefix_profile(2, shape).train_flops_per_sample + method.prefix_profile(3, shape).fwd_flops_per_sample
+    assert update.flops == pytest.approx(len(train_data) * per)
+    again = train(method, task, state, train_data, model_fn)
+    assert all(torch.equal(update.tensors[k], again.tensors[k]) for k in state)  # seeded
+    merged = method.aggregate(0, state, [update, again])
+    assert all(torch.allclose(merged[k].double(), update.tensors[k].double()) for k in state if k in k2)
+
+
+def test_centralised_pi_must_match_the_model(digits) -> None:
+    _, _, shape = digits
+    method, _, _ = make(shape, mode="centralised", pi=[1.0, 1.0])
+    with pytest.raises(FlexrayError, match="method.pi"):
+        _ = method.pi
+    with pytest.raises(Exception, match="pi"):
+        make(shape, mode="centralised", pi=[-1.0, 1.0, 1.0])
+
+
+def test_scheduler_choice_overrides_the_tier_and_feeds_mean_device_acc(digits) -> None:
+    train_data, test_data, shape = digits
+    method, state, model_fn = make(shape)
+    views = [replace_choice(view(0, "rpi3"), {"k": 3}), replace_choice(view(1, "laptop_cpu"), {"k": 1})]
+    tasks = method.plan(0, views, state)
+    assert [t.spec["k"] for t in tasks] == [3, 1]
+    metrics = method.evaluate(state, model_fn(), test_data)
+    assert metrics["mean_device_acc"] == pytest.approx((metrics["acc_k3"] + metrics["acc_k1"]) / 2)
+    deployed = method.device_model(state, model_fn(), {"k": 1})
+    assert set(deployed.state_dict()) == set(depth.prefix_keys(method.full, 1))
+    forced, _, _ = make(shape, k=1)
+    assert forced.options() == [{"k": 1}] and forced.tier_depth(CATALOG["laptop_cpu"]) == 1
+
+
+def replace_choice(v: DeviceView, choice: dict) -> DeviceView:
+    from dataclasses import replace
+
+    return replace(v, choice=choice)
+
+
+def test_fedclass_keeps_one_model_per_class(digits) -> None:
+    from flexray.methods.fedclass import FedClass
+
+    train_data, test_data, shape = digits
+    cfg = FedClass.Config.model_validate({"name": "fedclass", "local_epochs": 1, "batch_size": 32, "lr": 0.05})
+
+    def model_fn() -> nn.Module:
+        return build_model(ModelConfig(name="resnet8", width=16), shape, 10)
+
+    method = FedClass(cfg, model_fn)
+    state = method.init(model_fn())
+    assert set(state) == {f"k{k}/{key}" for k in (1, 2, 3) for key in depth.prefix_keys(method.full, k)}
+    tasks = method.plan(0, [replace_choice(view(0, "rpi3"), {"k": 1}), replace_choice(view(1, "rpi3"), {"k": 1})], state)
+    ups = [train(method, t, state, d, model_fn) for t, d in zip(tasks, (train_data, test_data))]
+    assert all(method.validate(u, state) is None for u in ups)
+    merged = method.aggregate(0, state, ups)
+    for key, value in merged.items():  # class 1 moved (a sample-weighted mean); classes 2, 3 untouched
+        if key.startswith("k1/") and value.is_floating_point():
+            want = (ups[0].tensors[key[3:]].double() + ups[1].tensors[key[3:]].double()) / 2
+            assert torch.allclose(value.double(), want, atol=1e-6), key
+        elif not key.startswith("k1/"):
+            assert torch.equal(value, state[key]), key
+    metrics = method.evaluate(merged, model_fn(), test_data)
+    assert metrics["accuracy"] == metrics["acc_k1"] == metrics["mean_device_acc"]
+    bad = Update({"stem.0.weight": ups[0].tensors["stem.0.weight"] if "stem.0.weight" in ups[0].tensors else torch.ones(1)},
+                 1.0, 1, metrics={"k": 1.0})
+    assert method.validate(bad, state) is not None

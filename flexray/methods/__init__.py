@@ -7,6 +7,7 @@ from flexray.methods.base import Method
 from flexray.methods.fedasync import FedAsync
 from flexray.methods.fedavg import FedAvg
 from flexray.methods.fedbuff import FedBuff
+from flexray.methods.fedclass import FedClass
 from flexray.methods.fedprox import FedProx
 from flexray.methods.fedrolex import FedRolex
 from flexray.methods.fjord import FjORD
@@ -14,7 +15,7 @@ from flexray.methods.flextrain import FlexTrain
 from flexray.methods.heterofl import HeteroFL
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (FedAvg, FedProx, FedAsync, FedBuff, HeteroFL, FjORD, FedRolex, FlexTrain)
+    m.name: m for m in (FedAvg, FedProx, FedAsync, FedBuff, HeteroFL, FjORD, FedRolex, FlexTrain, FedClass)
 }
 
 

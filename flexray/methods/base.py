@@ -17,7 +17,7 @@ from torch import nn
 
 from flexray.config import MethodConfig
 from flexray.fleet.profiles import DeviceProfile
-from flexray.models.profile import ModelProfile, state_bytes
+from flexray.models.profile import ModelProfile, profile_model, state_bytes, training_memory_bytes
 
 State = dict[str, torch.Tensor]
 
@@ -30,6 +30,8 @@ class DeviceView:
     profile: DeviceProfile
     speed: float
     num_samples: int
+    choice: Mapping[str, Any] | None = None
+    """The sub-model the scheduler picked (e.g. ``{"k": 3}``); None: the method's own rule."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,8 @@ class Method(ABC):
         self.cfg = cfg
         self.model_fn = model_fn
         self.asynchronous = asynchronous  # updates arrive one at a time (rounds.mode: async)
+        self.deployed: dict[int, Any] = {}
+        """Device -> the knob value it last trained, i.e. the sub-model it would deploy (checkpointed)."""
 
     @property
     def full(self) -> nn.Module:
@@ -114,6 +118,24 @@ class Method(ABC):
             with torch.random.fork_rng(devices=[]):
                 self._full = self.model_fn()
         return self._full
+
+    # ---- the scheduler's knob (methods that train sub-models); see flexray.schedule.minmax
+    def options(self) -> list[dict[str, Any]]:
+        """The sub-models a device may be given, largest first; empty when there is no knob."""
+        return []
+
+    def static_option(self, device: DeviceProfile) -> dict[str, Any] | None:
+        """The device class's capability tier (``schedule.mode: static``)."""
+        return None
+
+    def option_memory_bytes(self, option: Mapping[str, Any], input_shape: tuple[int, ...], batch_size: int) -> float:
+        """Training memory of one option on a device."""
+        return training_memory_bytes(profile_model(self.full, input_shape), batch_size)
+
+    def device_model(self, state: State, model: nn.Module, option: Mapping[str, Any] | None) -> nn.Module:
+        """The model a device with ``option`` deploys after training (the full one by default)."""
+        model.load_state_dict(state)
+        return model
 
     # ---- server side
     def init(self, model: nn.Module) -> State:
@@ -145,12 +167,19 @@ class Method(ABC):
                 return f"{key}: NaN or Inf"
         return None
 
+    def add_mean_device_acc(self, metrics: dict[str, float], key: Callable[[Any], str]) -> None:
+        """``mean_device_acc``: each device's accuracy with the sub-model it trains (``key(knob)``
+        names that sub-model's accuracy metric), averaged over every device planned so far."""
+        accs = [metrics[key(v)] for v in self.deployed.values() if key(v) in metrics]
+        if accs:
+            metrics["mean_device_acc"] = sum(accs) / len(accs)
+
     def state_dict(self) -> dict[str, Any]:
         """Server-side method state beyond the global weights (checkpointed)."""
-        return {}
+        return {"deployed": dict(self.deployed)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
+        self.deployed = dict(state.get("deployed", {}))
 
     # ---- device side
     @abstractmethod

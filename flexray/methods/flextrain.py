@@ -1,4 +1,4 @@
-"""FlexTrain, federated mode (Unsal et al., arXiv 2310.20457): depth-elastic sub-models.
+"""FlexTrain (Unsal et al., arXiv 2310.20457): one depth-elastic model; any prefix deploys.
 
 Configuration ``k`` runs the stem, the first ``k`` residual blocks and the classifier
 (``flexray.models.depth``); this method uses ``k = 1..K`` (``K`` = every block). Device ``j`` has a
@@ -18,6 +18,18 @@ least 1). Planning has no input shape, so those FLOPs are profiled at ``(C, 32, 
 global-pooled residual nets the per-``k`` *ratios* do not depend on the spatial size. ``cost``
 profiles each prefix at the real input shape (once per ``k``).
 
+Which ``k`` a device trains is the scheduler's choice (``flexray.schedule.minmax``): its static
+tier above (``schedule.mode: static``) or the largest prefix meeting the round's min-max latency.
+``k`` forces one configuration on every device (FedSmall).
+
+Centralised mode (``mode: centralised``; one device, or data-parallel over many): every step
+samples ``k ~ pi`` and minimises ``CE(f_k(x), y) + beta * ||f_k(x) - stopgrad(f_{k+1}(x))||^2``
+(``k' = k + 1``, none at ``k = K``); devices return whole models, averaged by samples.
+
+The squared distance is averaged over the logits (MSE, as ``F.mse_loss``), not summed: with the
+sum, beta = 0.2 made the shared weights diverge at lr 0.05 (loss 2 -> 290 within three epochs on
+digits); the mean keeps the paper's beta usable.
+
 BN: the student's forward pass shares the teacher's BN modules, so in training mode it updates
 their running statistics too (as in the paper's shared-weight formulation).
 """
@@ -25,8 +37,8 @@ their running statistics too (as in the paper's shared-weight formulation).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -49,17 +61,25 @@ from flexray.methods.base import (
     evaluate_model,
     sgd_train,
     state_bytes,
+    weighted_mean,
 )
 from flexray.models import depth, elastic
 from flexray.models.depth import HEAD_RULE
-from flexray.models.profile import ModelProfile, profile_model
+from flexray.models.profile import ModelProfile, profile_model, training_memory_bytes
 
 PROBE_HW = (32, 32)
 """Spatial size the planning FLOPs are profiled at (see module doc)."""
 
 
 class FlexTrainConfig(MethodConfig):
+    mode: Literal["federated", "centralised"] = Field(
+        "federated", description="federated: device j trains its prefix k_j; centralised: every step samples k ~ pi"
+    )
+    pi: list[float] | None = Field(
+        None, description="centralised: sampling weights of k = 1..K (normalised); default uniform"
+    )
     beta: float = Field(0.2, ge=0, description="self-distillation weight (paper: 0.2)")
+    k: int | None = Field(None, ge=1, description="federated: every device trains this k (e.g. FedSmall)")
     depths: dict[str, int] = Field(default_factory=dict, description="device class -> depth configuration k (>= 1)")
     full_depth_flops: float = Field(
         100e9, gt=0, description="FLOP/s that earns the full depth; slower: largest k fitting flops/this of its FLOPs"
@@ -70,6 +90,13 @@ class FlexTrainConfig(MethodConfig):
     def _beta_finite(cls, v: float) -> float:
         if not math.isfinite(v):
             raise ValueError(f"beta must be finite, got {v}")
+        return v
+
+    @field_validator("pi")
+    @classmethod
+    def _pi_ok(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not v or any(not math.isfinite(p) or p < 0 for p in v) or sum(v) <= 0):
+            raise ValueError("pi must be non-negative finite weights of k = 1..K with a positive sum")
         return v
 
     @field_validator("depths")
@@ -146,11 +173,12 @@ class FlexTrain(Method):
     def tier_depth(self, profile: DeviceProfile) -> int:
         """The static depth configuration of a device class (see module doc)."""
         K = self.max_k
-        if profile.name in self.fcfg.depths:
-            k = self.fcfg.depths[profile.name]
-            if k > K:
-                raise FlexrayError(f"config error: method.depths: {profile.name}: k={k} exceeds the model's {K} blocks")
-            return k
+        forced = self.fcfg.k if self.fcfg.k is not None else self.fcfg.depths.get(profile.name)
+        if forced is not None:
+            if forced > K:
+                field = "k" if self.fcfg.k is not None else f"depths: {profile.name}"
+                raise FlexrayError(f"config error: method.{field}: k={forced} exceeds the model's {K} blocks")
+            return forced
         shape = self._probe_shape()
         budget = profile.flops / self.fcfg.full_depth_flops * self.flops_per_sample(K, shape)
         fits = [k for k in self.configs if self.flops_per_sample(k, shape) <= budget * (1 + 1e-9)]
@@ -162,19 +190,68 @@ class FlexTrain(Method):
             self._bytes[k] = state_bytes({key: like[key] for key in self.keys(k)})
         return self._bytes[k]
 
+    @property
+    def centralised(self) -> bool:
+        return self.fcfg.mode == "centralised"
+
+    @property
+    def pi(self) -> torch.Tensor:
+        """Sampling distribution of k = 1..K in centralised mode."""
+        w = torch.tensor(self.fcfg.pi if self.fcfg.pi is not None else [1.0] * self.max_k, dtype=torch.float64)
+        if len(w) != self.max_k:
+            raise FlexrayError(f"config error: method.pi: {len(w)} weights for the model's {self.max_k} configurations")
+        return w / w.sum()
+
+    # ---- the scheduler's knob (federated mode)
+    def options(self) -> list[dict[str, Any]]:
+        if self.centralised:
+            return []
+        ks = [self.fcfg.k] if self.fcfg.k is not None else list(reversed(self.configs))
+        return [{"k": k} for k in ks]
+
+    def static_option(self, device: DeviceProfile) -> dict[str, Any]:
+        return {"k": self.tier_depth(device)}
+
+    def option_memory_bytes(self, option: Mapping[str, Any], input_shape: tuple[int, ...], batch_size: int) -> float:
+        """The prefix's training memory plus the student's activations (it shares the weights)."""
+        k = int(option["k"])
+        mem = training_memory_bytes(self.prefix_profile(k, input_shape), batch_size)
+        if self.distills(k):
+            student = self.prefix_profile(k - 1, input_shape)
+            mem += batch_size * sum(layer.activation_bytes for layer in student.layers)
+        return mem
+
+    def device_model(self, state: State, model: nn.Module, option: Mapping[str, Any] | None) -> nn.Module:
+        model.load_state_dict(state)
+        return model if option is None else depth.depth_prefix(model, int(option["k"]))
+
     # ---- server side
     def plan(self, rnd: int, devices: Sequence[DeviceView], state: State) -> list[Task]:
-        return [Task(device=d.id, round=rnd, spec={"k": self.tier_depth(d.profile)}) for d in devices]
+        if self.centralised:
+            return [Task(device=d.id, round=rnd, spec={"mode": "centralised"}) for d in devices]
+        tasks = [
+            Task(device=d.id, round=rnd, spec={"k": int(d.choice["k"]) if d.choice else self.tier_depth(d.profile)})
+            for d in devices
+        ]
+        self.deployed.update({t.device: int(t.spec["k"]) for t in tasks})
+        return tasks
 
     def cost(self, task: Task, device: DeviceView, profile: ModelProfile) -> Cost:
         if profile.input_shape is None:
             raise FlexrayError(f"method {self.name}: the model profile lacks input_shape; build it with profile_model")
+        samples = self.cfg.local_epochs * device.num_samples
+        if self.centralised:
+            per = sum(float(p) * self.centralised_flops(k, profile.input_shape) for k, p in zip(self.configs, self.pi))
+            return Cost(samples * per, profile.param_bytes, profile.param_bytes)
         k = int(task.spec["k"])
-        flops = self.cfg.local_epochs * device.num_samples * self.flops_per_sample(k, profile.input_shape)
         nbytes = self._prefix_bytes(k)
-        return Cost(flops, nbytes, nbytes)
+        return Cost(samples * self.flops_per_sample(k, profile.input_shape), nbytes, nbytes)
 
     def validate(self, update: Update, state: State) -> str | None:
+        if self.centralised:
+            return super().validate(update, state) or (
+                None if set(update.tensors) == set(state) else "a centralised update must hold every tensor"
+            )
         k = update.metrics.get("k")
         if k is None or not math.isfinite(float(k)) or float(k) != int(k) or int(k) not in self.configs:
             return f"update has no valid depth configuration k (got {k!r})"
@@ -190,9 +267,12 @@ class FlexTrain(Method):
         return None
 
     def aggregate(self, rnd: int, state: State, updates: Sequence[Update]) -> State:
-        """Uniform mean over the updates holding each entry (eq. 8); untouched entries keep their value."""
+        """Federated: uniform mean over the updates holding each entry (eq. 8), untouched entries
+        keep their value. Centralised: data-parallel, i.e. the sample-weighted mean."""
         if not updates:
             return state
+        if self.centralised:
+            return cast_like(weighted_mean(updates), state)
         parts = [elastic.Part(u.tensors, elastic.whole_index(u.tensors), 1.0) for u in updates]
         return cast_like(elastic.aggregate(state, parts), state)
 
@@ -201,10 +281,13 @@ class FlexTrain(Method):
         metrics = evaluate_model(model, data)
         for k in self.configs:  # prefixes share the loaded model's modules
             metrics[f"acc_k{k}"] = evaluate_model(depth.depth_prefix(model, k), data)["accuracy"]
+        self.add_mean_device_acc(metrics, lambda k: f"acc_k{k}")
         return metrics
 
     # ---- device side
     def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
+        if self.centralised:
+            return self._centralised_update(state, data, ctx)
         k = int(task.spec["k"])
         if k not in self.configs:
             raise FlexrayError(f"method {self.name}: depth configuration k={k} out of range 1..{self.max_k}")
@@ -232,7 +315,41 @@ class FlexTrain(Method):
             total = F.cross_entropy(out, yb)
             if student is not None:
                 gap = student(xb) - out.detach()
-                total = total + self.fcfg.beta * gap.pow(2).sum(1).mean()
+                total = total + self.fcfg.beta * gap.pow(2).mean()
             return total
 
         return sgd_train(teacher, data, self.cfg, generator, batch_loss=loss)
+
+    def centralised_flops(self, k: int, input_shape: tuple[int, ...]) -> float:
+        """Per-sample FLOPs of a centralised step at k: train f_k, forward the teacher f_{k+1}."""
+        flops = self.prefix_profile(k, input_shape).train_flops_per_sample
+        if k < self.max_k and self.fcfg.beta > 0:
+            flops += self.prefix_profile(k + 1, input_shape).fwd_flops_per_sample
+        return flops
+
+    def _centralised_update(self, state: State, data: LocalData, ctx: DeviceContext) -> Update:
+        """Each step samples k ~ pi and minimises CE(f_k) + beta * ||f_k - stopgrad(f_{k+1})||^2."""
+        model = ctx.model(self.name)
+        model.load_state_dict(state)
+        prefixes = {k: depth.depth_prefix(model, k) for k in self.configs}
+        pi, shape = self.pi.float(), tuple(data.x.shape[1:])
+        flops = 0.0
+
+        def loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            nonlocal flops
+            k = int(torch.multinomial(pi, 1, generator=ctx.generator)) + 1
+            flops += len(xb) * self.centralised_flops(k, shape)
+            out = prefixes[k](xb)
+            total = F.cross_entropy(out, yb)
+            if k < self.max_k and self.fcfg.beta > 0:
+                with torch.no_grad():
+                    target = prefixes[k + 1](xb)
+                total = total + self.fcfg.beta * (out - target).pow(2).mean()
+            return total
+
+        samples, mean_loss = sgd_train(model, data, self.cfg, ctx.generator, batch_loss=loss)
+        tensors = {key: v.detach().clone() for key, v in model.state_dict().items()}
+        return Update(
+            tensors, weight=float(len(data)), samples=samples, flops=flops, bytes_down=state_bytes(state),
+            metrics={"train_loss": mean_loss},
+        )

@@ -12,7 +12,7 @@ Static rate assignment (the papers' capability tiers): ``rate`` forces one rate 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -27,7 +27,7 @@ from flexray.methods.base import (
     sgd_train,
 )
 from flexray.models import elastic
-from flexray.models.profile import ModelProfile, profile_model, state_bytes
+from flexray.models.profile import ModelProfile, profile_model, state_bytes, training_memory_bytes
 
 RATES = (1.0, 0.5, 0.25, 0.125, 0.0625)
 LABELS = "_labels"
@@ -168,13 +168,34 @@ class WidthMethod(Method):
             self._up_bytes[rate] = sum(s.numel() * sizes[k] for k, s in shapes.items())
         return self._up_bytes[rate]
 
+    # ---- the scheduler's knob
+    def options(self) -> list[dict[str, Any]]:
+        rates = [self.wcfg.rate] if self.wcfg.rate is not None else self.wcfg.rates
+        return [{"rate": r} for r in rates]
+
+    def static_option(self, device: DeviceProfile) -> dict[str, Any]:
+        return {"rate": tier_rate(self.wcfg, device)}
+
+    def option_memory_bytes(self, option: Mapping[str, Any], input_shape: tuple[int, ...], batch_size: int) -> float:
+        return training_memory_bytes(self.sub_profile(float(option["rate"]), input_shape), batch_size)
+
+    def device_model(self, state: State, model: nn.Module, option: Mapping[str, Any] | None) -> nn.Module:
+        rate = 1.0 if option is None else float(option["rate"])
+        if rate == 1:
+            return super().device_model(state, model, option)
+        sub = self.build(rate, scaler=False)
+        sub.load_state_dict(elastic.extract(state, elastic.sub_index(self.layout, rate)))
+        return sub
+
     # ---- server side
     def plan(self, rnd: int, devices: Sequence[DeviceView], state: State) -> list[Task]:
+        """The scheduler's choice per device, else the static tier (see module doc)."""
         tasks = []
         for d in devices:
-            rate = tier_rate(self.wcfg, d.profile)
+            rate = float(d.choice["rate"]) if d.choice else tier_rate(self.wcfg, d.profile)
             tasks.append(Task(device=d.id, round=rnd, spec=self.spec(rnd, rate)))
         self._planned = {t.device: float(t.spec["rate"]) for t in tasks}
+        self.deployed.update(self._planned)
         return tasks
 
     def spec(self, rnd: int, rate: float) -> dict[str, Any]:
@@ -235,6 +256,8 @@ class WidthMethod(Method):
                 sub.load_state_dict(elastic.extract(state, elastic.sub_index(self.layout, rate)))
                 with elastic.batch_stat_bn(sub, self.wcfg.static_bn):
                     metrics[f"acc_p{rate:g}"] = evaluate_model(sub, data)["accuracy"]
+            metrics["acc_p1"] = metrics["accuracy"]
+            self.add_mean_device_acc(metrics, lambda rate: f"acc_p{rate:g}")
         return metrics
 
     # ---- device side

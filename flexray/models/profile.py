@@ -82,6 +82,12 @@ class ModelProfile:
         return sum(layer.params for layer in self.layers)
 
 
+def training_memory_bytes(profile: ModelProfile, batch_size: int) -> float:
+    """Weights + grads + momentum (3x params) plus every stage's activations kept for backward."""
+    acts = sum(layer.activation_bytes for layer in profile.layers) + profile.input_bytes
+    return 3 * profile.param_bytes + batch_size * acts
+
+
 def state_bytes(state: Mapping[str, Any]) -> int:
     """Bytes of the tensors in a state dict (non-tensor extra state is ignored)."""
     return sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))

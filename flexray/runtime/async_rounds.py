@@ -46,8 +46,7 @@ class AsyncRounds(SyncRounds):
         self, cfg: JobConfig, devices: Sequence[Device], actors: Sequence[tuple[ActorSpec, object]],
         method: Method, server: Any, model_profile: ModelProfile,
     ) -> None:
-        super().__init__(cfg, devices, actors, method, server)
-        self.profile = model_profile
+        super().__init__(cfg, devices, actors, method, server, model_profile)
         self.concurrency = cfg.rounds.concurrency or len(self.devices)
         self.virtual = cfg.fleet.throttle == "virtual"
         self.flights: list[Flight] = []
@@ -94,7 +93,7 @@ class AsyncRounds(SyncRounds):
     def _launch(self, f: Flight) -> None:
         dev = self.devices[f.device]
         state = self.states[f.version]
-        view = DeviceView(dev.id, dev.profile, dev.trace.speed(f.start_s), len(dev.indices))
+        view = self._choose(DeviceView(dev.id, dev.profile, dev.trace.speed(f.start_s), len(dev.indices)), f.start_s)
         task = self.method.plan(f.version, [view], state)[0]
         cost = self.method.cost(task, view, self.profile)
         f.end_s = f.start_s + sum(predict_times(dev.profile, view.speed, cost.flops, cost.bytes_down, cost.bytes_up))
@@ -103,6 +102,20 @@ class AsyncRounds(SyncRounds):
         req = RoundRequest(f.version, f.start_s, None, False, (task,), presum=False, draw=f.seq)
         f.future = self.actors[self.actor_of[f.device]][1].run_round.remote(req, self.refs[f.version])  # type: ignore[attr-defined]
         heapq.heappush(self.flights, f)
+
+    def _choose(self, view: DeviceView, t: float) -> DeviceView:
+        """A sub-model for a launching device: with no round to balance, the min-max target is the
+        one of every device available now, which keeps the slow devices' staleness bounded."""
+        if not self.scheduler.options:
+            return view
+        pool = [view] + [
+            DeviceView(d.id, d.profile, d.trace.speed(t), len(d.indices))
+            for d in self.devices.values() if d.id != view.id and d.trace.available(t) and self.usable(d.id)
+        ]
+        chosen = {v.id: v for v in self.scheduler.assign(pool).views}
+        if view.id not in chosen:
+            raise FlexrayError(f"device {view.id} ({view.profile.name}): no sub-model fits its memory")
+        return chosen[view.id]
 
     def _land(self) -> tuple[Flight, list[DeviceReport], list[Update]]:
         if self.virtual:

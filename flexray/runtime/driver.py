@@ -148,10 +148,8 @@ def _drive(
             tracker.log_config(cfg)
         wait_ready(actors)
         server = resolve_profile(cfg.fleet.server_profile, cfg.fleet.profiles)
-        rounds = (
-            AsyncRounds(cfg, devices, actors, method, server, profile_model(eval_model, dataset.input_shape))
-            if asynchronous else SyncRounds(cfg, devices, actors, method, server)
-        )
+        engine = AsyncRounds if asynchronous else SyncRounds
+        rounds = engine(cfg, devices, actors, method, server, profile_model(eval_model, dataset.input_shape))
         if resume:
             rounds.load_state_dict(engine_state)
         bar = tqdm(range(start, cfg.rounds.num), desc=cfg.name, unit="round", disable=not cfg.tracking.progress)
@@ -175,8 +173,8 @@ def _drive(
                     "method": method.state_dict(), "engine": rounds.state_dict(), "events": rows, "history": history,
                     "config": cfg.model_dump(mode="json"),
                 })
-        eval_model.load_state_dict(state)
-        _finish(tracker, cfg, rows, history, eval_model, test.x[:2].numpy())
+        final = method.device_model(state, eval_model, None)
+        _finish(tracker, cfg, rows, history, final, test.x[:2].numpy())
         status = "FINISHED"
     finally:
         tracker.set_terminated(status)

@@ -17,6 +17,8 @@ from flexray.fleet.fleet import ActorSpec, Device, derive_seed
 from flexray.fleet.profiles import DeviceProfile
 from flexray.fleet.report import DeviceReport, RoundRequest
 from flexray.methods.base import DeviceView, Method, State, Update
+from flexray.models.profile import ModelProfile
+from flexray.schedule.minmax import SubModelScheduler
 
 
 @dataclass
@@ -50,9 +52,11 @@ class SyncRounds:
 
     def __init__(
         self, cfg: JobConfig, devices: Sequence[Device], actors: Sequence[tuple[ActorSpec, object]],
-        method: Method, server: DeviceProfile,
+        method: Method, server: DeviceProfile, model_profile: ModelProfile,
     ) -> None:
         self.cfg, self.method, self.server = cfg, method, server
+        self.profile = model_profile
+        self.scheduler = SubModelScheduler(cfg.schedule, method, model_profile, method.cfg.batch_size)
         self.devices = {d.id: d for d in devices}
         self.actors = list(actors)
         self.actor_of = {dev: i for i, (spec, _) in enumerate(self.actors) for dev in spec.devices}
@@ -100,7 +104,8 @@ class SyncRounds:
         chosen = sample_devices(self.cfg, rnd, available)
         target = target_count(self.cfg, len(available))
         views = [DeviceView(d.id, d.profile, d.trace.speed(clock_s), len(d.indices)) for d in chosen]
-        tasks = self.method.plan(rnd, views, state)
+        plan = self.scheduler.assign(views)
+        tasks = self.scheduler.annotate(self.method.plan(rnd, plan.views, state), plan)
 
         state_ref = ray.put(state)  # shipped once, read zero-copy by every actor on the node
         per_actor: dict[int, list] = defaultdict(list)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from flexray.fleet.energy import energy_j, predict_times
 from flexray.fleet.fleet import Device
 from flexray.methods.base import DeviceView, Method, Task
-from flexray.models.profile import ModelProfile
+from flexray.models.profile import ModelProfile, training_memory_bytes
 
 
 @dataclass(frozen=True)
@@ -31,12 +31,6 @@ class Prediction:
     @property
     def total_s(self) -> float:
         return self.download_s + self.compute_s + self.upload_s
-
-
-def training_memory_bytes(profile: ModelProfile, batch_size: int) -> float:
-    """Weights + grads + momentum (3x params) plus every stage's activations kept for backward."""
-    acts = sum(layer.activation_bytes for layer in profile.layers) + profile.input_bytes
-    return 3 * profile.param_bytes + batch_size * acts
 
 
 def predict(

@@ -1,0 +1,121 @@
+"""Min-max sub-model assignment for methods with a knob (FlexTrain's depth k, width p).
+
+Every round, for each device and each sub-model option, the shared latency model predicts
+download + compute + upload from the device profile, its trace's *current* speed and the
+method's per-option cost (from the model's per-layer profile); options whose training memory
+exceeds the device's are out. Then:
+
+- ``minmax``: the round's slowest device cannot finish before ``T* = max_i min_o latency(i, o)``
+  (device i on its fastest option that fits). That is the best possible round time, so it
+  becomes the deadline, and every device trains the *largest* option it finishes by
+  ``slack * T*``. The result is optimal for the lexicographic goal (min max latency first, then
+  each device's sub-model as large as possible): nothing else meets ``T*`` with a larger option
+  on any device. ``tests/test_minmax.py`` checks it against brute force.
+- ``static``: the method's capability tier (the papers' setting), stepped down to the largest
+  smaller option when the tier does not fit the device's memory.
+
+A device that fits no option in memory gets no task this round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from flexray.config import ScheduleConfig
+from flexray.fleet.energy import predict_times
+from flexray.methods.base import DeviceView, Method, Task
+from flexray.models.profile import ModelProfile
+
+
+def minmax_choice(latency: np.ndarray, fits: np.ndarray, slack: float = 1.0) -> tuple[np.ndarray, float]:
+    """Per device (row) the index of its option (columns, largest first), -1 when none fits.
+
+    Returns the choices and the target latency ``slack * T*`` (inf when no device fits anything).
+    """
+    lat = np.where(fits, latency, np.inf)
+    fastest = lat.min(axis=1)
+    ok = np.isfinite(fastest)
+    if not ok.any():
+        return np.full(lat.shape[0], -1), float("inf")
+    target = float(fastest[ok].max()) * slack
+    within = lat <= target * (1 + 1e-12)
+    return np.where(within.any(axis=1), within.argmax(axis=1), -1), target
+
+
+def static_choice(tier: np.ndarray, fits: np.ndarray) -> np.ndarray:
+    """The tier's index, or the next smaller option that fits memory; -1 when none does."""
+    out = np.full(len(tier), -1)
+    for i, t in enumerate(tier):
+        smaller = np.flatnonzero(fits[i, t:])
+        if smaller.size:
+            out[i] = t + smaller[0]
+    return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    views: list[DeviceView]  # the devices that got a choice (all of them for methods without a knob)
+    predicted_s: dict[int, float]  # device -> predicted latency of its choice
+    target_s: float  # minmax: the deadline every choice meets; static: the slowest choice
+
+
+class SubModelScheduler:
+    """Chooses each device's sub-model every round; inert for methods without options."""
+
+    def __init__(self, cfg: ScheduleConfig, method: Method, profile: ModelProfile, batch_size: int) -> None:
+        if profile.input_shape is None:
+            raise ValueError("the scheduler needs a model profile with input_shape")
+        self.cfg, self.method, self.profile, self.batch_size = cfg, method, profile, batch_size
+        self.options = method.options()
+        self._memory = [
+            method.option_memory_bytes(o, profile.input_shape, batch_size) for o in self.options
+        ]
+        self._tiers: dict[str, int] = {}
+
+    def latency(self, view: DeviceView, spec: Mapping[str, Any], rnd: int = 0) -> float:
+        cost = self.method.cost(Task(view.id, rnd, spec), view, self.profile)
+        return sum(predict_times(view.profile, view.speed, cost.flops, cost.bytes_down, cost.bytes_up))
+
+    def table(self, views: Sequence[DeviceView]) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted latency and memory fit of every (device, option)."""
+        lat = np.array([[self.latency(v, o) for o in self.options] for v in views]).reshape(len(views), -1)
+        mem = np.array(self._memory)
+        fits = np.array([mem <= v.profile.memory_bytes for v in views]).reshape(len(views), -1)
+        return lat, fits
+
+    def _tier(self, view: DeviceView) -> int:
+        name = view.profile.name
+        if name not in self._tiers:
+            tier = self.method.static_option(view.profile)
+            self._tiers[name] = self.options.index(tier) if tier in self.options else 0
+        return self._tiers[name]
+
+    def assign(self, views: Sequence[DeviceView]) -> Plan:
+        """Give each device its option for this round (see module doc)."""
+        if not self.options or not views:
+            return Plan(list(views), {}, 0.0)
+        lat, fits = self.table(views)
+        if self.cfg.mode == "minmax":
+            idx, target = minmax_choice(lat, fits, self.cfg.slack)
+        else:
+            idx = static_choice(np.array([self._tier(v) for v in views]), fits)
+            chosen = [lat[i, j] for i, j in enumerate(idx) if j >= 0]
+            target = max(chosen, default=0.0)
+        out = [replace(v, choice=dict(self.options[j])) for v, j in zip(views, idx) if j >= 0]
+        pred = {v.id: float(lat[i, j]) for i, (v, j) in enumerate(zip(views, idx)) if j >= 0}
+        return Plan(out, pred, target)
+
+    def annotate(self, tasks: Sequence[Task], plan: Plan) -> list[Task]:
+        """Add each task's predicted latency (``pred_s``) to its spec, i.e. to the event log."""
+        views = {v.id: v for v in plan.views}
+        out = []
+        for t in tasks:
+            pred = plan.predicted_s.get(t.device)
+            if pred is None and t.device in views:
+                pred = self.latency(views[t.device], t.spec, t.round)
+            out.append(replace(t, spec={**t.spec, "pred_s": round(pred, 6)}) if pred is not None else t)
+        return out

@@ -1,0 +1,155 @@
+"""Min-max sub-model assignment: optimal against brute force, memory respected, traces matter (no Ray)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from flexray.config import ModelConfig, ScheduleConfig
+from flexray.fleet.profiles import CATALOG
+from flexray.methods.base import DeviceView
+from flexray.methods.flextrain import FlexTrain
+from flexray.methods.heterofl import HeteroFL
+from flexray.models import build_model, profile_model
+from flexray.schedule.minmax import SubModelScheduler, minmax_choice, static_choice
+
+SHAPE = (3, 32, 32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_torch_thread: None) -> None:
+    """Single-threaded torch for the whole module."""
+
+
+def brute_force(lat: np.ndarray, fits: np.ndarray) -> tuple[float, list[tuple[int, ...]]]:
+    """Every memory-feasible assignment: the best max latency and all assignments reaching it."""
+    feasible = [[j for j in range(lat.shape[1]) if fits[i, j]] for i in range(lat.shape[0])]
+    best, winners = np.inf, []
+    for combo in itertools.product(*feasible):
+        worst = max(lat[i, j] for i, j in enumerate(combo))
+        if worst < best - 1e-12:
+            best, winners = worst, [combo]
+        elif abs(worst - best) <= 1e-12:
+            winners.append(combo)
+    return best, winners
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_minmax_is_never_beaten_by_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n, m = int(rng.integers(1, 6)), int(rng.integers(1, 5))
+    # Options largest first: latency falls with the option index on average, not always.
+    speed = rng.uniform(0.1, 10, size=(n, 1))
+    lat = np.sort(rng.uniform(1, 100, size=(n, m)), axis=1)[:, ::-1] / speed
+    if seed % 3 == 0:
+        lat = rng.uniform(1, 100, size=(n, m))  # no monotonicity at all
+    fits = rng.random((n, m)) < 0.75
+    fits[:, -1] |= rng.random(n) < 0.8  # most devices fit the smallest option
+    idx, target = minmax_choice(lat, fits)
+    best, winners = brute_force(lat, fits)
+    feasible_rows = fits.any(axis=1)
+    assert ((idx >= 0) == feasible_rows).all()
+    chosen = [(i, j) for i, j in enumerate(idx) if j >= 0]
+    assert all(fits[i, j] for i, j in chosen)  # memory is never exceeded
+    if not chosen:
+        return
+    worst = max(lat[i, j] for i, j in chosen)
+    assert worst == pytest.approx(best, rel=1e-9) and target == pytest.approx(best, rel=1e-9)
+    for combo in winners:  # no optimal assignment gives any device a larger option
+        for i, j in chosen:
+            assert j <= combo[i]
+
+
+def test_slack_trades_latency_for_larger_submodels() -> None:
+    lat = np.array([[10.0, 5.0, 2.0], [4.0, 2.0, 1.0]])
+    fits = np.ones_like(lat, dtype=bool)
+    tight, t1 = minmax_choice(lat, fits)
+    loose, t2 = minmax_choice(lat, fits, slack=2.5)
+    assert t1 == 2.0 and list(tight) == [2, 1]
+    assert t2 == 5.0 and list(loose) == [1, 0]
+
+
+def test_static_steps_down_to_what_fits() -> None:
+    fits = np.array([[True, True, True], [False, False, True], [False, False, False]])
+    assert list(static_choice(np.array([0, 0, 1]), fits)) == [0, 2, -1]
+
+
+def _method(kind: type, **opts: object) -> tuple[object, object]:
+    cfg = kind.Config.model_validate({"name": kind.name, "local_epochs": 1, "batch_size": 32, **opts})
+
+    def model_fn() -> nn.Module:
+        return build_model(ModelConfig(name="resnet8", width=16), SHAPE, 10)
+
+    torch.manual_seed(0)
+    return kind(cfg, model_fn), profile_model(model_fn(), SHAPE)
+
+
+def _views(*names: str, n: int = 200) -> list[DeviceView]:
+    return [DeviceView(i, CATALOG[p], 1.0, n) for i, p in enumerate(names)]
+
+
+@pytest.mark.parametrize("kind", [HeteroFL, FlexTrain])
+def test_scheduler_respects_memory_and_balances_the_round(kind: type) -> None:
+    method, profile = _method(kind)
+    sched = SubModelScheduler(ScheduleConfig(mode="minmax"), method, profile, batch_size=32)
+    mem = sorted(sched._memory)
+    # A device that only fits the smallest option, one that fits nothing, and a fast one.
+    tiny = replace(CATALOG["laptop_cpu"], name="tiny", memory_bytes=int((mem[0] + mem[1]) / 2))
+    none = replace(CATALOG["laptop_cpu"], name="none", memory_bytes=int(mem[0] / 2))
+    views = [*_views("rpi3", "jetson_nano", "laptop_cpu"), DeviceView(3, tiny, 1.0, 200), DeviceView(4, none, 1.0, 200)]
+    plan = sched.assign(views)
+    got = {v.id: v.choice for v in plan.views}
+    assert 4 not in got  # fits nothing: no task
+    assert got[3] == sched.options[-1]
+    for v in plan.views:
+        j = sched.options.index(dict(v.choice))
+        assert sched._memory[j] <= v.profile.memory_bytes
+        assert plan.predicted_s[v.id] <= plan.target_s * (1 + 1e-9)
+        larger = sched.options[:j]  # every larger option that fits would miss the target
+        for o in larger:
+            if sched._memory[sched.options.index(o)] <= v.profile.memory_bytes:
+                assert sched.latency(v, o) > plan.target_s
+    # The slow rpi3 sets the pace: it gets the smallest option, the laptop a larger one.
+    assert sched.options.index(got[0]) == len(sched.options) - 1
+    assert sched.options.index(got[2]) < sched.options.index(got[0])
+
+
+def test_minmax_follows_the_traces() -> None:
+    method, profile = _method(HeteroFL)
+    sched = SubModelScheduler(ScheduleConfig(mode="minmax"), method, profile, batch_size=32)
+    views = _views("rpi4", "jetson_nano", "laptop_cpu")
+    before = sched.assign(views)
+    slow = [replace(views[0], speed=0.05), *views[1:]]  # the rpi4 throttles hard
+    after = sched.assign(slow)
+    assert after.target_s > before.target_s
+    rate = {v.id: v.choice["rate"] for v in before.views}
+    rate_after = {v.id: v.choice["rate"] for v in after.views}
+    assert rate_after[1] >= rate[1] and rate_after[2] >= rate[2]
+    assert rate_after != rate  # someone got a larger sub-model once the pace slowed
+
+
+def test_static_mode_uses_the_methods_tiers() -> None:
+    method, profile = _method(HeteroFL, tiers={"rpi3": 0.125, "laptop_cpu": 1.0})
+    sched = SubModelScheduler(ScheduleConfig(mode="static"), method, profile, batch_size=32)
+    plan = sched.assign(_views("rpi3", "laptop_cpu"))
+    assert [v.choice for v in plan.views] == [{"rate": 0.125}, {"rate": 1.0}]
+    tasks = sched.annotate(method.plan(0, plan.views, method.init(method.full)), plan)
+    assert [t.spec["rate"] for t in tasks] == [0.125, 1.0]
+    assert all(t.spec["pred_s"] == pytest.approx(plan.predicted_s[t.device], rel=1e-5) for t in tasks)
+
+
+def test_methods_without_a_knob_pass_through() -> None:
+    from flexray.methods.fedavg import FedAvg
+
+    method, profile = _method(FedAvg)
+    sched = SubModelScheduler(ScheduleConfig(), method, profile, batch_size=32)
+    views = _views("rpi3", "laptop_cpu")
+    plan = sched.assign(views)
+    assert plan.views == views and not sched.options
+    tasks = sched.annotate(method.plan(0, plan.views, {}), plan)
+    assert tasks[0].spec["pred_s"] > tasks[1].spec["pred_s"] > 0  # predicted latency logged for every method
