@@ -42,6 +42,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from flexray.methods.base import DeviceView
     from flexray.models import build_model, profile_model
     from flexray.schedule.latency import predict, round_time
+    from flexray.schedule.minmax import SubModelScheduler
 
     cfg = load_config(args.config, args.set)
     ds = load_dataset(cfg.data)
@@ -62,12 +63,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     method = method_class(cfg.method.name)(cfg.method, model_fn)
     mprof = profile_model(model, ds.input_shape)
     avail = [d for d in devices if d.trace.available(0.0)]
-    tasks = method.plan(0, [DeviceView(d.id, d.profile, d.trace.speed(0.0), len(d.indices)) for d in avail], method.init(model))
+    views = [DeviceView(d.id, d.profile, d.trace.speed(0.0), len(d.indices)) for d in avail]
+    plan = SubModelScheduler(cfg.schedule, method, mprof, cfg.method.batch_size).assign(views)
+    tasks = method.plan(0, plan.views, method.init(model))
+    spec = {t.device: " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.spec.items())
+            for t in tasks}
     preds = predict(method, tasks, {d.id: d for d in devices}, 0.0, mprof, cfg.method.batch_size)
-    rows = [(p.name, actor_of[p.device], *([node_of[p.device]] if node_of else []), p.samples, p.flops, p.download_s,
-             p.compute_s, p.upload_s, p.total_s, p.energy_j, "yes" if p.fits_memory else "NO") for p in preds]
-    print(_table(["device", "actor", *(["node"] if node_of else []), "samples", "flops", "down_s", "compute_s", "up_s",
-                  "total_s", "energy_j", "fits_mem"], rows))
+    rows = [(p.name, actor_of[p.device], *([node_of[p.device]] if node_of else []), spec[p.device] or "-", p.samples,
+             p.flops, p.download_s, p.compute_s, p.upload_s, p.total_s, p.energy_j, "yes" if p.fits_memory else "NO")
+            for p in preds]
+    print(_table(["device", "actor", *(["node"] if node_of else []), "task", "samples", "flops", "down_s", "compute_s",
+                  "up_s", "total_s", "energy_j", "fits_mem"], rows))
+    left_out = sorted({v.id for v in views} - {v.id for v in plan.views})
+    if left_out:
+        names = ", ".join(d.name for d in devices if d.id in left_out)
+        print(f"\nno sub-model fits the memory of: {names} (they get no task)")
     drop = cfg.rounds.stragglers == "drop"
     print(f"\nmodel {cfg.model.name}: {mprof.param_bytes / 1e6:.3f} MB, {mprof.train_flops_per_sample / 1e6:.3f} MFLOP/sample (train)")
     print(f"predicted round time: {round_time(preds, cfg.rounds.deadline_s, drop):.4g} s simulated "

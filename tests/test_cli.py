@@ -291,3 +291,18 @@ def test_report_unknown_run_exits_2(mlflow_run: tuple[str, str], capsys: pytest.
     assert main(["report", "0123456789abcdef0123456789abcdef", "--uri", uri]) == 2
     line = one_stderr_line(capsys)
     assert "0123456789abcdef0123456789abcdef" in line and "--uri" in line
+
+
+@pytest.mark.parametrize("mode", ["minmax", "static"])
+def test_plan_shows_each_devices_sub_model(mode: str) -> None:
+    sets = ["--set", "method.name=flextrain", "--set", "model.name=resnet8", "--set", f"schedule.mode={mode}"]
+    rc, out = run_main(["plan", QUICKSTART, *sets])
+    assert rc == 0, out
+    rows = parse_table(out)
+    k = {r["device"].rsplit("-", 1)[0]: int(r["task"].split("=")[1]) for r in rows}
+    assert k["rpi4"] <= k["phone_mid"] <= k["jetson_nano"] <= k["laptop_cpu"] and k["rpi4"] < k["laptop_cpu"]
+    total = [float(r["total_s"]) for r in rows]
+    slowest_class = max(rows, key=lambda r: float(r["total_s"]))["device"]
+    if mode == "minmax":  # the slowest device runs its smallest prefix; nobody is slower than it
+        assert slowest_class.startswith("rpi4") and k["rpi4"] == 1
+        assert max(total) == pytest.approx(max(float(r["total_s"]) for r in rows if r["device"].startswith("rpi4")))

@@ -222,8 +222,10 @@ class FlexTrain(Method):
         return mem
 
     def device_model(self, state: State, model: nn.Module, option: Mapping[str, Any] | None) -> nn.Module:
+        """The prefix a device deploys; with ``k`` forced (FedSmall) that prefix is the global model."""
         model.load_state_dict(state)
-        return model if option is None else depth.depth_prefix(model, int(option["k"]))
+        k = int(option["k"]) if option is not None else self.fcfg.k
+        return model if k is None else depth.depth_prefix(model, k)
 
     # ---- server side
     def plan(self, rnd: int, devices: Sequence[DeviceView], state: State) -> list[Task]:
@@ -277,8 +279,7 @@ class FlexTrain(Method):
         return cast_like(elastic.aggregate(state, parts), state)
 
     def evaluate(self, state: State, model: nn.Module, data: LocalData) -> dict[str, float]:
-        model.load_state_dict(state)
-        metrics = evaluate_model(model, data)
+        metrics = evaluate_model(self.device_model(state, model, None), data)
         for k in self.configs:  # prefixes share the loaded model's modules
             metrics[f"acc_k{k}"] = evaluate_model(depth.depth_prefix(model, k), data)["accuracy"]
         self.add_mean_device_acc(metrics, lambda k: f"acc_k{k}")

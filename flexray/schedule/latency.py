@@ -37,8 +37,10 @@ def predict(
     method: Method, tasks: Sequence[Task], devices: dict[int, Device], t: float, profile: ModelProfile, batch_size: int
 ) -> list[Prediction]:
     out = []
-    mem = training_memory_bytes(profile, batch_size)
+    full_mem = training_memory_bytes(profile, batch_size)
+    knob = bool(method.options()) and profile.input_shape is not None
     for task in tasks:
+        mem = method.option_memory_bytes(task.spec, profile.input_shape, batch_size) if knob else full_mem
         d = devices[task.device]
         speed = d.trace.speed(t)
         view = DeviceView(d.id, d.profile, speed, len(d.indices))
