@@ -61,6 +61,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     model = model_fn()
     method = method_class(cfg.method.name)(cfg.method, model_fn)
+    method.check()
     mprof = profile_model(model, ds.input_shape)
     avail = [d for d in devices if d.trace.available(0.0)]
     views = [DeviceView(d.id, d.profile, d.trace.speed(0.0), len(d.indices)) for d in avail]

@@ -153,7 +153,11 @@ def test_malformed_config_subprocess(tmp_path: Path) -> None:
     ("name: x\nfleet: {groups: [{profile: rpi4}]}\n", ["rounds.num"], "--set"),
     ("name: x\nfleet: {groups: [{profile: rpi4}]}\nmodel: {nme: cnn}\n", [], "model.nme"),
     (None, [], "not found"),
-], ids=["unknown-profile", "set-invalid-value", "set-without-equals", "unknown-model-key", "missing-file"])
+    ("name: x\nfleet: {groups: [{profile: rpi4}]}\n", ["method.name=flextrain"], "residual"),
+    ("name: x\nfleet: {groups: [{profile: rpi4}]}\nmodel: {name: resnet8}\n", ["method.name=flextrain", "method.k=5"],
+     "method.k"),
+], ids=["unknown-profile", "set-invalid-value", "set-without-equals", "unknown-model-key", "missing-file",
+        "flextrain-on-a-plain-cnn", "flextrain-k-beyond-the-blocks"])
 def test_bad_config_one_line_exit_2(
     command: str, yaml_text: str | None, sets: list[str], needle: str,
     tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -306,3 +306,14 @@ def test_fedclass_keeps_one_model_per_class(digits) -> None:
     bad = Update({"stem.0.weight": ups[0].tensors["stem.0.weight"] if "stem.0.weight" in ups[0].tensors else torch.ones(1)},
                  1.0, 1, metrics={"k": 1.0})
     assert method.validate(bad, state) is not None
+
+
+@pytest.mark.parametrize("opts", [{"k": 7}, {"depths": {"rpi3": 4}}, {"mode": "centralised", "pi": [1.0]}])
+def test_check_catches_a_model_mismatch_before_any_cluster_starts(digits, opts) -> None:
+    _, _, shape = digits
+    method, _, _ = make(shape, **opts)
+    with pytest.raises(FlexrayError, match="config error: method"):
+        method.check()
+    make(shape)[0].check()  # resnet8 with defaults is fine
+    with pytest.raises(FlexrayError, match="residual"):
+        make(shape, model="cnn")[0].check()

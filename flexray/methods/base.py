@@ -119,6 +119,11 @@ class Method(ABC):
                 self._full = self.model_fn()
         return self._full
 
+    def check(self) -> None:
+        """Raise a one-line FlexrayError if this method cannot train the configured model; the
+        driver calls it before starting Ray so a mismatch costs no cluster start-up."""
+        return None
+
     # ---- the scheduler's knob (methods that train sub-models); see flexray.schedule.minmax
     def options(self) -> list[dict[str, Any]]:
         """The sub-models a device may be given, largest first; empty when there is no knob."""

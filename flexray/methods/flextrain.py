@@ -202,6 +202,13 @@ class FlexTrain(Method):
             raise FlexrayError(f"config error: method.pi: {len(w)} weights for the model's {self.max_k} configurations")
         return w / w.sum()
 
+    def check(self) -> None:
+        """Residual blocks to drop, and ``pi`` / ``k`` / ``depths`` within their number."""
+        _ = self.pi if self.centralised else self.max_k
+        for name, k in {"k": self.fcfg.k, **{f"depths: {n}": v for n, v in self.fcfg.depths.items()}}.items():
+            if k is not None and k > self.max_k:
+                raise FlexrayError(f"config error: method.{name}: k={k} exceeds the model's {self.max_k} blocks")
+
     # ---- the scheduler's knob (federated mode)
     def options(self) -> list[dict[str, Any]]:
         if self.centralised:

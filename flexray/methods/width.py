@@ -168,6 +168,9 @@ class WidthMethod(Method):
             self._up_bytes[rate] = sum(s.numel() * sizes[k] for k, s in shapes.items())
         return self._up_bytes[rate]
 
+    def check(self) -> None:
+        _ = self.layout  # every layer must be width-scalable
+
     # ---- the scheduler's knob
     def options(self) -> list[dict[str, Any]]:
         rates = [self.wcfg.rate] if self.wcfg.rate is not None else self.wcfg.rates

@@ -96,6 +96,9 @@ def run_job(cfg: JobConfig, resume: str | None = None) -> JobResult:
     """Run (or resume) a job end to end; returns the per-round metric history."""
     wall0 = time.perf_counter()
     dataset = load_dataset(cfg.data)
+    method_class(cfg.method.name)(
+        cfg.method, lambda: build_model(cfg.model, dataset.input_shape, dataset.num_classes)
+    ).check()
     devices = build_fleet(cfg, dataset.y_train)
     specs = assign_actors(cfg, devices)
     with ThreadPoolExecutor(1) as pool:
