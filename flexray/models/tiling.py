@@ -10,6 +10,7 @@ on exactly the (clipped) input region it read, and overlapping halos are summed.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -90,7 +91,7 @@ def tileable_prefix(stages: Sequence[nn.Module]) -> int:
 def split(n: int, parts: int) -> list[Pair]:
     """[lo, hi) bounds of ``parts`` near-equal pieces of ``n`` (the first ones one larger)."""
     edges = np.cumsum([0] + [len(a) for a in np.array_split(np.arange(n), parts)])
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
 
 
 @dataclass(frozen=True)

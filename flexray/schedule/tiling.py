@@ -18,14 +18,13 @@ exchange per boundary; the planner weighs both with the device profiles and pick
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 from flexray.errors import FlexrayError
 from flexray.fleet.profiles import DeviceProfile
-from flexray.models.tiling import LayerGeom, Pair, Region, TileSpec, feature_sizes, plan_tiles
+from flexray.models.tiling import LayerGeom, Pair, TileSpec, feature_sizes, plan_tiles
 
 BYTES = 4  # float32 activations and gradients
 BACKWARD = 2.0  # backward FLOPs per forward FLOP (input grad + weight grad)
@@ -182,7 +181,7 @@ def groupings(stack: FusedStack) -> list[tuple[Pair, ...]]:
     for k in range(len(cuts) + 1):
         for chosen in itertools.combinations(cuts, k):
             edges = [0, *chosen, n]
-            out.append(tuple(zip(edges[:-1], edges[1:])))
+            out.append(tuple(itertools.pairwise(edges)))
     return out
 
 
@@ -214,8 +213,4 @@ def speed_order(devices: Sequence[tuple[DeviceProfile, float]]) -> list[int]:
     return sorted(range(len(devices)), key=lambda i: (-devices[i][0].flops * devices[i][1], i))
 
 
-def tile_regions(plan: TilingPlan, group: int) -> list[Region]:
-    return [t.output for t in plan.tiles[group]]
-
-
-__all__ = ["DeviceCost", "FusedStack", "TilingPlan", "choose_plan", "grids", "groupings", "speed_order", "math"]
+__all__ = ["DeviceCost", "FusedStack", "TilingPlan", "choose_plan", "grids", "groupings", "speed_order"]
