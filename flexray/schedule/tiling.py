@@ -187,13 +187,16 @@ def groupings(stack: FusedStack) -> list[tuple[Pair, ...]]:
 
 def choose_plan(
     stack: FusedStack, devices: Sequence[tuple[DeviceProfile, float]], batch: int,
-    grid: Pair | None = None, groups: Sequence[Pair] | None = None,
+    grid: Pair | None = None, groups: Sequence[Pair] | None = None, all_devices: bool = False,
 ) -> TilingPlan:
     """The plan with the least predicted step time among those whose activations fit every
-    device's memory (the least-memory one when none fits); fixed ``grid``/``groups`` are kept."""
+    device's memory (the least-memory one when none fits); fixed ``grid``/``groups`` are kept.
+    The planner may leave slow-radio devices out unless ``all_devices``."""
     model = _Model(stack, devices, batch)
     out = stack.sizes[-1]
-    cands_grid = [grid] if grid else grids(len(devices), out)
+    cands_grid = [grid] if grid else [g for g in grids(len(devices), out) if not all_devices or g[0] * g[1] == len(devices)]
+    if not cands_grid:
+        raise FlexrayError(f"tiling: no grid of {len(devices)} tiles fits the {out[0]}x{out[1]} output")
     cands_groups = [tuple(groups)] if groups else groupings(stack)
     if grid and grid[0] * grid[1] > len(devices):
         raise FlexrayError(f"config error: method.grid: {grid[0]}x{grid[1]} tiles need as many devices; the fleet has {len(devices)}")
@@ -204,7 +207,7 @@ def choose_plan(
 
     ok = [p for p in plans if fits(p)]
     if ok:
-        return min(ok, key=lambda p: (p.step_s, p.n_tiles, len(p.groups)))
+        return min(ok, key=lambda p: (round(p.step_s, 9), p.n_tiles, len(p.groups)))  # ties: fewer tiles, groups
     return min(plans, key=lambda p: max(c.activation_bytes for c in p.devices))
 
 
