@@ -106,10 +106,10 @@ def test_tiled_equals_single_device_float64(seed, one_torch_thread):
         if step == 0:  # fused-stack output and each device's summed weight gradients
             got = torch.zeros_like(fmap)
             for t, o in zip(plan.tiles[-1], outs):
-                got[(..., *t.output.within(Region(0, fmap.shape[2], 0, fmap.shape[3])))] = o
+                got[(..., *t.output.within(Region(0, fmap.shape[2], 0, fmap.shape[3])))] = torch.from_numpy(o)
             torch.testing.assert_close(got, fmap.detach(), atol=1e-5, rtol=0)
             for i, p in enumerate(ref.parameters()):
-                total = sum(g[i] for g in grads if g[i] is not None)
+                total = torch.as_tensor(sum(g[i] for g in grads if g[i] is not None))
                 torch.testing.assert_close(total, p.grad, atol=1e-5, rtol=0)
         opt.step()
         runner.apply(grads)

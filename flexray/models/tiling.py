@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -184,23 +185,35 @@ def run_tile(layers: Sequence[nn.Module], geoms: Sequence[LayerGeom], tile: Tile
     return x
 
 
-def assemble(region: Region, parts: Sequence[tuple[Region, torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
+Tile = torch.Tensor | np.ndarray  # tiles travel between actors as numpy (Ray reads those zero-copy)
+
+
+def _piece(t: Tile, idx: tuple[Any, ...]) -> torch.Tensor:
+    return torch.from_numpy(np.array(t[idx])) if isinstance(t, np.ndarray) else t[idx]
+
+
+def _zeros(region: Region, like: Tile) -> torch.Tensor:
+    dtype = like.dtype if isinstance(like, torch.Tensor) else torch.from_numpy(np.empty(0, like.dtype)).dtype
+    return torch.zeros(*like.shape[:2], region.h1 - region.h0, region.w1 - region.w0, dtype=dtype)
+
+
+def assemble(region: Region, parts: Sequence[tuple[Region, Tile]]) -> torch.Tensor:
     """The ``region`` of a feature map, copied from the tiles that cover it."""
-    out = like.new_zeros(*like.shape[:2], region.h1 - region.h0, region.w1 - region.w0)
+    out = _zeros(region, parts[0][1])
     for r, t in parts:
         ov = r.overlap(region)
         if ov is not None:
-            out[(..., *ov.within(region))] = t[(..., *ov.within(r))]
+            out[(..., *ov.within(region))] = _piece(t, (..., *ov.within(r)))
     return out
 
 
-def scatter_add(region: Region, parts: Sequence[tuple[Region, torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
+def scatter_add(region: Region, parts: Sequence[tuple[Region, Tile]]) -> torch.Tensor:
     """Gradient on ``region``: the sum of every tile's input-gradient that overlaps it (halos add up)."""
-    out = like.new_zeros(*like.shape[:2], region.h1 - region.h0, region.w1 - region.w0)
+    out = _zeros(region, parts[0][1])
     for r, t in parts:
         ov = r.overlap(region)
         if ov is not None:
-            out[(..., *ov.within(region))] += t[(..., *ov.within(r))]
+            out[(..., *ov.within(region))] += _piece(t, (..., *ov.within(r)))
     return out
 
 

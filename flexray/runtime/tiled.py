@@ -139,21 +139,22 @@ class TileHost:
             x = self._input(batch, tile.input)
         else:
             prev = self.plan.tiles[g - 1]
-            x = assemble(tile.input, [(prev[u].output, p) for u, p in zip(ids, parts)], parts[0]).requires_grad_()
+            x = assemble(tile.input, [(prev[u].output, p) for u, p in zip(ids, parts)]).requires_grad_()
         with self._saving(g):
             out = run_tile(self.layers[a:b], self.geoms[a:b], tile, x)
         self.graphs[g] = (x, out)
         if g == len(self.plan.groups) - 1:
             self.stats["peak_activation_bytes"] = max(self.stats["peak_activation_bytes"], float(sum(self.saved.values())))
         self._spent(t0, 0)
-        return out.detach()
+        return out.detach().numpy()
 
-    def tail(self, y: Batch, *parts: torch.Tensor) -> torch.Tensor:
-        """Rest of the network on the assembled map (device 0); returns the map's gradient."""
+    def tail(self, y: Batch, *parts: np.ndarray) -> Any:
+        """Rest of the network on the assembled map (device 0); returns the gradient of each
+        device's output tile (one Ray return per tile, so each device fetches only its own)."""
         t0 = time.perf_counter()
         last = self.plan.tiles[-1]
         full = Region(0, max(t.output.h1 for t in last), 0, max(t.output.w1 for t in last))
-        fmap = assemble(full, [(t.output, p) for t, p in zip(last, parts)], parts[0]).requires_grad_()
+        fmap = assemble(full, [(t.output, p) for t, p in zip(last, parts)]).requires_grad_()
         labels = y if isinstance(y, torch.Tensor) else torch.as_tensor(self.data.y_train[y], dtype=torch.long)  # type: ignore[union-attr]
         self.saved[-1] = 0
         with self._saving(-1):
@@ -161,8 +162,10 @@ class TileHost:
         loss.backward()
         self.stats["tail_activation_bytes"] = max(self.stats["tail_activation_bytes"], float(self.saved.pop(-1)))
         self.stats["loss_sum"] += float(loss.detach())
+        grad = fmap.grad.numpy()  # type: ignore[union-attr]
+        tiles = [np.ascontiguousarray(grad[(..., *t.output.within(full))]) for t in last]
         self.stats["compute_s"] += time.perf_counter() - t0
-        return fmap.grad  # type: ignore[return-value]
+        return tiles if len(tiles) > 1 else tiles[0]
 
     def backward(self, g: int, ids: Sequence[int], *parts: torch.Tensor) -> Any:
         """Back-propagate tile ``g``; returns its input-gradient, or for group 0 every weight gradient."""
@@ -170,25 +173,23 @@ class TileHost:
         x, out = self.graphs.pop(g)
         tile = self.plan.tiles[g][self.rank]
         if g == len(self.plan.groups) - 1:
-            last = self.plan.tiles[-1]
-            full = Region(0, max(t.output.h1 for t in last), 0, max(t.output.w1 for t in last))
-            grad = parts[0][(..., *tile.output.within(full))]
+            grad = torch.from_numpy(np.array(parts[0]))
         else:
             nxt = self.plan.tiles[g + 1]
-            grad = scatter_add(tile.output, [(nxt[u].input, p) for u, p in zip(ids, parts)], out)
+            grad = scatter_add(tile.output, [(nxt[u].input, p) for u, p in zip(ids, parts)])
         out.backward(grad)
         self.saved.pop(g, None)
         self._spent(t0, 1)
         if g:
-            return x.grad
+            return x.grad.numpy()  # type: ignore[union-attr]
         self.stats["steps"] += 1
-        return [None if p.grad is None else p.grad.detach().clone() for p in self.params]
+        return [None if p.grad is None else p.grad.detach().numpy().copy() for p in self.params]
 
-    def step(self, *grads: list[torch.Tensor | None]) -> None:
+    def step(self, *grads: list[np.ndarray | None]) -> None:
         """The all-reduce's end: sum every device's weight gradients in rank order, then step."""
         for i, p in enumerate(self.params):
             got = [g[i] for g in grads if g[i] is not None]
-            p.grad = torch.stack(got).sum(0) if got else None
+            p.grad = torch.from_numpy(np.sum(got, axis=0)) if got else None
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
@@ -238,11 +239,15 @@ class TiledStep:
             else:
                 src = self.fwd_src[g - 1]
                 outs.append([self.call(t, "forward", g, None, tuple(src[t]), *(outs[g - 1][u] for u in src[t])) for t in range(n)])
-        grad_map = self.call(0, "tail", y, *outs[-1])
+        if self.remote:
+            tail = self.hosts[0].tail.options(num_returns=n).remote(y, *outs[-1])
+        else:
+            tail = self.hosts[0].tail(y, *outs[-1])
+        tail = tail if n > 1 else [tail]
         grads: list[Any] = [None] * groups
         for g in reversed(range(groups)):
             if g == groups - 1:
-                grads[g] = [self.call(t, "backward", g, (0,), grad_map) for t in range(n)]
+                grads[g] = [self.call(t, "backward", g, (t,), tail[t]) for t in range(n)]
             else:
                 src = self.bwd_src[g]
                 grads[g] = [self.call(t, "backward", g, tuple(src[t]), *(grads[g + 1][u] for u in src[t])) for t in range(n)]
