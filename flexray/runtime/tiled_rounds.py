@@ -60,6 +60,21 @@ class TiledEngine:
         self.plan, self.fused, self.tile_devices = plan_for(cfg, devices, dataset.input_shape, model)
         self.model = model
 
+    def describe(self) -> str:
+        """The plan as ``flexray plan`` prints it: grid, groups, predicted per-step costs per device."""
+        p = self.plan
+        lines = [(f"tiled plan: grid {p.grid[0]}x{p.grid[1]}, groups {[list(g) for g in p.groups]} of fused layers, "
+                  f"fused stages {self.fused}; predicted step {p.step_s:.4g} s (batch {self.cfg.method.batch_size}), "
+                  f"redundant compute {100 * p.redundant:.1f}%")]
+        lines.append(f"{'tile':>4} {'device':>16} {'compute_s':>10} {'comm_s':>10} {'MB down':>8} {'MB up':>8} {'act MB':>8}")
+        for r, (d, c) in enumerate(zip(self.tile_devices, p.devices)):
+            lines.append(f"{r:>4} {d.name:>16} {c.compute_s:>10.4g} {c.comm_s:>10.4g} {c.bytes_down / 1e6:>8.3g} "
+                         f"{c.bytes_up / 1e6:>8.3g} {c.activation_bytes / 2**20:>8.3g}")
+        idle = [d.name for d in self.devices if d not in self.tile_devices]
+        if idle:
+            lines.append(f"left out (the planner predicts no gain from them): {', '.join(idle)}")
+        return "\n".join(lines)
+
     def start(self) -> tuple[list[tuple[ActorSpec, Any]], Any]:
         cfg, mcfg = self.cfg, self.cfg.method
         specs = [ActorSpec(r, (d.id,), cfg.fleet.num_cpus_per_actor, dict(d.resources), dict(d.node_labels))
