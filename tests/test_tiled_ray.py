@@ -93,3 +93,15 @@ def test_bad_tiled_config_is_one_line():
     cfg = parse_config(tiled_tree(method__grid=[2, 2]))
     with pytest.raises(FlexrayError, match="method.grid: 2x2 tiles need"):
         TiledEngine(cfg, build_fleet(cfg, ds.y_train), ds)
+
+
+def test_flexray_plan_prints_the_tiled_plan(tmp_path, capsys):
+    import yaml
+
+    from flexray.cli import main
+
+    job = tmp_path / "tiled.yaml"
+    job.write_text(yaml.safe_dump(tiled_tree(method__grid=[1, 2])))
+    assert main(["plan", str(job)]) == 0
+    out = capsys.readouterr().out
+    assert "tiled plan: grid 1x2" in out and "rpi4-0" in out and "predicted step" in out
