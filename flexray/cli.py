@@ -47,6 +47,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     ds = load_dataset(cfg.data)
     devices = build_fleet(cfg, ds.y_train)
+    from flexray.runtime.engines import engine_for
+
+    engine = engine_for(cfg, devices, ds)
+    if hasattr(engine, "describe"):  # an engine with its own planner (e.g. tiled) prints its plan
+        print(engine.describe())
+        return 0
     specs = assign_actors(cfg, devices)
     actor_of = {d: s.label for s in specs for d in s.devices}
     node_of: dict[int, str] = {}

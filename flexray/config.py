@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from flexray.errors import FlexrayError
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100")
-BUILTIN_MODELS = ("cnn", "lenet", "resnet8", "resnet20", "resnet56", "preresnet18")
+BUILTIN_MODELS = ("cnn", "lenet", "resnet8", "resnet20", "resnet56", "preresnet18", "vgg")
 
 
 class _Frozen(BaseModel):
@@ -42,7 +42,7 @@ class DataConfig(_Frozen):
 
 class ModelConfig(_Frozen):
     name: str = Field("cnn", description="built-in name or torchvision:<name>")
-    width: int = Field(32, ge=1, description="base channel count of cnn")
+    width: int = Field(32, ge=1, description="base channel count of cnn and vgg")
 
     @field_validator("name")
     @classmethod

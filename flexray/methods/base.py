@@ -102,6 +102,8 @@ class Method(ABC):
     """True when aggregation is a weighted mean, so an actor may pre-sum its devices' updates."""
     supports_async: ClassVar[bool] = False
     """True when ``aggregate`` can take updates one at a time, computed on stale models."""
+    engine: ClassVar[str] = "rounds"
+    """Which runtime engine runs the method (``flexray.runtime.engines``): federated rounds by default."""
 
     def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module], asynchronous: bool = False) -> None:
         self.cfg = cfg

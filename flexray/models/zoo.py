@@ -104,6 +104,21 @@ def lenet(input_shape: Shape, num_classes: int) -> nn.Sequential:
     return he_init(nn.Sequential(layers))
 
 
+def vgg(input_shape: Shape, num_classes: int, width: int = 16) -> nn.Sequential:
+    """VGG-style: three (conv3x3 - relu - conv3x3 - relu - maxpool) stages of width, 2x, 4x
+    channels, then global average pooling and a linear classifier. No BatchNorm, so the three
+    feature-map-heavy stages can be trained tiled (``method.name: tiled``)."""
+    c, h, w = input_shape
+    size, blocks, cin = (h, w), OrderedDict(), c
+    for i, cout in enumerate((width, 2 * width, 4 * width)):
+        pool, size = _pool(size)
+        blocks[f"conv{i + 1}"] = ConvBlock(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(),
+                                           nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU(), pool)
+        cin = cout
+    blocks["head"] = Head(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(cin, num_classes))
+    return he_init(nn.Sequential(blocks))
+
+
 def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     """Build ``cfg.name`` for inputs of shape (C, H, W); weights come from torch's global RNG.
 
@@ -116,6 +131,8 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes
         return cnn(input_shape, num_classes, width=cfg.width)
     if name == "lenet":
         return lenet(input_shape, num_classes)
+    if name == "vgg":
+        return vgg(input_shape, num_classes, width=cfg.width)
     if name in ("resnet8", "resnet20", "resnet56", "preresnet18"):
         from flexray.models import resnet_cifar
 

@@ -20,13 +20,13 @@ from flexray.data.datasets import Dataset, load_dataset, to_tensor
 from flexray.errors import FlexrayError
 from flexray.fleet import placement
 from flexray.fleet.actor import DeviceActor
-from flexray.fleet.fleet import ActorSpec, Device, assign_actors, build_fleet
+from flexray.fleet.fleet import ActorSpec, Device, build_fleet
 from flexray.fleet.profiles import resolve_profile
 from flexray.methods import method_class
 from flexray.methods.base import LocalData, Method
-from flexray.models import build_model, profile_model
-from flexray.runtime.async_rounds import AsyncRounds
-from flexray.runtime.rounds import RoundOutcome, SyncRounds
+from flexray.models import build_model
+from flexray.runtime.engines import Engine, engine_for
+from flexray.runtime.rounds import RoundOutcome
 from flexray.tracking import plots
 from flexray.tracking.events import write_events
 from flexray.tracking.mlflow_logger import Tracker
@@ -100,18 +100,18 @@ def run_job(cfg: JobConfig, resume: str | None = None) -> JobResult:
         cfg.method, lambda: build_model(cfg.model, dataset.input_shape, dataset.num_classes)
     ).check()
     devices = build_fleet(cfg, dataset.y_train)
-    specs = assign_actors(cfg, devices)
+    engine = engine_for(cfg, devices, dataset)  # the method names its engine; rounds unless it says otherwise
     with ThreadPoolExecutor(1) as pool:
         # MLflow's store set-up is Python work; Ray's start-up is mostly waiting: overlap them.
         tracker_future = pool.submit(Tracker, cfg, resume)
         driving = False
         try:
             with ray_session(cfg):
-                actors, _data_ref = start_actors(cfg, specs, devices, dataset)
+                actors, _data_ref = engine.start()
                 try:
                     tracker = tracker_future.result()
                     driving = True
-                    return _drive(cfg, resume, tracker, dataset, devices, actors, wall0)
+                    return _drive(cfg, resume, tracker, dataset, engine, actors, wall0)
                 finally:
                     for _, handle in actors:
                         ray.kill(handle)
@@ -122,7 +122,7 @@ def run_job(cfg: JobConfig, resume: str | None = None) -> JobResult:
 
 
 def _drive(
-    cfg: JobConfig, resume: str | None, tracker: Tracker, dataset: Dataset, devices: list[Device],
+    cfg: JobConfig, resume: str | None, tracker: Tracker, dataset: Dataset, engine: Engine,
     actors: list[tuple[ActorSpec, Any]], wall0: float,
 ) -> JobResult:
     def model_fn() -> torch.nn.Module:
@@ -151,8 +151,7 @@ def _drive(
             tracker.log_config(cfg)
         wait_ready(actors)
         server = resolve_profile(cfg.fleet.server_profile, cfg.fleet.profiles)
-        engine = AsyncRounds if asynchronous else SyncRounds
-        rounds = engine(cfg, devices, actors, method, server, profile_model(eval_model, dataset.input_shape))
+        rounds = engine.rounds(method, actors, server, eval_model)
         if resume:
             rounds.load_state_dict(engine_state)
         bar = tqdm(range(start, cfg.rounds.num), desc=cfg.name, unit="round", disable=not cfg.tracking.progress)

@@ -1,0 +1,55 @@
+"""Engines: how a method's work reaches the devices. The method names its engine
+(``Method.engine``); the driver asks this registry, never the method's name.
+
+An engine starts the actors it needs (``start``: [(ActorSpec, handle)], plus anything to keep
+alive for the job) and builds the per-round runner (``rounds``: an object with
+``step(rnd, clock_s, state) -> (state, RoundOutcome)``, ``state_dict`` and ``load_state_dict``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from flexray.config import JobConfig
+from flexray.data.datasets import Dataset
+from flexray.fleet.fleet import ActorSpec, Device, assign_actors
+from flexray.fleet.profiles import DeviceProfile
+from flexray.methods import method_class
+from flexray.methods.base import Method
+from flexray.models import profile_model
+
+
+class Engine(Protocol):
+    def __init__(self, cfg: JobConfig, devices: list[Device], dataset: Dataset) -> None: ...
+
+    def start(self) -> tuple[list[tuple[ActorSpec, Any]], Any]: ...
+
+    def rounds(self, method: Method, actors: list[tuple[ActorSpec, Any]], server: DeviceProfile, model: torch.nn.Module) -> Any: ...
+
+
+class RoundsEngine:
+    """Federated rounds, sync or async, on ``DeviceActor``s hosting the devices."""
+
+    def __init__(self, cfg: JobConfig, devices: list[Device], dataset: Dataset) -> None:
+        self.cfg, self.devices, self.dataset = cfg, devices, dataset
+
+    def start(self) -> tuple[list[tuple[ActorSpec, Any]], Any]:
+        from flexray.runtime.driver import start_actors
+
+        return start_actors(self.cfg, assign_actors(self.cfg, self.devices), self.devices, self.dataset)
+
+    def rounds(self, method: Method, actors: list[tuple[ActorSpec, Any]], server: DeviceProfile, model: torch.nn.Module) -> Any:
+        from flexray.runtime.async_rounds import AsyncRounds
+        from flexray.runtime.rounds import SyncRounds
+
+        engine = AsyncRounds if self.cfg.rounds.mode == "async" else SyncRounds
+        return engine(self.cfg, self.devices, actors, method, server, profile_model(model, self.dataset.input_shape))
+
+
+def engine_for(cfg: JobConfig, devices: list[Device], dataset: Dataset) -> Engine:
+    from flexray.runtime.tiled_rounds import TiledEngine
+
+    engines: dict[str, type] = {"rounds": RoundsEngine, "tiled": TiledEngine}
+    return engines[method_class(cfg.method.name).engine](cfg, devices, dataset)

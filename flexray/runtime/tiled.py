@@ -1,0 +1,262 @@
+"""Tiled, fused training across device actors, no central server (arXiv 2409.09083).
+
+Every device holds the whole model. Per step, device t computes tile t of every fused group:
+it reads its input tile (with halo), runs the group's layers on it and keeps the autograd
+graph; at a group boundary each device gathers the parts of the other devices' output tiles
+its next input needs (the ObjectRefs go device to device; the orchestrator only passes refs).
+Device 0 runs the rest of the network on the assembled feature map and sends each device its
+output tile's gradient; devices back-propagate through their stacks (exchanging input-gradient
+halos at group boundaries, summed where halos overlap), then every device fetches every
+device's weight gradients, sums them in rank order and applies the same optimizer step, so the
+weights stay identical everywhere without a parameter server.
+
+``TileHost`` is the device logic, free of Ray so tests can run it in-process;
+``TileActor`` is the Ray actor. ``TiledStep`` drives one step over either.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from torch import nn
+
+from flexray.data.datasets import Dataset, to_tensor
+from flexray.errors import FlexrayError
+from flexray.models.profile import profile_model
+from flexray.models.tiling import LayerGeom, Region, assemble, layer_geom, layer_stats, leaves, run_tile, scatter_add
+from flexray.models.zoo import stages
+from flexray.schedule.tiling import FusedStack, TilingPlan
+
+Batch = Any  # a float tensor holding the whole input batch, or row indices into the host's dataset
+
+
+def split_model(model: nn.Module, fused: int) -> tuple[list[nn.Module], list[LayerGeom], nn.Sequential, list[int]]:
+    """(fused layers, their geometry, the rest of the network, layer index after each fused stage)."""
+    named = stages(model)
+    if not 0 < fused < len(named):
+        raise FlexrayError(f"config error: method.fused_stages: {fused} is out of range; the model has {len(named) - 1} stages before its classifier")
+    layers, ends = [], []
+    for name, stage in named[:fused]:
+        for m in leaves(stage):
+            if layer_geom(m) is None:
+                raise FlexrayError(
+                    f"config error: method.fused_stages: stage {name!r} has a {type(m).__name__}, which a tile cannot "
+                    "compute alone; fuse fewer stages or use model cnn / vgg")
+            layers.append(m)
+        ends.append(len(layers))
+    geoms = [layer_geom(m) for m in layers]
+    return layers, geoms, nn.Sequential(*(s for _, s in named[fused:])), ends  # type: ignore[return-value]
+
+
+def fused_stack(model: nn.Module, input_shape: tuple[int, int, int], fused: int) -> FusedStack:
+    """The planner's view of the fused layers: counted FLOPs per pixel, channels, tail cost."""
+    layers, geoms, _, ends = split_model(model, fused)
+    c, h, w = input_shape
+    flops, chans = layer_stats(layers, c, (h, w))
+    prof = profile_model(model, input_shape)
+    head_fwd = sum(layer.fwd_flops for layer in prof.layers[fused:])
+    total_fwd = prof.fwd_flops_per_sample or 1.0
+    tail_train = prof.train_flops_per_sample * head_fwd / total_fwd  # the tail's share of counted training
+    return FusedStack(tuple(geoms), tuple(flops), tuple(chans), (h, w), tail_train, prof.param_bytes, tuple(ends))
+
+
+class TileHost:
+    """One device: the model, its tile of every group, the optimizer."""
+
+    def __init__(
+        self, rank: int, model: nn.Module, fused: int, plan: TilingPlan, opt: dict[str, float],
+        data: Dataset | None = None, threads: int | None = None, pace: Sequence[float] | None = None,
+    ) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.rank, self.model, self.plan, self.data = rank, model, plan, data
+        self.layers, self.geoms, self.tail_net, _ = split_model(model, fused)
+        self.params = list(model.parameters())
+        self.param_ptrs = {p.data_ptr() for p in self.params}
+        self.opt = torch.optim.SGD(self.params, lr=opt["lr"], momentum=opt["momentum"], weight_decay=opt["weight_decay"])
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.pace = list(pace) if pace else None  # sleep throttle: wall seconds per (forward, backward) of a step
+        self.graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.saved: dict[int, int] = {}
+        self.reset_stats()
+
+    def info(self) -> dict[str, object]:
+        return {"pid": os.getpid(), "rank": self.rank}
+
+    def reset_stats(self) -> dict[str, float]:
+        old = getattr(self, "stats", {})
+        self.stats = {"compute_s": 0.0, "peak_activation_bytes": 0.0, "tail_activation_bytes": 0.0,
+                      "loss_sum": 0.0, "steps": 0.0}
+        return old
+
+    def load(self, state: dict[str, torch.Tensor], opt_state: dict[str, Any] | None = None) -> None:
+        self.model.load_state_dict(state)
+        if opt_state is not None:
+            self.opt.load_state_dict(opt_state)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def opt_state(self) -> dict[str, Any]:
+        return self.opt.state_dict()
+
+    def checksum(self) -> float:
+        return float(sum(p.detach().double().sum() for p in self.params))
+
+    # ---- one step
+    def _input(self, batch: Batch, region: Region) -> torch.Tensor:
+        if isinstance(batch, torch.Tensor):
+            return batch[:, :, region.h0:region.h1, region.w0:region.w1]
+        assert self.data is not None, "index batches need the host's dataset"
+        x = self.data.x_train[batch][:, :, region.h0:region.h1, region.w0:region.w1]
+        return to_tensor(np.ascontiguousarray(x), self.data.mean, self.data.std)
+
+    def _saving(self, bucket: int) -> Any:
+        """Measure activation memory: bytes of the non-parameter tensors autograd keeps for backward."""
+        seen: set[int] = set()
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in self.param_ptrs and ptr not in seen:
+                seen.add(ptr)
+                self.saved[bucket] = self.saved.get(bucket, 0) + t.untyped_storage().nbytes()
+            return t
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+    def forward(self, g: int, batch: Batch, ids: Sequence[int], *parts: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        tile = self.plan.tiles[g][self.rank]
+        a, b = self.plan.groups[g]
+        if g == 0:
+            self.saved.clear()
+            x = self._input(batch, tile.input)
+        else:
+            prev = self.plan.tiles[g - 1]
+            x = assemble(tile.input, [(prev[u].output, p) for u, p in zip(ids, parts)]).requires_grad_()
+        with self._saving(g):
+            out = run_tile(self.layers[a:b], self.geoms[a:b], tile, x)
+        self.graphs[g] = (x, out)
+        if g == len(self.plan.groups) - 1:
+            self.stats["peak_activation_bytes"] = max(self.stats["peak_activation_bytes"], float(sum(self.saved.values())))
+        self._spent(t0, 0)
+        return out.detach().numpy()
+
+    def tail(self, y: Batch, *parts: np.ndarray) -> Any:
+        """Rest of the network on the assembled map (device 0); returns the gradient of each
+        device's output tile (one Ray return per tile, so each device fetches only its own)."""
+        t0 = time.perf_counter()
+        last = self.plan.tiles[-1]
+        full = Region(0, max(t.output.h1 for t in last), 0, max(t.output.w1 for t in last))
+        fmap = assemble(full, [(t.output, p) for t, p in zip(last, parts)]).requires_grad_()
+        labels = y if isinstance(y, torch.Tensor) else torch.as_tensor(self.data.y_train[y], dtype=torch.long)  # type: ignore[union-attr]
+        self.saved[-1] = 0
+        with self._saving(-1):
+            loss = self.loss_fn(self.tail_net(fmap), labels)
+        loss.backward()
+        self.stats["tail_activation_bytes"] = max(self.stats["tail_activation_bytes"], float(self.saved.pop(-1)))
+        self.stats["loss_sum"] += float(loss.detach())
+        grad = fmap.grad.numpy()  # type: ignore[union-attr]
+        tiles = [np.ascontiguousarray(grad[(..., *t.output.within(full))]) for t in last]
+        self.stats["compute_s"] += time.perf_counter() - t0
+        return tiles if len(tiles) > 1 else tiles[0]
+
+    def backward(self, g: int, ids: Sequence[int], *parts: torch.Tensor) -> Any:
+        """Back-propagate tile ``g``; returns its input-gradient, or for group 0 every weight gradient."""
+        t0 = time.perf_counter()
+        x, out = self.graphs.pop(g)
+        tile = self.plan.tiles[g][self.rank]
+        if g == len(self.plan.groups) - 1:
+            grad = torch.from_numpy(np.array(parts[0]))
+        else:
+            nxt = self.plan.tiles[g + 1]
+            grad = scatter_add(tile.output, [(nxt[u].input, p) for u, p in zip(ids, parts)])
+        out.backward(grad)
+        self.saved.pop(g, None)
+        self._spent(t0, 1)
+        if g:
+            return x.grad.numpy()  # type: ignore[union-attr]
+        self.stats["steps"] += 1
+        return [None if p.grad is None else p.grad.detach().numpy().copy() for p in self.params]
+
+    def step(self, *grads: list[np.ndarray | None]) -> None:
+        """The all-reduce's end: sum every device's weight gradients in rank order, then step."""
+        for i, p in enumerate(self.params):
+            got = [g[i] for g in grads if g[i] is not None]
+            p.grad = torch.from_numpy(np.sum(got, axis=0)) if got else None
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def _spent(self, t0: float, phase: int) -> None:
+        wall = time.perf_counter() - t0
+        self.stats["compute_s"] += wall
+        if self.pace is not None:  # sleep throttle: this group's share of the device's predicted compute
+            time.sleep(max(0.0, self.pace[phase] / len(self.plan.groups) - wall))
+
+
+TileActor = ray.remote(TileHost)
+
+
+class TiledStep:
+    """Runs training steps over hosts: Ray actor handles, or in-process ``TileHost``s."""
+
+    def __init__(self, plan: TilingPlan, hosts: Sequence[Any]) -> None:
+        self.plan, self.hosts = plan, list(hosts)
+        self.remote = not isinstance(self.hosts[0], TileHost)
+        n, groups = plan.n_tiles, len(plan.groups)
+        if len(self.hosts) != n:
+            raise ValueError(f"{n} tiles need {n} hosts, got {len(self.hosts)}")
+        tiles = plan.tiles
+        # who reads whose output (forward) and whose input-gradient (backward), per boundary
+        self.fwd_src = [[[u for u in range(n) if tiles[g - 1][u].output.overlap(tiles[g][t].input)] for t in range(n)]
+                        for g in range(1, groups)]
+        self.bwd_src = [[[u for u in range(n) if tiles[g + 1][u].input.overlap(tiles[g][t].output)] for t in range(n)]
+                        for g in range(groups - 1)]
+
+    def call(self, rank: int, name: str, *args: Any) -> Any:
+        host = self.hosts[rank]
+        return getattr(host, name).remote(*args) if self.remote else getattr(host, name)(*args)
+
+    def get(self, refs: Any) -> Any:
+        return ray.get(refs) if self.remote else refs
+
+    def all(self, name: str, *args: Any) -> list[Any]:
+        return self.get([self.call(r, name, *args) for r in range(len(self.hosts))])
+
+    def backprop(self, x: Batch, y: Batch) -> tuple[list[Any], list[Any]]:
+        """Queue one forward/backward: (the last group's output tiles, every device's weight gradients)."""
+        n, groups = self.plan.n_tiles, len(self.plan.groups)
+        outs: list[list[Any]] = []
+        for g in range(groups):
+            if g == 0:
+                outs.append([self.call(t, "forward", 0, x, ()) for t in range(n)])
+            else:
+                src = self.fwd_src[g - 1]
+                outs.append([self.call(t, "forward", g, None, tuple(src[t]), *(outs[g - 1][u] for u in src[t])) for t in range(n)])
+        if self.remote:
+            tail = self.hosts[0].tail.options(num_returns=n).remote(y, *outs[-1])
+        else:
+            tail = self.hosts[0].tail(y, *outs[-1])
+        tail = tail if n > 1 else [tail]
+        grads: list[Any] = [None] * groups
+        for g in reversed(range(groups)):
+            if g == groups - 1:
+                grads[g] = [self.call(t, "backward", g, (t,), tail[t]) for t in range(n)]
+            else:
+                src = self.bwd_src[g]
+                grads[g] = [self.call(t, "backward", g, tuple(src[t]), *(grads[g + 1][u] for u in src[t])) for t in range(n)]
+        return outs[-1], grads[0]
+
+    def apply(self, grads: list[Any]) -> list[Any]:
+        """Every device sums every device's gradients (all-reduce) and steps; returns the calls."""
+        return [self.call(t, "step", *grads) for t in range(self.plan.n_tiles)]
+
+    def step(self, x: Batch, y: Batch) -> list[Any]:
+        """Queue one training step; returns the step calls (wait on them with ``get``)."""
+        return self.apply(self.backprop(x, y)[1])
