@@ -166,7 +166,9 @@ def test_distreal_job_logs_front_and_choices_follow_the_traces(ray_cluster, mlfl
     client = MlflowClient(mlflow_uri)
     names = {f.path for f in client.list_artifacts(res.run_id, "method")}
     assert {"method/distreal_front.json", "method/distreal_front.png"} <= names
-    front = json.loads(open(client.download_artifacts(res.run_id, "method/distreal_front.json", str(tmp_path))).read())
+    local = client.download_artifacts(res.run_id, "method/distreal_front.json", str(tmp_path))
+    with open(local) as f:
+        front = json.load(f)
     assert len(front["points"]) >= 2
     events = pq.read_table(client.download_artifacts(res.run_id, "events.parquet", str(tmp_path))).to_pylist()
     rpi = [e for e in events if e["profile"] == "rpi3"]
@@ -176,4 +178,5 @@ def test_distreal_job_logs_front_and_choices_follow_the_traces(ray_cluster, mlfl
         assert e["status"] == "ok", e
     by_speed = sorted((e["speed"], json.loads(e["metrics"])["point"]) for e in rpi)
     assert by_speed[0][1] <= by_speed[-1][1]  # slowest moment: no costlier point than the fastest
-    assert res.final["accuracy"] > 0.3
+    accs = [h["accuracy"] for h in res.history]
+    assert accs[-1] > max(0.2, accs[0])  # it learns (chance is 0.1)

@@ -32,7 +32,17 @@ from flexray.config import MethodConfig
 from flexray.errors import FlexrayError
 from flexray.fleet.energy import predict_times
 from flexray.methods.base import (
-    Cost, DeviceContext, DeviceView, LocalData, Method, ServerData, State, Task, Update, cast_like, copy_state,
+    Cost,
+    DeviceContext,
+    DeviceView,
+    LocalData,
+    Method,
+    ServerData,
+    State,
+    Task,
+    Update,
+    cast_like,
+    copy_state,
 )
 from flexray.models import filters
 from flexray.models.profile import ModelProfile, state_bytes

@@ -29,7 +29,17 @@ from flexray.config import MethodConfig
 from flexray.errors import FlexrayError
 from flexray.fleet.energy import predict_times
 from flexray.methods.base import (
-    Cost, DeviceContext, DeviceView, LocalData, Method, ServerData, State, Task, Update, cast_like, copy_state,
+    Cost,
+    DeviceContext,
+    DeviceView,
+    LocalData,
+    Method,
+    ServerData,
+    State,
+    Task,
+    Update,
+    cast_like,
+    copy_state,
     sgd_train,
 )
 from flexray.models import elastic, filters
@@ -138,7 +148,7 @@ class Reft(Method):
             return f"update pruned ratio {ratio}, planned {planned}"
         expected = {k: v.shape for k, v in self.pruned(float(ratio)).state_dict().items()}
         if set(update.tensors) != set(expected):
-            odd = sorted(set(update.tensors) ^ set(expected))[0]
+            odd = min(set(update.tensors) ^ set(expected))
             return f"{odd}: {'unknown' if odd in update.tensors else 'missing'} tensor for ratio {ratio}"
         for key, value in update.tensors.items():
             if value.shape != expected[key]:
