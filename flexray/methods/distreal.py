@@ -51,7 +51,7 @@ from flexray.schedule.dse import DSEConfig
 
 
 class DropoutConfig(MethodConfig):
-    scaler: bool = Field(True, description="inverted dropout: kept outputs x C/kept while training")
+    scaler: bool = Field(False, description="inverted dropout: kept outputs x C/kept while training")
     deadline_s: float | None = Field(
         None, gt=0, description="budget deadline when the round has none (rounds.deadline_s wins)"
     )
@@ -175,7 +175,8 @@ class Distreal(FilterDropout):
     def candidates(self, data: ServerData, workdir: Path) -> tuple[list[str], list[list[float]], list[Path]]:
         cfg: DistrealConfig = self.cfg  # type: ignore[assignment]
         proxy = data.take(cfg.dse.proxy_samples, "method.dse.proxy_samples")
-        front = dse.explore(self.model_fn, proxy, cfg.dse, data.dataset.input_shape)
+        front = dse.explore(self.model_fn, proxy, cfg.dse.model_copy(update={"scaler": cfg.scaler}),
+                            data.dataset.input_shape)
         json_path = workdir / "distreal_front.json"
         json_path.write_text(front.to_json())
         paths = [json_path, dse.plot(front, workdir / "distreal_front.png")]

@@ -47,7 +47,7 @@ from flexray.models.profile import ModelProfile, profile_model, state_bytes
 
 
 class ReftConfig(MethodConfig):
-    ratios: list[float] = Field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6], min_length=1,
+    ratios: list[float] = Field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8], min_length=1,
                                 description="structured pruning ratios a device may get")
     ratio: float | None = Field(None, ge=0, lt=1, description="every device prunes this ratio (overrides ratios)")
     deadline_s: float | None = Field(None, gt=0, description="deadline to fit when the round has none")

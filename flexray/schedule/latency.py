@@ -40,14 +40,15 @@ def training_memory_bytes(profile: ModelProfile, batch_size: int) -> float:
 
 
 def predict(
-    method: Method, tasks: Sequence[Task], devices: dict[int, Device], t: float, profile: ModelProfile, batch_size: int
+    method: Method, tasks: Sequence[Task], devices: dict[int, Device], t: float, profile: ModelProfile, batch_size: int,
+    deadline_s: float | None = None,
 ) -> list[Prediction]:
     out = []
     mem = training_memory_bytes(profile, batch_size)
     for task in tasks:
         d = devices[task.device]
         speed = d.trace.speed(t)
-        view = DeviceView(d.id, d.profile, speed, len(d.indices))
+        view = DeviceView(d.id, d.profile, speed, len(d.indices), deadline_s)
         cost = method.cost(task, view, profile)
         dl, comp, ul = predict_times(d.profile, speed, cost.flops, cost.bytes_down, cost.bytes_up)
         out.append(Prediction(
