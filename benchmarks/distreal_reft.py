@@ -69,7 +69,7 @@ def main() -> None:
     deadline = round(epoch_flops / (1.2 * PHONE_FLOPS), 4)
     with tempfile.TemporaryDirectory() as tmp:
         cache = f"{tmp}/dse"
-        dse = {"proxy_samples": 1000, "proxy_steps": 80, "pop_size": 10, "generations": 5, "cache_dir": cache}
+        dse = {"proxy_samples": 2000, "proxy_steps": 100, "pop_size": 10, "generations": 5, "cache_dir": cache}
         variants = {
             "fedavg_drop_stragglers": {"name": "fedavg"},
             "uniform_dropout": {"name": "uniform_dropout"},
