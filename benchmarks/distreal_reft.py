@@ -13,7 +13,8 @@ d = 0) and how often devices changed their choice; REFT its upload reduction aga
 
     python benchmarks/distreal_reft.py [--data ../shared/data/cifar10.npz] [--rounds 30]
 
-Prints one JSON line per method. Budget: about 10-15 minutes on 2 shared CPU cores.
+Prints one JSON line per method. Budget: about 20 minutes on 2 CPU cores (26 min measured at load
+average 6-15 on a shared box; `--rounds 20` cuts it by a fifth).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import tempfile
 import time
 from collections import defaultdict
+from itertools import pairwise
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -117,7 +119,7 @@ def main() -> None:
             for e in sorted(events, key=lambda e: e["round"]):
                 if e["status"] in ("ok", "late"):
                     picks[e["device"]].append(json.loads(e["metrics"])["point"])
-            line["choice_changes"] = sum(sum(a != b for a, b in zip(p, p[1:])) for p in picks.values())
+            line["choice_changes"] = sum(sum(a != b for a, b in pairwise(p)) for p in picks.values())
             line["devices_that_changed"] = sum(len(set(p)) > 1 for p in picks.values())
             line["front"] = [
                 {"d": p["rates"], "flops_vs_d0": round(p["flops"] / front["full_flops"], 3),
