@@ -33,13 +33,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
     import torch
 
     from flexray.config import load_config
     from flexray.data.datasets import load_dataset
     from flexray.fleet.fleet import assign_actors, build_fleet
     from flexray.methods import method_class
-    from flexray.methods.base import DeviceView
+    from flexray.methods.base import DeviceView, ServerData
     from flexray.models import build_model, profile_model
     from flexray.schedule.latency import predict, round_time
     from flexray.schedule.minmax import SubModelScheduler
@@ -70,15 +74,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     method.check()
     mprof = profile_model(model, ds.input_shape)
     avail = [d for d in devices if d.trace.available(0.0)]
-    views = [DeviceView(d.id, d.profile, d.trace.speed(0.0), len(d.indices)) for d in avail]
+    held_out = np.setdiff1d(np.arange(len(ds.y_train)), np.concatenate([d.indices for d in devices]))
+    with tempfile.TemporaryDirectory() as tmp:  # e.g. DISTREAL's design-space search (cached on disk)
+        method.setup(ServerData(ds, held_out), Path(tmp))
+    deadline = cfg.rounds.deadline_s
+    views = [DeviceView(d.id, d.profile, d.trace.speed(0.0), len(d.indices), deadline) for d in avail]
     plan = SubModelScheduler(cfg.schedule, method, mprof, cfg.method.batch_size).assign(views)
     tasks = method.plan(0, plan.views, method.init(model))
     spec = {t.device: " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.spec.items())
             for t in tasks}
-    preds = predict(method, tasks, {d.id: d for d in devices}, 0.0, mprof, cfg.method.batch_size)
-    rows = [(p.name, actor_of[p.device], *([node_of[p.device]] if node_of else []), spec[p.device] or "-", p.samples,
-             p.flops, p.download_s, p.compute_s, p.upload_s, p.total_s, p.energy_j, "yes" if p.fits_memory else "NO")
-            for p in preds]
+    preds = predict(method, tasks, {d.id: d for d in devices}, 0.0, mprof, cfg.method.batch_size, deadline)
+    rows = [(p.name, actor_of[p.device], *([node_of[p.device]] if node_of else []), spec[p.device][:40] or "-",
+             p.samples, p.flops, p.download_s, p.compute_s, p.upload_s, p.total_s, p.energy_j,
+             "yes" if p.fits_memory else "NO") for p in preds]
     print(_table(["device", "actor", *(["node"] if node_of else []), "task", "samples", "flops", "down_s", "compute_s",
                   "up_s", "total_s", "energy_j", "fits_mem"], rows))
     left_out = sorted({v.id for v in views} - {v.id for v in plan.views})

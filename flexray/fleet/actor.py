@@ -76,7 +76,7 @@ class DeviceHost:
         dev = self.devices[task.device]
         data = self.data[task.device]
         speed = dev.trace.speed(req.start_s)
-        view = DeviceView(dev.id, dev.profile, speed, len(data))
+        view = DeviceView(dev.id, dev.profile, speed, len(data), req.deadline_s)
         throttle = self.cfg.fleet.throttle
         deadline = req.deadline_s if req.drop_stragglers else None
 
@@ -88,6 +88,7 @@ class DeviceHost:
             return self._report(req, task, dev, speed, 0, cost.flops, 0.0, dl, comp, ul, cost.bytes_down, 0, {}, "straggler"), None
 
         self.ctx.seed(derive_seed(self.cfg.seed, req.round, task.device, req.draw))
+        self.ctx.device = view
         t0 = time.perf_counter()
         update = self.method.local_update(task, state, data, self.ctx)
         wall = time.perf_counter() - t0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flexray.errors import FlexrayError
 from flexray.methods.base import Method
+from flexray.methods.distreal import Distreal
 from flexray.methods.fedasync import FedAsync
 from flexray.methods.fedavg import FedAvg
 from flexray.methods.fedbuff import FedBuff
@@ -13,10 +14,15 @@ from flexray.methods.fedrolex import FedRolex
 from flexray.methods.fjord import FjORD
 from flexray.methods.flextrain import FlexTrain
 from flexray.methods.heterofl import HeteroFL
+from flexray.methods.reft import Reft
 from flexray.methods.tiled import Tiled
+from flexray.methods.uniform_dropout import UniformDropout
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (FedAvg, FedProx, FedAsync, FedBuff, HeteroFL, FjORD, FedRolex, FlexTrain, FedClass, Tiled)
+    m.name: m for m in (
+        FedAvg, FedProx, FedAsync, FedBuff, HeteroFL, FjORD, FedRolex, FlexTrain, FedClass, Distreal, UniformDropout,
+        Reft, Tiled,
+    )
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -30,6 +31,7 @@ class DeviceView:
     profile: DeviceProfile
     speed: float
     num_samples: int
+    deadline_s: float | None = None  # the round's deadline, so a device can size its own work
     choice: Mapping[str, Any] | None = None
     """The sub-model the scheduler picked (e.g. ``{"k": 3}``); None: the method's own rule."""
 
@@ -75,6 +77,29 @@ class LocalData:
         return len(self.y)
 
 
+@dataclass(frozen=True)
+class ServerData:
+    """What the server may use before training (``Method.setup``): the dataset and the indices of
+    the training samples no device holds (a held-out slice for proxy training or distillation)."""
+
+    dataset: Any  # flexray.data.datasets.Dataset
+    held_out: Any  # numpy int64 indices into dataset.x_train
+
+    def take(self, count: int, field: str) -> LocalData:
+        """The first ``count`` held-out samples as tensors, or a FlexrayError naming ``field``."""
+        from flexray.data.datasets import to_tensor
+        from flexray.errors import FlexrayError
+
+        if len(self.held_out) < count:
+            raise FlexrayError(
+                f"config error: {field}: needs {count} held-out training samples but devices leave "
+                f"{len(self.held_out)}; lower it or cap data.samples_per_device"
+            )
+        idx = self.held_out[:count]
+        ds = self.dataset
+        return LocalData(to_tensor(ds.x_train[idx], ds.mean, ds.std), torch.as_tensor(ds.y_train[idx], dtype=torch.long))
+
+
 class DeviceContext:
     """Device-side helpers: a model cache (one module per spec) and the task's RNG."""
 
@@ -82,6 +107,8 @@ class DeviceContext:
         self._model_fn = model_fn
         self._models: dict[str, nn.Module] = {}
         self.generator = torch.Generator()
+        self.device: DeviceView | None = None
+        """The device running the current task (profile, trace speed now, deadline): its budget."""
 
     def model(self, key: str = "full", build: Callable[[], nn.Module] | None = None) -> nn.Module:
         if key not in self._models:
@@ -145,6 +172,11 @@ class Method(ABC):
         return model
 
     # ---- server side
+    def setup(self, data: ServerData, workdir: Path) -> list[Path]:
+        """Server-side preparation before the first round (e.g. a design-space search or a proxy
+        set); returns files to log as run artifacts. Runs again on resume."""
+        return []
+
     def init(self, model: nn.Module) -> State:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -282,6 +314,6 @@ def copy_state(model: nn.Module) -> State:
 
 
 __all__ = [
-    "Cost", "DeviceContext", "DeviceView", "LocalData", "Method", "State", "Task", "Update",
+    "Cost", "DeviceContext", "DeviceView", "LocalData", "Method", "ServerData", "State", "Task", "Update",
     "cast_like", "copy_state", "evaluate_model", "sgd_train", "state_bytes", "weighted_mean",
 ]

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 from tqdm import tqdm
@@ -23,7 +24,7 @@ from flexray.fleet.actor import DeviceActor
 from flexray.fleet.fleet import ActorSpec, Device, build_fleet
 from flexray.fleet.profiles import resolve_profile
 from flexray.methods import method_class
-from flexray.methods.base import LocalData, Method
+from flexray.methods.base import LocalData, Method, ServerData
 from flexray.models import build_model
 from flexray.runtime.engines import Engine, engine_for
 from flexray.runtime.rounds import RoundOutcome
@@ -149,6 +150,10 @@ def _drive(
             engine_state = ck["engine"]
         else:
             tracker.log_config(cfg)
+        held_out = np.setdiff1d(np.arange(len(dataset.y_train)), np.concatenate([d.indices for d in engine.devices]))
+        with torch.random.fork_rng(devices=[]):  # server-side preparation never shifts the training RNG
+            for path in method.setup(ServerData(dataset, held_out), tracker.workdir):
+                tracker.log_file(path, "method")
         wait_ready(actors)
         server = resolve_profile(cfg.fleet.server_profile, cfg.fleet.profiles)
         rounds = engine.rounds(method, actors, server, eval_model)

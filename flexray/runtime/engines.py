@@ -22,6 +22,8 @@ from flexray.models import profile_model
 
 
 class Engine(Protocol):
+    devices: list[Device]
+
     def __init__(self, cfg: JobConfig, devices: list[Device], dataset: Dataset) -> None: ...
 
     def start(self) -> tuple[list[tuple[ActorSpec, Any]], Any]: ...

@@ -103,7 +103,8 @@ class SyncRounds:
         available = [d for d in self.devices.values() if d.trace.available(clock_s) and self.usable(d.id)]
         chosen = sample_devices(self.cfg, rnd, available)
         target = target_count(self.cfg, len(available))
-        views = [DeviceView(d.id, d.profile, d.trace.speed(clock_s), len(d.indices)) for d in chosen]
+        deadline = self.cfg.rounds.deadline_s
+        views = [DeviceView(d.id, d.profile, d.trace.speed(clock_s), len(d.indices), deadline) for d in chosen]
         plan = self.scheduler.assign(views)
         tasks = self.scheduler.annotate(self.method.plan(rnd, plan.views, state), plan)
 

@@ -34,7 +34,8 @@ class Prediction:
 
 
 def predict(
-    method: Method, tasks: Sequence[Task], devices: dict[int, Device], t: float, profile: ModelProfile, batch_size: int
+    method: Method, tasks: Sequence[Task], devices: dict[int, Device], t: float, profile: ModelProfile, batch_size: int,
+    deadline_s: float | None = None,
 ) -> list[Prediction]:
     out = []
     full_mem = training_memory_bytes(profile, batch_size)
@@ -43,7 +44,7 @@ def predict(
         mem = method.option_memory_bytes(task.spec, profile.input_shape, batch_size) if knob else full_mem
         d = devices[task.device]
         speed = d.trace.speed(t)
-        view = DeviceView(d.id, d.profile, speed, len(d.indices))
+        view = DeviceView(d.id, d.profile, speed, len(d.indices), deadline_s)
         cost = method.cost(task, view, profile)
         dl, comp, ul = predict_times(d.profile, speed, cost.flops, cost.bytes_down, cost.bytes_up)
         out.append(Prediction(

@@ -1,0 +1,184 @@
+"""DISTREAL (Rapp, Khalili, Pfeiffer & Henkel, AAAI 2022, arXiv 2112.08761): resource-aware
+structured filter dropout with design-space exploration and device-side online selection.
+
+- Every mini-batch trains a random kept-filter sub-network: layer ``l`` keeps a random
+  ``ceil((1 - d_l) * C_l)`` of its filters and the next layer the matching inputs; only the kept
+  sub-tensors are computed (``flexray.models.filters.DropoutSGD``), so FLOPs and time fall.
+- Before training, the server explores per-layer rates ``d`` with NSGA-II (``flexray.schedule.dse``)
+  for (resource cost, convergence) and ships the Pareto front with every task. The search is
+  cached per model and logged as artifacts (front JSON + cost-vs-loss plot).
+- Online selection, on the device and without asking the server: each round a device reads its
+  budget (profile FLOP/s x its trace's current speed, and the round deadline) and picks the
+  best-converging front point whose local work still fits the deadline after download and upload.
+- Server: FedAvg over full tensors where a device counts, per entry, only if it trained that entry.
+  Denominator = sum of sample weights of the devices whose value of the entry changed (a filter a
+  device dropped in every mini-batch is unchanged). Counting every device instead would pull rarely
+  kept filters back toward the old model in proportion to their dropout rate, so heavily dropped
+  layers would learn slowest; this is the unbiased mean of the updates that exist (as in HeteroFL).
+  No masks are shipped: an entry SGD touched and left bit-identical contributed no update anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from flexray.config import MethodConfig
+from flexray.errors import FlexrayError
+from flexray.fleet.energy import predict_times
+from flexray.methods.base import (
+    Cost,
+    DeviceContext,
+    DeviceView,
+    LocalData,
+    Method,
+    ServerData,
+    State,
+    Task,
+    Update,
+    cast_like,
+    copy_state,
+)
+from flexray.models import filters
+from flexray.models.profile import ModelProfile, state_bytes
+from flexray.schedule import dse
+from flexray.schedule.dse import DSEConfig
+
+
+class DropoutConfig(MethodConfig):
+    scaler: bool = Field(False, description="inverted dropout: kept outputs x C/kept while training")
+    deadline_s: float | None = Field(
+        None, gt=0, description="budget deadline when the round has none (rounds.deadline_s wins)"
+    )
+
+
+class DistrealConfig(DropoutConfig):
+    dse: DSEConfig = Field(default_factory=DSEConfig, description="design-space exploration")
+
+
+class FilterDropout(Method):
+    """Shared by DISTREAL and uniform dropout: a set of dropout vectors (cost, convergence) is
+    shipped with each task and the device picks one for its budget; they differ in the set."""
+
+    Config: ClassVar[type[MethodConfig]] = DropoutConfig
+    linear = False
+
+    def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module], asynchronous: bool = False) -> None:
+        super().__init__(cfg, model_fn, asynchronous)
+        self.points: list[list[float]] | None = None  # per point: rates..., flops/sample, convergence
+        self.layers: list[str] = []
+        self._bytes: int | None = None
+
+    @property
+    def dcfg(self) -> DropoutConfig:
+        return self.cfg  # type: ignore[return-value]
+
+    def candidates(self, data: ServerData, workdir: Path) -> tuple[list[str], list[list[float]], list[Path]]:
+        raise NotImplementedError
+
+    def setup(self, data: ServerData, workdir: Path) -> list[Path]:
+        self.layers, self.points, artifacts = self.candidates(data, workdir)
+        return artifacts
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"layers": self.layers, "points": self.points}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.layers, self.points = list(state.get("layers", [])), state.get("points")
+
+    # ---- server side
+    def plan(self, rnd: int, devices: Sequence[DeviceView], state: State) -> list[Task]:
+        if self.points is None:
+            raise FlexrayError(f"method {self.name}: no design points; the driver calls setup() before planning")
+        spec = {"layers": self.layers, "points": self.points}
+        return [Task(device=d.id, round=rnd, spec=spec) for d in devices]
+
+    def model_bytes(self) -> int:
+        if self._bytes is None:
+            self._bytes = state_bytes(self.full.state_dict())
+        return self._bytes
+
+    def choose(self, spec: dict[str, Any], view: DeviceView | None, samples: int) -> int:
+        """The device's own pick for its current budget (see ``dse.select``)."""
+        pts = [(p[-2], p[-1]) for p in spec["points"]]
+        if view is None:
+            return dse.select(pts, 1.0, None, samples)
+        deadline = view.deadline_s if view.deadline_s is not None else self.dcfg.deadline_s
+        budget = None
+        if deadline is not None:
+            dl, _, ul = predict_times(view.profile, view.speed, 0.0, self.model_bytes(), self.model_bytes())
+            budget = deadline - dl - ul
+        return dse.select(pts, view.profile.flops * view.speed, budget, samples)
+
+    def cost(self, task: Task, device: DeviceView, profile: ModelProfile) -> Cost:
+        samples = self.cfg.local_epochs * device.num_samples
+        point = task.spec["points"][self.choose(dict(task.spec), device, samples)]
+        return Cost(samples * point[-2], self.model_bytes(), self.model_bytes())
+
+    def aggregate(self, rnd: int, state: State, updates: Sequence[Update]) -> State:
+        if not updates:
+            return state
+        num = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in state.items()}
+        den = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in state.items()}
+        for u in updates:
+            for k, v in u.tensors.items():
+                trained = (v != state[k]) if v.is_floating_point() else torch.ones(v.shape, dtype=torch.bool)
+                w = trained.to(torch.float64) * float(u.weight)
+                num[k] += w * v.to(torch.float64)
+                den[k] += w
+        merged = {k: torch.where(den[k] > 0, num[k] / den[k].clamp_min(1e-300), state[k].to(torch.float64)) for k in state}
+        return cast_like(merged, state)
+
+    # ---- device side
+    def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
+        spec = dict(task.spec)
+        samples_planned = self.cfg.local_epochs * len(data)
+        i = self.choose(spec, ctx.device, samples_planned)
+        rates = dict(zip(spec["layers"], spec["points"][i][:-2]))
+        full = ctx.model(f"{self.name}:full")
+        full.load_state_dict(state)
+        layers = filters.chain(full)
+        width = filters.widths(layers, rates)
+        key = f"{self.name}:" + ",".join(str(width[k]) for k in sorted(width))
+
+        def build() -> nn.Module:
+            with torch.random.fork_rng(devices=[]):
+                sub = filters.slim(full, width)
+            return filters.add_scalers(sub, width, layers) if self.dcfg.scaler else sub
+
+        trainer = filters.DropoutSGD(full, width, sub=ctx.model(key, build))
+        cfg, n = self.cfg, len(data)
+        seen, loss_sum = 0, 0.0
+        for _ in range(cfg.local_epochs):
+            order = torch.randperm(n, generator=ctx.generator)
+            for start in range(0, n, cfg.batch_size):
+                idx = order[start : start + cfg.batch_size]
+                loss = trainer.step(data.x[idx], data.y[idx], ctx.generator, cfg.lr, cfg.momentum, cfg.weight_decay)
+                seen += len(idx)
+                loss_sum += loss * len(idx)
+        metrics = {"train_loss": loss_sum / max(seen, 1), "point": float(i)}
+        metrics.update({f"drop.{k}": float(r) for k, r in rates.items()})
+        if ctx.device is not None:
+            metrics["budget_gflops"] = ctx.device.profile.flops * ctx.device.speed / 1e9
+        return Update(copy_state(full), weight=n, samples=seen, flops=seen * spec["points"][i][-2], metrics=metrics)
+
+
+class Distreal(FilterDropout):
+    name = "distreal"
+    Config = DistrealConfig
+
+    def candidates(self, data: ServerData, workdir: Path) -> tuple[list[str], list[list[float]], list[Path]]:
+        cfg: DistrealConfig = self.cfg  # type: ignore[assignment]
+        proxy = data.take(cfg.dse.proxy_samples, "method.dse.proxy_samples")
+        front = dse.explore(self.model_fn, proxy, cfg.dse.model_copy(update={"scaler": cfg.scaler}),
+                            data.dataset.input_shape)
+        json_path = workdir / "distreal_front.json"
+        json_path.write_text(front.to_json())
+        paths = [json_path, dse.plot(front, workdir / "distreal_front.png")]
+        points = [[*p.rates, p.flops, p.loss] for p in front.points]
+        return list(front.layers), points, paths

@@ -1,0 +1,217 @@
+"""REFT (Desai et al., arXiv 2308.13662): capability-driven structured pruning on the devices and
+server-side ensemble distillation.
+
+- Each device trains a physically smaller model: every Conv2d / hidden Linear keeps its
+  ``ceil((1 - r) * C)`` filters of largest L1 norm in the current global model (Li et al. 2017),
+  so it computes fewer FLOPs and downloads and uploads fewer bytes. The server plans ``r`` per
+  device: the smallest ratio on ``ratios`` whose round (download + local epochs + upload of the
+  pruned model) fits the deadline at the device's profile FLOP/s x trace speed.
+- Server: the pruned updates are first averaged into the global tensors where they sit (each
+  entry over the devices that hold it, as HeteroFL), then the global model is distilled from the
+  ensemble: the mean softmax of the client models at temperature ``T`` on an unlabeled held-out
+  proxy set (``proxy_samples`` training samples no device holds; labels unused) teaches it by KL
+  divergence (x ``T^2``, Hinton et al. 2015).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+from torch import nn
+
+from flexray.config import MethodConfig
+from flexray.errors import FlexrayError
+from flexray.fleet.energy import predict_times
+from flexray.methods.base import (
+    Cost,
+    DeviceContext,
+    DeviceView,
+    LocalData,
+    Method,
+    ServerData,
+    State,
+    Task,
+    Update,
+    cast_like,
+    copy_state,
+    sgd_train,
+)
+from flexray.models import elastic, filters
+from flexray.models.profile import ModelProfile, profile_model, state_bytes
+
+
+class ReftConfig(MethodConfig):
+    ratios: list[float] = Field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8], min_length=1,
+                                description="structured pruning ratios a device may get")
+    ratio: float | None = Field(None, ge=0, lt=1, description="every device prunes this ratio (overrides ratios)")
+    deadline_s: float | None = Field(None, gt=0, description="deadline to fit when the round has none")
+    proxy_samples: int = Field(1000, ge=1, description="unlabeled held-out samples for distillation")
+    temperature: float = Field(3.0, gt=0, description="distillation temperature T")
+    distill_steps: int = Field(50, ge=0, description="server KL steps per round (0: plain averaging)")
+    distill_batch: int = Field(64, ge=1)
+    distill_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the distillation")
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios_ok(cls, v: list[float]) -> list[float]:
+        bad = [r for r in v if not 0 <= r < 1]
+        if bad:
+            raise ValueError(f"pruning ratios must be in [0, 1), got {bad[0]}")
+        return sorted({float(r) for r in v})
+
+
+class Reft(Method):
+    name = "reft"
+    Config = ReftConfig
+    linear = False
+
+    def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module], asynchronous: bool = False) -> None:
+        super().__init__(cfg, model_fn, asynchronous)
+        self.proxy: torch.Tensor | None = None
+        self.input_shape: tuple[int, ...] | None = None
+        self._models: dict[float, nn.Module] = {}
+        self._profiles: dict[tuple[float, tuple[int, ...]], ModelProfile] = {}
+        self._planned: dict[int, float] = {}
+        self._student: nn.Module | None = None
+
+    @property
+    def rcfg(self) -> ReftConfig:
+        return self.cfg  # type: ignore[return-value]
+
+    def setup(self, data: ServerData, workdir: Path) -> list[Path]:
+        self.input_shape = data.dataset.input_shape
+        if self.rcfg.distill_steps:
+            self.proxy = data.take(self.rcfg.proxy_samples, "method.proxy_samples").x  # labels unused
+        return []
+
+    # ---- pruned models
+    def width(self, ratio: float) -> dict[str, int]:
+        layers = filters.droppable(self.full)
+        return filters.widths(layers, {la.name: ratio for la in layers})
+
+    def pruned(self, ratio: float) -> nn.Module:
+        """A pruned-shape model (server copy, cached); weights come from a state."""
+        if ratio not in self._models:
+            with torch.random.fork_rng(devices=[]):
+                self._models[ratio] = filters.slim(self.full, self.width(ratio))
+        return self._models[ratio]
+
+    def profile(self, ratio: float, input_shape: tuple[int, ...]) -> ModelProfile:
+        key = (ratio, tuple(input_shape))
+        if key not in self._profiles:
+            self._profiles[key] = profile_model(self.pruned(ratio), key[1])  # type: ignore[arg-type]
+        return self._profiles[key]
+
+    def keep_index(self, state: State, ratio: float) -> elastic.Index:
+        return filters.index(self.full, filters.l1_keep(self.full, state, self.width(ratio)))
+
+    # ---- server side
+    def ratio_for(self, device: DeviceView) -> float:
+        """Smallest ratio whose round fits the deadline on this device now; the largest if none does."""
+        cfg = self.rcfg
+        if cfg.ratio is not None:
+            return cfg.ratio
+        deadline = device.deadline_s if device.deadline_s is not None else cfg.deadline_s
+        if deadline is None:
+            return cfg.ratios[0]
+        if self.input_shape is None:
+            raise FlexrayError("method reft: no input shape; the driver calls setup() before planning")
+        for r in cfg.ratios:
+            prof = self.profile(r, self.input_shape)
+            flops = cfg.local_epochs * device.num_samples * prof.train_flops_per_sample
+            if sum(predict_times(device.profile, device.speed, flops, prof.param_bytes, prof.param_bytes)) <= deadline:
+                return r
+        return cfg.ratios[-1]
+
+    def plan(self, rnd: int, devices: Sequence[DeviceView], state: State) -> list[Task]:
+        tasks = [Task(device=d.id, round=rnd, spec={"ratio": self.ratio_for(d)}) for d in devices]
+        self._planned = {t.device: float(t.spec["ratio"]) for t in tasks}
+        return tasks
+
+    def cost(self, task: Task, device: DeviceView, profile: ModelProfile) -> Cost:
+        prof = self.profile(float(task.spec["ratio"]), profile.input_shape or self.input_shape or ())
+        flops = self.cfg.local_epochs * device.num_samples * prof.train_flops_per_sample
+        return Cost(flops, prof.param_bytes, prof.param_bytes)
+
+    def validate(self, update: Update, state: State) -> str | None:
+        ratio = update.metrics.get("ratio")
+        if ratio is None or (self.rcfg.ratio is None and float(ratio) not in self.rcfg.ratios):
+            return f"update has no allowed pruning ratio (got {ratio!r})"
+        planned = self._planned.get(update.device)
+        if planned is not None and planned != float(ratio):
+            return f"update pruned ratio {ratio}, planned {planned}"
+        expected = {k: v.shape for k, v in self.pruned(float(ratio)).state_dict().items()}
+        if set(update.tensors) != set(expected):
+            odd = min(set(update.tensors) ^ set(expected))
+            return f"{odd}: {'unknown' if odd in update.tensors else 'missing'} tensor for ratio {ratio}"
+        for key, value in update.tensors.items():
+            if value.shape != expected[key]:
+                return f"{key}: shape {tuple(value.shape)} != {tuple(expected[key])} (ratio {ratio})"
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                return f"{key}: NaN or Inf"
+        return None
+
+    def aggregate(self, rnd: int, state: State, updates: Sequence[Update]) -> State:
+        if not updates:
+            return state
+        index = {r: self.keep_index(state, r) for r in {float(u.metrics["ratio"]) for u in updates}}
+        parts = [elastic.Part(u.tensors, index[float(u.metrics["ratio"])], u.weight) for u in updates]
+        merged = cast_like(elastic.aggregate(state, parts), state)
+        if self.proxy is None or not self.rcfg.distill_steps:
+            return merged
+        return self.distill(merged, self.teacher(updates), rnd)
+
+    @torch.no_grad()
+    def teacher(self, updates: Sequence[Update]) -> torch.Tensor:
+        """The ensemble: mean over client models of softmax(logits / T) on the proxy set."""
+        assert self.proxy is not None
+        probs = torch.zeros(0)
+        for u in updates:
+            model = self.pruned(float(u.metrics["ratio"]))
+            model.load_state_dict(u.tensors)
+            model.eval()
+            p = torch.cat([F.softmax(model(xb) / self.rcfg.temperature, 1) for xb in self.proxy.split(512)])
+            probs = p if probs.numel() == 0 else probs + p
+        return probs / len(updates)
+
+    def distill(self, state: State, teacher: torch.Tensor, rnd: int) -> State:
+        """KL(teacher || student) at temperature T on proxy mini-batches, starting from the average."""
+        assert self.proxy is not None
+        cfg = self.rcfg
+        if self._student is None:
+            with torch.random.fork_rng(devices=[]):
+                self._student = self.model_fn()
+        student = self._student
+        student.load_state_dict(state)
+        student.train()
+        opt = torch.optim.Adam(student.parameters(), lr=cfg.distill_lr)
+        g = torch.Generator().manual_seed(rnd)
+        n, t = len(self.proxy), cfg.temperature
+        for _ in range(cfg.distill_steps):
+            idx = torch.randint(n, (min(cfg.distill_batch, n),), generator=g)
+            log_p = F.log_softmax(student(self.proxy[idx]) / t, 1)
+            loss = F.kl_div(log_p, teacher[idx], reduction="batchmean") * t * t
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return cast_like(copy_state(student), state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    # ---- device side
+    def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
+        ratio = float(task.spec["ratio"])
+        sub_state = elastic.extract(state, self.keep_index(state, ratio))
+        model = ctx.model(f"reft:{ratio}", lambda: copy.deepcopy(self.pruned(ratio)))
+        model.load_state_dict(sub_state)
+        samples, loss = sgd_train(model, data, self.cfg, ctx.generator)
+        flops = samples * self.profile(ratio, tuple(data.x.shape[1:])).train_flops_per_sample
+        return Update(copy_state(model), weight=len(data), samples=samples, flops=flops,
+                      bytes_down=state_bytes(sub_state), metrics={"train_loss": loss, "ratio": ratio})
