@@ -12,9 +12,10 @@ from flexray.methods.fedrolex import FedRolex
 from flexray.methods.fjord import FjORD
 from flexray.methods.flextrain import FlexTrain
 from flexray.methods.heterofl import HeteroFL
+from flexray.methods.splitfed import SplitFed
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (FedAvg, FedProx, FedAsync, FedBuff, HeteroFL, FjORD, FedRolex, FlexTrain)
+    m.name: m for m in (FedAvg, FedProx, FedAsync, FedBuff, HeteroFL, FjORD, FedRolex, FlexTrain, SplitFed)
 }
 
 

@@ -117,7 +117,7 @@ def min_target(a: np.ndarray, b: np.ndarray) -> tuple[float, np.ndarray, np.ndar
     if not np.isfinite(a.min(axis=1)).all():
         raise ValueError("a client has no available option")
     lo = float(a.min(axis=1).max())
-    need = lambda t: float(required_share(a, b, t).min(axis=1).sum())  # noqa: E731
+    need = lambda t: float(required_share(a, b, t).min(axis=1).sum())
     if need(lo) <= 1.0:
         target = lo
     else:
@@ -297,7 +297,7 @@ def brute_force(clients: Clients, points: Sequence[SplitPoint], server_flops: fl
     1/``grid`` steps. For each combination the least target whose grid shares sum to <= 1 is
     found by bisection (feasibility is monotone in the target)."""
     tm = terms(clients, points, server_flops)
-    n, L = tm.A.shape
+    n = tm.A.shape[0]
     options = [np.flatnonzero(tm.feasible[i]) for i in range(n)]
     best, best_cuts = np.inf, np.zeros(n, dtype=int)
     combos_iter = itertools.product(*options)
