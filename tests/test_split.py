@@ -101,7 +101,7 @@ def test_split_training_gives_the_whole_models_gradients(one_torch_thread, name,
         client, _ = split_model(model, cut)
         torch.manual_seed(5)
         h = client(x)
-        grad, loss = LocalPort(host, 0)(h.detach(), y)
+        grad, _loss = LocalPort(host, 0)(h.detach(), y)
         h.backward(grad)
         got = {n: p.grad for n, p in client.named_parameters()}
         got.update({n: p.grad for n, p in split_model(host.models[0], cut)[1].named_parameters()})
