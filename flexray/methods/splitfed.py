@@ -39,15 +39,16 @@ from flexray.methods.base import (
 )
 from flexray.models.profile import ModelProfile
 from flexray.models.split import SplitPoint, keys_of_stages, split_model, split_points, stage_names
-from flexray.schedule.tlmp import Clients, fit_cuts, solve_shares, terms, tlmp
+from flexray.schedule.tlmp import Clients, exact_minmax, fit_cuts, solve_shares, terms, tlmp
 
 log = logging.getLogger("flexray")
 
 
 class SplitFedConfig(MethodConfig):
     variant: Literal["v1", "v2"] = Field("v1", description="v1: server copy per client; v2: one shared server model")
-    scheduler: Literal["tlmp", "fl", "fixed", "equal"] = Field(
-        "tlmp", description="tlmp: min-max cuts and shares; fl: no split; fixed: method.cut for all; equal: equal shares")
+    scheduler: Literal["tlmp", "exact", "fl", "fixed", "equal"] = Field(
+        "tlmp", description="tlmp: min-max cuts and shares (Wen et al.); exact: bisection over all integer cuts; "
+        "fl: no split; fixed: method.cut for all; equal: equal shares")
     cut: int | None = Field(None, ge=1, description="scheduler=fixed: stages every client trains")
     server_cpus: float = Field(1.0, gt=0, description="CPUs of the split server actor (it takes a GPU when there is one)")
 
@@ -102,8 +103,8 @@ class SplitFed(Method):
         tm = terms(clients, points, self.server_flops)
         rows = np.arange(len(devices))
         kind = self.cfg.scheduler
-        if kind == "tlmp":
-            plan = tlmp(clients, points, self.server_flops)
+        if kind in ("tlmp", "exact"):
+            plan = (tlmp if kind == "tlmp" else exact_minmax)(clients, points, self.server_flops)
             cuts, theta = plan.cuts, plan.theta
         elif kind in ("fl", "fixed"):
             cut = L if kind == "fl" else int(self.cfg.cut or L)

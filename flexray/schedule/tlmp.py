@@ -26,10 +26,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.interpolate import PchipInterpolator
 
 from flexray.models.split import LABEL_BYTES, SplitPoint
 
-_GRID = 33  # points of the continuous cut search per client
+_STEPS = 4  # grid points per unit of cut in the continuous search
 
 
 @dataclass(frozen=True)
@@ -137,49 +138,48 @@ def min_target(a: np.ndarray, b: np.ndarray) -> tuple[float, np.ndarray, np.ndar
 
 @dataclass(frozen=True)
 class CutFit:
-    """Polynomials of the split cuts 1..L-1: client FLOPs, uplink bytes (log), client-model bytes."""
+    """Smooth curves in the split cut x (1..L-1) through the log of client FLOPs, server FLOPs,
+    uplink bytes and client-model bytes (all positive, spread over orders of magnitude).
 
-    client_flops: np.polynomial.Polynomial
-    log_uplink: np.polynomial.Polynomial
-    model_bytes: np.polynomial.Polynomial
-    total_flops: float
+    Shape-preserving cubics (PCHIP): per-stage costs jump (a head stage costs almost nothing),
+    which a low-order polynomial cannot follow -- its error reaches 100s of percent on ResNets and
+    strands the relaxation far from the integer optimum. ``error`` is therefore the regression's
+    leave-one-out error: how far the curve without a cut lands from that cut's true cost."""
+
+    curves: tuple[PchipInterpolator, ...]
     max_cut: int  # L - 1, the largest split cut
-    error: float
+    error: float  # max relative leave-one-out error over the interior cuts and the four curves
 
     def at(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
         """(client flops, server flops, uplink bytes, downlink bytes) per sample, and model bytes."""
-        c = np.clip(self.client_flops(x), 0.0, self.total_flops)
-        up = np.exp(self.log_uplink(x))
-        return c, self.total_flops - c, up, np.maximum(up - LABEL_BYTES, 0.0), np.maximum(self.model_bytes(x), 0.0)
+        c, s, up, m = (np.exp(f(x)) for f in self.curves)
+        return c, s, up, np.maximum(up - LABEL_BYTES, 0.0), m
 
 
 def fit_cuts(points: Sequence[SplitPoint]) -> CutFit | None:
-    """Least-squares polynomial fits over the split cuts; None when the model has no split cut."""
+    """The curves through the split cuts; None when the model has no split cut."""
     split = [p for p in points if p.split]
     if not split:
         return None
     x = np.array([p.cut for p in split], dtype=float)
-    deg = min(3, len(split) - 1)
-    total = points[-1].client_flops
-    cols = {
-        "c": np.array([p.client_flops for p in split]),
-        "u": np.array([p.uplink_bytes_per_sample for p in split], dtype=float),
-        "m": np.array([p.client_model_bytes for p in split], dtype=float),
-    }
-    fit = np.polynomial.Polynomial.fit
-    pc, pu, pm = fit(x, cols["c"], deg), fit(x, np.log(cols["u"]), deg), fit(x, cols["m"], deg)
-    err = max(
-        float(np.max(np.abs(pc(x) - cols["c"]) / np.maximum(cols["c"], 1e-30))),
-        float(np.max(np.abs(np.exp(pu(x)) - cols["u"]) / cols["u"])),
-        float(np.max(np.abs(pm(x) - cols["m"]) / np.maximum(cols["m"], 1.0))),
-    )
-    return CutFit(pc, pu, pm, total, int(x.max()), err)
+    cols = [np.log(np.maximum([getattr(p, f) for p in split], 1.0)) for f in
+            ("client_flops", "server_flops", "uplink_bytes_per_sample", "client_model_bytes")]
+    if len(x) == 1:  # one split cut: constant curves
+        x, cols = np.array([x[0], x[0] + 1e-9]), [np.repeat(c, 2) for c in cols]
+    curves = tuple(PchipInterpolator(x, c) for c in cols)
+    err = 0.0
+    for i in range(1, len(x) - 1):  # leave each interior cut out, predict it from the others
+        keep = np.arange(len(x)) != i
+        for c in cols:
+            guess = float(PchipInterpolator(x[keep], c[keep])(x[i]))
+            err = max(err, abs(np.exp(guess - c[i]) - 1.0))
+    return CutFit(curves, round(float(x.max())), err)
 
 
 def _continuous_terms(fit: CutFit, clients: Clients, server_flops: float, max_split: np.ndarray
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A and B on a fine grid of real cuts x in [1, L-1] from the fitted curves (inf past memory)."""
-    xs = np.linspace(1.0, float(fit.max_cut), _GRID)
+    xs = np.linspace(1.0, float(fit.max_cut), _STEPS * max(fit.max_cut - 1, 1) + 1)  # every integer is on it
     c, s, up, down, m = fit.at(xs)
     d = clients.samples[:, None].astype(float)
     ul, dl = clients.uplink_bps[:, None], clients.downlink_bps[:, None]
@@ -218,6 +218,10 @@ def tlmp(clients: Clients, points: Sequence[SplitPoint], server_flops: float, al
         # The continuous relaxation: every client on the fitted curves (or FL), shares by bisection.
         xs, a_x, b_x = _continuous_terms(fit, clients, server_flops, max_split)
         _, pick, theta = min_target(np.column_stack([a_x, A[:, L - 1]]), np.column_stack([b_x, tm.B[:, L - 1]]))
+        x_rel = np.append(xs, L)[pick]
+        relaxed = np.stack([np.floor(x_rel), np.ceil(x_rel)], axis=1).astype(int)
+    else:
+        relaxed = np.full((n, 2), L)
     best: tuple[float, np.ndarray, np.ndarray] | None = None
     it = 0
     for it in range(1, max_iter + 1):
@@ -236,11 +240,12 @@ def tlmp(clients: Clients, points: Sequence[SplitPoint], server_flops: float, al
         best = (target, cuts, theta)
     assert best is not None
     target, cuts, theta = best
-    # Neighbour check: each client may move to an adjacent cut or to plain FL; the least target
+    # Neighbour check: each client may move up to two cuts, back to its rounded relaxed cut, or
+    # to plain FL; the least target
     # reachable with those options (and the share each then needs) is found by bisection. Moves
     # only ever lower the target; repeat around the new cuts until nothing moves.
     for _ in range(4 * L):
-        cands = np.clip(np.stack([cuts - 1, cuts, cuts + 1, np.full(n, L)], axis=1), 1, L)
+        cands = np.clip(np.column_stack([cuts - 2, cuts - 1, cuts, cuts + 1, cuts + 2, np.full(n, L), relaxed]), 1, L)
         ok = feasible[rows[:, None], cands - 1]
         a_c = np.where(ok, A[rows[:, None], cands - 1], np.inf)
         t_new, pick, th_new = min_target(a_c, tm.B[rows[:, None], cands - 1])
@@ -251,6 +256,24 @@ def tlmp(clients: Clients, points: Sequence[SplitPoint], server_flops: float, al
     target, theta = solve_shares(A[rows, cuts - 1], tm.B[rows, cuts - 1])  # hand out any spare share
     latency = tm.latency(cuts, theta)
     return Plan(cuts, theta, latency, fit.error if fit else 0.0, it, time.perf_counter() - t0)
+
+
+def exact_minmax(clients: Clients, points: Sequence[SplitPoint], server_flops: float, allow_fl: bool = True) -> Plan:
+    """The exact optimum over integer cuts and continuous shares, without regression: bisect on
+    the target T, every client taking the cut that needs the least share to meet it. O(N L log)
+    like TLMP; a reference for TLMP at any fleet size (brute force stops at ~8 clients)."""
+    t0 = time.perf_counter()
+    tm = terms(clients, points, server_flops)
+    L = tm.A.shape[1]
+    feasible = tm.feasible.copy()
+    if not allow_fl:
+        feasible[:, L - 1] = False
+    _check_feasible(feasible)
+    _, pick, _ = min_target(np.where(feasible, tm.A, np.inf), tm.B)
+    cuts = pick + 1
+    rows = np.arange(len(cuts))
+    _, theta = solve_shares(tm.A[rows, pick], tm.B[rows, pick])
+    return Plan(cuts, theta, tm.latency(cuts, np.maximum(theta, 1e-300)), 0.0, 1, time.perf_counter() - t0)
 
 
 def _check_feasible(feasible: np.ndarray) -> None:
