@@ -82,7 +82,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
               f"(server {cfg.fleet.server_profile})")
     fit = next((t.spec["fit_err"] for t in tasks if "fit_err" in t.spec), None)
     if fit is not None:
-        print(f"cut regression: max relative error {float(fit):.3g} at the integer cuts")
+        print(f"cut regression: leave-one-out relative error {float(fit):.3g} (exact at the integer cuts)")
     return 0
 
 

@@ -72,7 +72,7 @@ class SplitFed(Method):
             raise FlexrayError(f"config error: method.cut: the model has {L} stages; use 1..{L} ({L} = no split)")
         fit = fit_cuts(self.points)
         self.fit_error = fit.error if fit else 0.0
-        log.info("splitfed: %d cuts, cut regression max relative error %.3g", L, self.fit_error)
+        log.debug("splitfed: %d cuts, cut regression leave-one-out relative error %.3g", L, self.fit_error)
 
     def _points(self) -> list[SplitPoint]:
         if getattr(self, "points", None) is None:

@@ -30,7 +30,7 @@ from scipy.interpolate import PchipInterpolator
 
 from flexray.models.split import LABEL_BYTES, SplitPoint
 
-_STEPS = 4  # grid points per unit of cut in the continuous search
+_STEPS = 2  # grid points per unit of cut in the continuous search
 
 
 @dataclass(frozen=True)
@@ -92,10 +92,14 @@ def terms(clients: Clients, points: Sequence[SplitPoint], server_flops: float) -
 
 
 def required_share(a: np.ndarray, b: np.ndarray, target: float) -> np.ndarray:
-    """Least theta that lets latency a + b / theta meet ``target`` (inf when none can)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        share = np.where(target > a, b / (target - a), np.inf)
-    return np.where(b > 0, share, np.where(a <= target, 0.0, np.inf))
+    """Least theta that lets latency a + b / theta meet ``target`` (inf when none can). Options
+    with b = 0 must come with ``a`` nudged down one ulp (``_zero_share``) so they meet T = a."""
+    d = target - a
+    return np.divide(b, d, out=np.full(np.shape(a), np.inf), where=d > 0)
+
+
+def _zero_share(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.where(b > 0, a, np.nextafter(a, -np.inf))
 
 
 def solve_shares(a: np.ndarray, b: np.ndarray) -> tuple[float, np.ndarray]:
@@ -118,13 +122,15 @@ def min_target(a: np.ndarray, b: np.ndarray) -> tuple[float, np.ndarray, np.ndar
     if not np.isfinite(a.min(axis=1)).all():
         raise ValueError("a client has no available option")
     lo = float(a.min(axis=1).max())
-    need = lambda t: float(required_share(a, b, t).min(axis=1).sum())
+    a = _zero_share(a, b)
+    at, bt = np.ascontiguousarray(a.T), np.ascontiguousarray(b.T)  # (k, N): reduce over the short axis fast
+    need = lambda t: float(required_share(at, bt, t).min(axis=0).sum())
     if need(lo) <= 1.0:
         target = lo
     else:
         hi = float(np.where(b > 0, a + b * n, a).min(axis=1).max())  # equal shares 1/n meet this
         hi = hi * (1 + 1e-9) + 1e-300
-        while hi - lo > 1e-12 * hi:  # bisection; hi stays feasible throughout
+        while hi - lo > 1e-10 * hi:  # bisection; hi stays feasible throughout
             mid = 0.5 * (lo + hi)
             lo, hi = (lo, mid) if need(mid) <= 1.0 else (mid, hi)
         target = hi
