@@ -57,10 +57,14 @@ class SplitServerHost:
     def begin_round(self, rnd: int, state: State, tasks: Sequence[Task]) -> int:
         """Fresh server parts from the global state for this round's split clients."""
         with self.lock:
-            self.models.clear(), self.opts.clear(), self.locks.clear(), self.served.clear()
+            for table in (self.models, self.opts, self.locks, self.served):
+                table.clear()
             self.assign = {t.device: (int(t.spec["cut"]), float(t.spec["theta"])) for t in tasks
                            if t.spec.get("cut") is not None and float(t.spec.get("theta", 0.0)) > 0}
-            keys = [-1] if self.spec.shared and self.assign else list(self.assign) if not self.spec.shared else []
+            if self.spec.shared:
+                keys = [-1] if self.assign else []
+            else:
+                keys = list(self.assign)
             for k in keys:
                 self.models[k], self.opts[k] = self._new_model(state)
                 self.locks[k] = threading.Lock()
@@ -110,7 +114,8 @@ class SplitServerHost:
                     names = stage_names(model)[self.assign[d][0]:]
                     samples = int(self.served[d][0])
                     out.append(Update(self._tensors(model, names), weight=samples, samples=samples, device=d))
-            self.models.clear(), self.opts.clear()
+            self.models.clear()
+            self.opts.clear()
         return out
 
     def stats(self) -> dict[int, list[float]]:
