@@ -108,7 +108,8 @@ class DeviceHost:
         if port is not None:  # smashed activations up, their gradients down, time served
             bytes_up, bytes_down, server_s = bytes_up + port.bytes_up, bytes_down + port.bytes_down, port.server_s
         dl, comp, ul = predict_times(dev.profile, speed, flops, bytes_down, bytes_up)
-        if throttle == "none":
+        if throttle == "none":  # real hardware: measured, the server's round trips apart
+            server_s = port.wall_s if port is not None else 0.0
             comp = max(0.0, wall - server_s)
         if throttle == "sleep":
             time.sleep(max(0.0, (dl + comp + ul + server_s) * self.cfg.fleet.time_scale - wall))
