@@ -5,9 +5,10 @@ x0.3-1.5, 50-1000 samples each; in the brute-force fleets 30% of the devices hav
 only some cuts (drawn between the first cut's and the full model's training memory), in the
 scale fleets memory fits every cut so that every baseline, FL only included, can run. Server: the catalog's
 edge_gpu_server. Models: the real per-stage profiles of resnet8 (CIFAR-10, 5 cuts) and
-EfficientNetV2-S (MNIST resized to 32x32, 9 cuts, the paper's setting).
+EfficientNetV2-S (MNIST resized to 32x32, 9 cuts, the paper's setting) and MobileNetV2 (CIFAR-10,
+20 cuts).
 
-1. gap: for 2..8 clients (EfficientNetV2-S: 2..5, 9^N combinations), TLMP's max latency vs the
+1. gap: for 2..8 clients (EfficientNetV2-S: 2..5, MobileNetV2: 2..3; L^N combinations), TLMP's max latency vs the
    brute-force optimum over every cut combination x server shares on a 1/10,000 grid.
 2. scale: 10, 100, 1,000, 10,000 clients: TLMP solve time (median of 3), its max latency vs the
    exact discrete optimum and vs the baselines FL only, best single cut for all, equal shares.
@@ -38,6 +39,7 @@ SERVER = CATALOG["edge_gpu_server"]
 MODELS = {
     "resnet8": ("resnet8", (3, 32, 32), 8),
     "efficientnet": ("torchvision:efficientnet_v2_s", (1, 32, 32), 5),
+    "mobilenet": ("torchvision:mobilenet_v2", (3, 32, 32), 3),
 }
 
 
@@ -64,7 +66,7 @@ def reduction(ours: float, base: float) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fleets", type=int, default=10, help="random fleets per size in the brute-force check")
-    ap.add_argument("--models", default="resnet8,efficientnet")
+    ap.add_argument("--models", default="resnet8,efficientnet,mobilenet")
     ap.add_argument("--sizes", default="10,100,1000,10000")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -110,11 +112,12 @@ def main() -> None:
                 "fit_error": round(plan.fit_error, 4),
             }), flush=True)
 
-        robustness(key, points, rng)
+        robustness(key, points)
 
 
-def robustness(key: str, points: list[SplitPoint], rng: np.random.Generator) -> None:
+def robustness(key: str, points: list[SplitPoint]) -> None:
     """TLMP vs the exact optimum on 40 more fleets of 10-1,000 clients, with and without memory limits."""
+    rng = np.random.default_rng(0)
     gaps, worse = [], 0
     for n in [10, 30, 100, 300, 1000] * 4:
         for tight in (0.0, 0.3):

@@ -246,12 +246,12 @@ def tlmp(clients: Clients, points: Sequence[SplitPoint], server_flops: float, al
         best = (target, cuts, theta)
     assert best is not None
     target, cuts, theta = best
-    # Neighbour check: each client may move up to two cuts, back to its rounded relaxed cut, or
+    # Neighbour check: each client may move up to three cuts, back to its rounded relaxed cut, or
     # to plain FL; the least target
     # reachable with those options (and the share each then needs) is found by bisection. Moves
     # only ever lower the target; repeat around the new cuts until nothing moves.
     for _ in range(4 * L):
-        cands = np.clip(np.column_stack([cuts - 2, cuts - 1, cuts, cuts + 1, cuts + 2, np.full(n, L), relaxed]), 1, L)
+        cands = np.clip(np.column_stack([*(cuts + k for k in range(-3, 4)), np.full(n, L), relaxed]), 1, L)
         ok = feasible[rows[:, None], cands - 1]
         a_c = np.where(ok, A[rows[:, None], cands - 1], np.inf)
         t_new, pick, th_new = min_target(a_c, tm.B[rows[:, None], cands - 1])
