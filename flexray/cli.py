@@ -42,6 +42,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from flexray.config import load_config
     from flexray.data.datasets import load_dataset
     from flexray.fleet.fleet import assign_actors, build_fleet
+    from flexray.fleet.profiles import resolve_profile
     from flexray.methods import method_class
     from flexray.methods.base import DeviceView, ServerData
     from flexray.models import build_model, profile_model
@@ -73,6 +74,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     method = method_class(cfg.method.name)(cfg.method, model_fn)
     method.check()
     mprof = profile_model(model, ds.input_shape)
+    method.attach(mprof, resolve_profile(cfg.fleet.server_profile, cfg.fleet.profiles))
     avail = [d for d in devices if d.trace.available(0.0)]
     held_out = np.setdiff1d(np.arange(len(ds.y_train)), np.concatenate([d.indices for d in devices]))
     with tempfile.TemporaryDirectory() as tmp:  # e.g. DISTREAL's design-space search (cached on disk)
@@ -81,14 +83,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     views = [DeviceView(d.id, d.profile, d.trace.speed(0.0), len(d.indices), deadline) for d in avail]
     plan = SubModelScheduler(cfg.schedule, method, mprof, cfg.method.batch_size).assign(views)
     tasks = method.plan(0, plan.views, method.init(model))
-    spec = {t.device: " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.spec.items())
-            for t in tasks}
     preds = predict(method, tasks, {d.id: d for d in devices}, 0.0, mprof, cfg.method.batch_size, deadline)
-    rows = [(p.name, actor_of[p.device], *([node_of[p.device]] if node_of else []), spec[p.device][:40] or "-",
-             p.samples, p.flops, p.download_s, p.compute_s, p.upload_s, p.total_s, p.energy_j,
-             "yes" if p.fits_memory else "NO") for p in preds]
-    print(_table(["device", "actor", *(["node"] if node_of else []), "task", "samples", "flops", "down_s", "compute_s",
-                  "up_s", "total_s", "energy_j", "fits_mem"], rows))
+    knobs = {t.device: _knobs(t.spec) for t in tasks}  # what the method chose per device (cut, share, k, p, ...)
+    rows = [(p.name, actor_of[p.device], *([node_of[p.device]] if node_of else []), knobs[p.device], p.samples, p.flops,
+             p.download_s, p.compute_s, p.server_s, p.upload_s, p.total_s, p.energy_j, "yes" if p.fits_memory else "NO")
+            for p in preds]
+    print(_table(["device", "actor", *(["node"] if node_of else []), "plan", "samples", "flops", "down_s", "compute_s",
+                  "server_s", "up_s", "total_s", "energy_j", "fits_mem"], rows))
     left_out = sorted({v.id for v in views} - {v.id for v in plan.views})
     if left_out:
         names = ", ".join(d.name for d in devices if d.id in left_out)
@@ -97,7 +98,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"\nmodel {cfg.model.name}: {mprof.param_bytes / 1e6:.3f} MB, {mprof.train_flops_per_sample / 1e6:.3f} MFLOP/sample (train)")
     print(f"predicted round time: {round_time(preds, cfg.rounds.deadline_s, drop):.4g} s simulated "
           f"({len(preds)} of {len(devices)} devices available at t=0)")
+    shares = [float(t.spec["theta"]) for t in tasks if "theta" in t.spec]
+    if shares:
+        print(f"server shares: sum {sum(shares):.4f} over {sum(s > 0 for s in shares)} split clients "
+              f"(server {cfg.fleet.server_profile})")
+    fit = next((t.spec["fit_err"] for t in tasks if "fit_err" in t.spec), None)
+    if fit is not None:
+        print(f"cut regression: leave-one-out relative error {float(fit):.3g} (exact at the integer cuts)")
     return 0
+
+
+def _knobs(spec: dict) -> str:
+    shown = {k: v for k, v in spec.items() if k not in ("memory_bytes", "fit_err", "predicted_s")}
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()) or "-"
 
 
 def cmd_probe(args: argparse.Namespace) -> int:

@@ -303,7 +303,7 @@ def test_plan_shows_each_devices_sub_model(mode: str) -> None:
     rc, out = run_main(["plan", QUICKSTART, *sets])
     assert rc == 0, out
     rows = parse_table(out)
-    k = {r["device"].rsplit("-", 1)[0]: int(r["task"].split("=")[1]) for r in rows}
+    k = {r["device"].rsplit("-", 1)[0]: int(r["plan"].split("=")[1]) for r in rows}
     assert k["rpi4"] <= k["phone_mid"] <= k["jetson_nano"] <= k["laptop_cpu"] and k["rpi4"] < k["laptop_cpu"]
     total = [float(r["total_s"]) for r in rows]
     slowest_class = max(rows, key=lambda r: float(r["total_s"]))["device"]

@@ -43,9 +43,9 @@ def test_flextrain_minmax_end_to_end(ray_cluster, mlflow_uri, tmp_path) -> None:
     for rnd in range(3):
         rows = [e for e in events if e["round"] == rnd]
         for e in rows:  # virtual throttle: the scheduler's prediction is what the clock simulates
-            assert e["spec"]["pred_s"] == pytest.approx(e["end_s"] - e["start_s"], rel=1e-4)
+            assert e["predicted_s"] == pytest.approx(e["end_s"] - e["start_s"], rel=1e-4)
         slowest = max(e["end_s"] - e["start_s"] for e in rows)
-        assert slowest == pytest.approx(max(e["spec"]["pred_s"] for e in rows if e["profile"] == "rpi3"), rel=1e-4)
+        assert slowest == pytest.approx(max(e["predicted_s"] for e in rows if e["profile"] == "rpi3"), rel=1e-4)
     # The deployed model is the full one; every prefix deploys from it.
     client = MlflowClient(mlflow_uri)
     history = client.get_metric_history(res.run_id, "mean_device_acc")

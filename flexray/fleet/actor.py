@@ -22,10 +22,12 @@ from flexray.config import JobConfig
 from flexray.data.datasets import Dataset, to_tensor
 from flexray.fleet.energy import energy_j, predict_times
 from flexray.fleet.fleet import ActorSpec, Device, derive_seed
+from flexray.fleet.profiles import resolve_profile
 from flexray.fleet.report import DeviceReport, RoundRequest
 from flexray.methods import method_class
 from flexray.methods.base import DeviceContext, DeviceView, LocalData, State, Task, Update
 from flexray.models import build_model, profile_model, state_bytes
+from flexray.runtime.split_server import make_port
 
 
 class DeviceHost:
@@ -49,6 +51,7 @@ class DeviceHost:
         self.method = method_class(cfg.method.name)(cfg.method, model_fn)
         self.ctx = DeviceContext(model_fn)
         self.model_profile = profile_model(self.ctx.model(), dataset.input_shape)
+        self.method.attach(self.model_profile, resolve_profile(cfg.fleet.server_profile, cfg.fleet.profiles))
         self.node = _node_id()
 
     def __repr__(self) -> str:  # Ray shows it in logs, the dashboard and the state API
@@ -81,27 +84,37 @@ class DeviceHost:
         deadline = req.deadline_s if req.drop_stragglers else None
 
         cost = self.method.cost(task, view, self.model_profile)
-        predicted = sum(predict_times(dev.profile, speed, cost.flops, cost.bytes_down, cost.bytes_up))
+        predicted = sum(predict_times(dev.profile, speed, cost.flops, cost.bytes_down, cost.bytes_up)) + cost.server_s
         if throttle == "virtual" and deadline is not None and predicted > deadline:
             # Virtual time is exact, so a sure straggler's training would be thrown away anyway.
             dl, comp, ul = predict_times(dev.profile, speed, cost.flops, cost.bytes_down, cost.bytes_up)
-            return self._report(req, task, dev, speed, 0, cost.flops, 0.0, dl, comp, ul, cost.bytes_down, 0, {}, "straggler"), None
+            rep = self._report(req, task, dev, speed, 0, cost.flops, 0.0, dl, comp, ul, cost.bytes_down, 0, {}, "straggler")
+            rep.predicted_s = predicted
+            return rep, None
 
         self.ctx.seed(derive_seed(self.cfg.seed, req.round, task.device, req.draw))
         self.ctx.device = view
+        port = self.ctx.server = make_port(req.server, task.device) if req.server is not None else None
         t0 = time.perf_counter()
-        update = self.method.local_update(task, state, data, self.ctx)
+        try:
+            update = self.method.local_update(task, state, data, self.ctx)
+        finally:
+            self.ctx.server = None
         wall = time.perf_counter() - t0
 
         flops = update.flops if update.flops is not None else update.samples * self.model_profile.train_flops_per_sample
         bytes_down = update.bytes_down if update.bytes_down is not None else shipped
         bytes_up = state_bytes(update.tensors)
+        server_s = 0.0
+        if port is not None:  # smashed activations up, their gradients down, time served
+            bytes_up, bytes_down, server_s = bytes_up + port.bytes_up, bytes_down + port.bytes_down, port.server_s
         dl, comp, ul = predict_times(dev.profile, speed, flops, bytes_down, bytes_up)
-        if throttle == "none":
-            comp = wall
+        if throttle == "none":  # real hardware: measured, the server's round trips apart
+            server_s = port.wall_s if port is not None else 0.0
+            comp = max(0.0, wall - server_s)
         if throttle == "sleep":
-            time.sleep(max(0.0, (dl + comp + ul) * self.cfg.fleet.time_scale - wall))
-        total = dl + comp + ul
+            time.sleep(max(0.0, (dl + comp + ul + server_s) * self.cfg.fleet.time_scale - wall))
+        total = dl + comp + ul + server_s
         update.device = task.device
         self._inject_faults(req.round, update)
         status, note = "ok", ""
@@ -112,9 +125,10 @@ class DeviceHost:
         if status in ("ok", "late") and (reason := self.method.validate(update, state)):
             status, note = "rejected", reason
         report = self._report(
-            req, task, dev, speed, update.samples, flops, wall, dl, comp, ul, bytes_down, bytes_up, update.metrics, status
+            req, task, dev, speed, update.samples, flops, wall, dl, comp, ul, bytes_down, bytes_up, update.metrics, status,
+            server_s,
         )
-        report.note = note
+        report.note, report.predicted_s = note, predicted
         return report, (update if status in ("ok", "late") else None)
 
     def _inject_faults(self, rnd: int, update: Update) -> None:
@@ -129,20 +143,22 @@ class DeviceHost:
     def _report(
         self, req: RoundRequest, task: Task, dev: Device, speed: float, samples: int, flops: float, wall: float,
         dl: float, comp: float, ul: float, bytes_down: int, bytes_up: int, metrics: dict[str, float], status: str,
+        server_s: float = 0.0,
     ) -> DeviceReport:
         if status == "straggler" and req.deadline_s is not None:
             # Dropped at the deadline: it downloaded, computed until then, never uploaded.
             comp = max(0.0, min(comp, req.deadline_s - dl))
+            server_s = max(0.0, min(server_s, req.deadline_s - dl - comp))
             ul, bytes_up = 0.0, 0
         if status == "lost":
             ul, bytes_up = 0.0, 0  # offline: nothing reached the server
-        busy = dl + comp + ul
+        busy = dl + comp + ul + server_s
         return DeviceReport(
             round=req.round, device=dev.id, name=dev.name, profile=dev.profile.name, actor=self.spec.label,
             node=self.node, status=status, samples=samples, flops=flops, speed=speed, wall_s=wall,
             download_s=dl, compute_s=comp, upload_s=ul, start_s=req.start_s, end_s=req.start_s + busy,
-            energy_j=energy_j(dev.profile, comp, dl + ul), bytes_down=bytes_down, bytes_up=bytes_up,
-            metrics=dict(metrics), spec=dict(task.spec),
+            energy_j=energy_j(dev.profile, comp, dl + ul, idle_s=server_s), bytes_down=bytes_down, bytes_up=bytes_up,
+            metrics=dict(metrics), spec=dict(task.spec), server_s=server_s,
         )
 
 

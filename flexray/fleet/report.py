@@ -17,6 +17,7 @@ class RoundRequest:
     tasks: tuple[Any, ...]  # methods.base.Task
     presum: bool = True  # False when the driver must pick updates per device (over-commit, async)
     draw: int = 0  # async: the dispatch number, so one device's repeated tasks differ in randomness
+    server: Any = None  # split methods: the split server (actor handle or in-process host) this round
 
 
 @dataclass
@@ -46,6 +47,8 @@ class DeviceReport:
     metrics: dict[str, float] = field(default_factory=dict)
     spec: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    server_s: float = 0.0  # simulated time waiting on a split server (inside start_s..end_s)
+    predicted_s: float = float("nan")  # the method's predicted latency (download + compute + server + upload)
 
     @property
     def comm_s(self) -> float:

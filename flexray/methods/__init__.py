@@ -15,13 +15,14 @@ from flexray.methods.fjord import FjORD
 from flexray.methods.flextrain import FlexTrain
 from flexray.methods.heterofl import HeteroFL
 from flexray.methods.reft import Reft
+from flexray.methods.splitfed import SplitFed
 from flexray.methods.tiled import Tiled
 from flexray.methods.uniform_dropout import UniformDropout
 
 METHODS: dict[str, type[Method]] = {
     m.name: m for m in (
         FedAvg, FedProx, FedAsync, FedBuff, HeteroFL, FjORD, FedRolex, FlexTrain, FedClass, Distreal, UniformDropout,
-        Reft, Tiled,
+        Reft, SplitFed, Tiled,
     )
 }
 

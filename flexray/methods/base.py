@@ -52,6 +52,20 @@ class Cost:
     flops: float
     bytes_down: int
     bytes_up: int
+    server_s: float = 0.0  # simulated time the device waits on a split server
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """A split-learning server a method needs the runtime to host (``flexray/runtime/split_server.py``)."""
+
+    shared: bool  # one server model for all clients (SplitFed-V2) or a copy per client (V1)
+    server_flops: tuple[float, ...]  # server training FLOPs per sample, indexed by cut - 1
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    num_cpus: float = 1.0
+    max_clients: int = 64  # clients served concurrently
 
 
 @dataclass
@@ -101,7 +115,8 @@ class ServerData:
 
 
 class DeviceContext:
-    """Device-side helpers: a model cache (one module per spec) and the task's RNG."""
+    """Device-side helpers: a model cache (one module per spec), the task's RNG and, for split
+    methods, the runtime's server port (``grad, loss = ctx.server(smashed, labels)``)."""
 
     def __init__(self, model_fn: Callable[[], nn.Module]) -> None:
         self._model_fn = model_fn
@@ -109,6 +124,7 @@ class DeviceContext:
         self.generator = torch.Generator()
         self.device: DeviceView | None = None
         """The device running the current task (profile, trace speed now, deadline): its budget."""
+        self.server: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, float]] | None = None
 
     def model(self, key: str = "full", build: Callable[[], nn.Module] | None = None) -> nn.Module:
         if key not in self._models:
@@ -176,6 +192,13 @@ class Method(ABC):
         """Server-side preparation before the first round (e.g. a design-space search or a proxy
         set); returns files to log as run artifacts. Runs again on resume."""
         return []
+    def attach(self, profile: ModelProfile, server: DeviceProfile) -> None:
+        """Runtime facts a scheduling method plans with: the model's per-stage profile and the
+        server's device class. Called by the driver, every actor and ``flexray plan``."""
+
+    def server_spec(self) -> ServerSpec | None:
+        """The split server this method needs the runtime to start (None: no server)."""
+        return None
 
     def init(self, model: nn.Module) -> State:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -314,6 +337,6 @@ def copy_state(model: nn.Module) -> State:
 
 
 __all__ = [
-    "Cost", "DeviceContext", "DeviceView", "LocalData", "Method", "ServerData", "State", "Task", "Update",
+    "Cost", "DeviceContext", "DeviceView", "LocalData", "Method", "ServerData", "ServerSpec", "State", "Task", "Update",
     "cast_like", "copy_state", "evaluate_model", "sgd_train", "state_bytes", "weighted_mean",
 ]

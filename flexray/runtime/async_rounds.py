@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -98,7 +98,6 @@ class AsyncRounds(SyncRounds):
         cost = self.method.cost(task, view, self.profile)
         predicted = sum(predict_times(dev.profile, view.speed, cost.flops, cost.bytes_down, cost.bytes_up))
         f.end_s = f.start_s + predicted
-        task = replace(task, spec={**task.spec, "pred_s": round(predicted, 6)})
         if f.version not in self.refs:
             self.refs[f.version] = ray.put(state)  # once per version, shared by every flight on it
         req = RoundRequest(f.version, f.start_s, None, False, (task,), presum=False, draw=f.seq)

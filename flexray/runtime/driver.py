@@ -25,7 +25,7 @@ from flexray.fleet.fleet import ActorSpec, Device, build_fleet
 from flexray.fleet.profiles import resolve_profile
 from flexray.methods import method_class
 from flexray.methods.base import LocalData, Method, ServerData
-from flexray.models import build_model
+from flexray.models import build_model, profile_model
 from flexray.runtime.engines import Engine, engine_for
 from flexray.runtime.rounds import RoundOutcome
 from flexray.tracking import plots
@@ -134,6 +134,10 @@ def _drive(
     method: Method = method_class(cfg.method.name)(cfg.method, model_fn, asynchronous)
     eval_model = model_fn()
     state = method.init(eval_model)
+    server = resolve_profile(cfg.fleet.server_profile, cfg.fleet.profiles)
+    model_profile = profile_model(eval_model, dataset.input_shape)
+    method.attach(model_profile, server)
+    split_server = None
     test = LocalData(to_tensor(dataset.x_test, dataset.mean, dataset.std), torch.tensor(dataset.y_test, dtype=torch.long))
 
     start, clock, energy, wall_before = 0, 0.0, 0.0, 0.0
@@ -155,8 +159,8 @@ def _drive(
             for path in method.setup(ServerData(dataset, held_out), tracker.workdir):
                 tracker.log_file(path, "method")
         wait_ready(actors)
-        server = resolve_profile(cfg.fleet.server_profile, cfg.fleet.profiles)
-        rounds = engine.rounds(method, actors, server, eval_model)
+        split_server = _start_split_server(cfg, method, dataset, server)
+        rounds = engine.rounds(method, actors, server, eval_model, split_server)
         if resume:
             rounds.load_state_dict(engine_state)
         bar = tqdm(range(start, cfg.rounds.num), desc=cfg.name, unit="round", disable=not cfg.tracking.progress)
@@ -185,7 +189,26 @@ def _drive(
         status = "FINISHED"
     finally:
         tracker.set_terminated(status)
+        if split_server is not None:
+            ray.kill(split_server)
     return JobResult(tracker.run_id, tracker.uri, history)
+
+
+def _start_split_server(cfg: JobConfig, method: Method, dataset: Dataset, server: Any) -> Any:
+    """Start the split server the method asks for (``Method.server_spec``), or None."""
+    spec = method.server_spec()
+    if spec is None:
+        return None
+    from flexray.runtime.split_server import start_split_server
+
+    handle = start_split_server(cfg, spec, dataset.input_shape, dataset.num_classes, server)
+    try:
+        ray.get(handle.info.remote(), timeout=120)
+    except ray.exceptions.GetTimeoutError:
+        ray.kill(handle)
+        raise FlexrayError(f"the split server needs {spec.num_cpus} CPU(s) the cluster cannot give next to the device "
+                           "actors; lower method.server_cpus or fleet.actors / fleet.num_cpus_per_actor") from None
+    return handle
 
 
 def _round_metrics(out: RoundOutcome, clock: float, energy: float, wall: float) -> dict[str, float]:
@@ -199,6 +222,9 @@ def _round_metrics(out: RoundOutcome, clock: float, energy: float, wall: float) 
         "bytes_up": float(sum(r.bytes_up for r in out.reports)),
         "bytes_down": float(sum(r.bytes_down for r in out.reports)),
     }
+    predicted = [r.predicted_s for r in out.reports if r.predicted_s == r.predicted_s]
+    if predicted:  # the methods' own latency prediction, next to the simulated round_sim_s
+        metrics["round_predicted_s"] = max(predicted)
     if losses and sum(n for _, n in losses):
         metrics["train_loss"] = sum(l * n for l, n in losses) / sum(n for _, n in losses)
     return metrics

@@ -28,7 +28,10 @@ class Engine(Protocol):
 
     def start(self) -> tuple[list[tuple[ActorSpec, Any]], Any]: ...
 
-    def rounds(self, method: Method, actors: list[tuple[ActorSpec, Any]], server: DeviceProfile, model: torch.nn.Module) -> Any: ...
+    def rounds(
+        self, method: Method, actors: list[tuple[ActorSpec, Any]], server: DeviceProfile, model: torch.nn.Module,
+        split_server: Any = None,
+    ) -> Any: ...
 
 
 class RoundsEngine:
@@ -42,12 +45,17 @@ class RoundsEngine:
 
         return start_actors(self.cfg, assign_actors(self.cfg, self.devices), self.devices, self.dataset)
 
-    def rounds(self, method: Method, actors: list[tuple[ActorSpec, Any]], server: DeviceProfile, model: torch.nn.Module) -> Any:
+    def rounds(
+        self, method: Method, actors: list[tuple[ActorSpec, Any]], server: DeviceProfile, model: torch.nn.Module,
+        split_server: Any = None,
+    ) -> Any:
         from flexray.runtime.async_rounds import AsyncRounds
         from flexray.runtime.rounds import SyncRounds
 
-        engine = AsyncRounds if self.cfg.rounds.mode == "async" else SyncRounds
-        return engine(self.cfg, self.devices, actors, method, server, profile_model(model, self.dataset.input_shape))
+        profile = profile_model(model, self.dataset.input_shape)
+        if self.cfg.rounds.mode == "async":
+            return AsyncRounds(self.cfg, self.devices, actors, method, server, profile)
+        return SyncRounds(self.cfg, self.devices, actors, method, server, profile, split_server)
 
 
 def engine_for(cfg: JobConfig, devices: list[Device], dataset: Dataset) -> Engine:

@@ -52,11 +52,12 @@ class SyncRounds:
 
     def __init__(
         self, cfg: JobConfig, devices: Sequence[Device], actors: Sequence[tuple[ActorSpec, object]],
-        method: Method, server: DeviceProfile, model_profile: ModelProfile,
+        method: Method, server: DeviceProfile, model_profile: ModelProfile, split_server: Any = None,
     ) -> None:
         self.cfg, self.method, self.server = cfg, method, server
         self.profile = model_profile
         self.scheduler = SubModelScheduler(cfg.schedule, method, model_profile, method.cfg.batch_size)
+        self.split_server = split_server  # the method's split server actor (Method.server_spec), if any
         self.devices = {d.id: d for d in devices}
         self.actors = list(actors)
         self.actor_of = {dev: i for i, (spec, _) in enumerate(self.actors) for dev in spec.devices}
@@ -106,9 +107,11 @@ class SyncRounds:
         deadline = self.cfg.rounds.deadline_s
         views = [DeviceView(d.id, d.profile, d.trace.speed(clock_s), len(d.indices), deadline) for d in chosen]
         plan = self.scheduler.assign(views)
-        tasks = self.scheduler.annotate(self.method.plan(rnd, plan.views, state), plan)
+        tasks = self.method.plan(rnd, plan.views, state)
 
         state_ref = ray.put(state)  # shipped once, read zero-copy by every actor on the node
+        if self.split_server is not None:
+            ray.get(self.split_server.begin_round.remote(rnd, state_ref, tasks))
         per_actor: dict[int, list] = defaultdict(list)
         for t in tasks:
             per_actor[self.actor_of[t.device]].append(t)
@@ -117,7 +120,7 @@ class SyncRounds:
         presum = len(chosen) <= target
         calls = [
             (ts, self.actors[a][1].run_round.remote(  # type: ignore[attr-defined]
-                RoundRequest(rnd, clock_s, rounds.deadline_s, drop, tuple(ts), presum), state_ref
+                RoundRequest(rnd, clock_s, rounds.deadline_s, drop, tuple(ts), presum, server=self.split_server), state_ref
             ))
             for a, ts in sorted(per_actor.items())
         ]
@@ -135,6 +138,9 @@ class SyncRounds:
         reports.sort(key=lambda r: r.device)
         if not presum:
             updates = keep_first(reports, updates, target)
+        if self.split_server is not None:  # server parts of the clients whose work counts
+            kept = [r.device for r in reports if r.status in ("ok", "late")]
+            updates.extend(self.screen(reports, ray.get(self.split_server.end_round.remote(kept)), state))
         return self._close(clock_s, state, reports, updates)
 
     def screen(self, reports: list[DeviceReport], updates: list[Update], state: State) -> list[Update]:

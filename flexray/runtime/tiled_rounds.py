@@ -92,7 +92,10 @@ class TiledEngine:
             actors.append((s, handle))
         return actors, data_ref
 
-    def rounds(self, method: Method, actors: list[tuple[ActorSpec, Any]], server: DeviceProfile, model: torch.nn.Module) -> TiledRounds:
+    def rounds(
+        self, method: Method, actors: list[tuple[ActorSpec, Any]], server: DeviceProfile, model: torch.nn.Module,
+        split_server: Any = None,  # tiled methods declare no split server
+    ) -> TiledRounds:
         return TiledRounds(self, actors)
 
 

@@ -27,10 +27,11 @@ class Prediction:
     upload_s: float
     energy_j: float
     fits_memory: bool
+    server_s: float = 0.0  # waiting on a split server
 
     @property
     def total_s(self) -> float:
-        return self.download_s + self.compute_s + self.upload_s
+        return self.download_s + self.compute_s + self.upload_s + self.server_s
 
 
 def predict(
@@ -49,9 +50,15 @@ def predict(
         dl, comp, ul = predict_times(d.profile, speed, cost.flops, cost.bytes_down, cost.bytes_up)
         out.append(Prediction(
             d.id, d.name, d.profile.name, len(d.indices), cost.flops, dl, comp, ul,
-            energy_j(d.profile, comp, dl + ul), mem <= d.profile.memory_bytes,
+            energy_j(d.profile, comp, dl + ul, idle_s=cost.server_s), _fits(task, d, mem), cost.server_s,
         ))
     return out
+
+
+def _fits(task: Task, device: Device, full_model_bytes: float) -> bool:
+    """A task that names its own memory need (e.g. a split client's part) is checked against that."""
+    need = task.spec.get("memory_bytes", full_model_bytes)
+    return float(need) <= device.profile.memory_bytes
 
 
 def round_time(preds: Sequence[Prediction], deadline_s: float | None, drop: bool) -> float:

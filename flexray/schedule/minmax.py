@@ -108,14 +108,3 @@ class SubModelScheduler:
         out = [replace(v, choice=dict(self.options[j])) for v, j in zip(views, idx) if j >= 0]
         pred = {v.id: float(lat[i, j]) for i, (v, j) in enumerate(zip(views, idx)) if j >= 0}
         return Plan(out, pred, target)
-
-    def annotate(self, tasks: Sequence[Task], plan: Plan) -> list[Task]:
-        """Add each task's predicted latency (``pred_s``) to its spec, i.e. to the event log."""
-        views = {v.id: v for v in plan.views}
-        out = []
-        for t in tasks:
-            pred = plan.predicted_s.get(t.device)
-            if pred is None and t.device in views:
-                pred = self.latency(views[t.device], t.spec, t.round)
-            out.append(replace(t, spec={**t.spec, "pred_s": round(pred, 6)}) if pred is not None else t)
-        return out

@@ -1,0 +1,136 @@
+"""TLMP vs brute force, solve time at scale, and max-latency reduction against the baselines.
+
+Random fleets: device classes drawn from the catalog, trace speeds x0.2-1.5, bandwidth
+x0.3-1.5, 50-1000 samples each; in the brute-force fleets 30% of the devices have memory for
+only some cuts (drawn between the first cut's and the full model's training memory), in the
+scale fleets memory fits every cut so that every baseline, FL only included, can run. Server: the catalog's
+edge_gpu_server. Models: the real per-stage profiles of resnet8 (CIFAR-10, 5 cuts) and
+EfficientNetV2-S (MNIST resized to 32x32, 9 cuts, the paper's setting) and MobileNetV2 (CIFAR-10,
+20 cuts).
+
+1. gap: for 2..8 clients (EfficientNetV2-S: 2..5, MobileNetV2: 2..3; L^N combinations), TLMP's max latency vs the
+   brute-force optimum over every cut combination x server shares on a 1/10,000 grid.
+2. scale: 10, 100, 1,000, 10,000 clients: TLMP solve time (median of 3), its max latency vs the
+   exact discrete optimum and vs the baselines FL only, best single cut for all, equal shares.
+3. vs exact: 40 more fleets of 10-1,000 clients (with and without memory limits): how often TLMP
+   is within 1% of the exact optimum (bisection over every integer cut), and ever worse than a baseline.
+
+    python benchmarks/tlmp.py [--fleets 10] [--models resnet8,efficientnet]
+
+Prints one JSON line per (model, fleet size) and per model. Pure numpy; ~2 minutes on 2 busy cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from flexray.config import ModelConfig
+from flexray.fleet.profiles import CATALOG
+from flexray.models import build_model, profile_model
+from flexray.models.split import SplitPoint, split_points
+from flexray.schedule.tlmp import Clients, baselines, brute_force, exact_minmax, tlmp
+
+SERVER = CATALOG["edge_gpu_server"]
+MODELS = {
+    "resnet8": ("resnet8", (3, 32, 32), 8),
+    "efficientnet": ("torchvision:efficientnet_v2_s", (1, 32, 32), 5),
+    "mobilenet": ("torchvision:mobilenet_v2", (3, 32, 32), 3),
+}
+
+
+def fleet(n: int, rng: np.random.Generator, points: list[SplitPoint], tight_share: float = 0.3) -> Clients:
+    devs = [p for k, p in CATALOG.items() if k not in ("edge_gpu_server", "cloud_gpu")]
+    pick = [devs[i] for i in rng.integers(0, len(devs), n)]
+    mem = np.array([p.memory_bytes for p in pick], dtype=float)
+    tight = rng.random(n) < tight_share
+    mem[tight] = rng.uniform(points[0].client_memory_bytes, points[-1].client_memory_bytes, int(tight.sum()))
+    return Clients(
+        flops=np.array([p.flops for p in pick]) * rng.uniform(0.2, 1.5, n),
+        uplink_bps=np.array([p.uplink_bps for p in pick]) * rng.uniform(0.3, 1.5, n),
+        downlink_bps=np.array([p.downlink_bps for p in pick]) * rng.uniform(0.3, 1.5, n),
+        memory_bytes=mem,
+        samples=rng.integers(50, 1000, n).astype(float),
+    )
+
+
+def reduction(ours: float, base: float) -> float | None:
+    """Percent of the baseline's max latency TLMP saves (None: the baseline cannot run the fleet)."""
+    return None if not np.isfinite(base) else round(100.0 * (1.0 - ours / base), 3)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fleets", type=int, default=10, help="random fleets per size in the brute-force check")
+    ap.add_argument("--models", default="resnet8,efficientnet,mobilenet")
+    ap.add_argument("--sizes", default="10,100,1000,10000")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    for key in args.models.split(","):
+        name, shape, max_brute = MODELS[key]
+        model = build_model(ModelConfig(name=name), shape, 10)
+        points = split_points(profile_model(model, shape), batch_size=32)
+        rng = np.random.default_rng(0)
+        for n in range(2, max_brute + 1):
+            gaps, tl_s, bf_s = [], [], []
+            for _ in range(args.fleets):
+                clients = fleet(n, rng, points)
+                plan = tlmp(clients, points, SERVER.flops)
+                t0 = time.perf_counter()
+                best, _ = brute_force(clients, points, SERVER.flops, grid=10_000)
+                bf_s.append(time.perf_counter() - t0)
+                tl_s.append(plan.solve_s)
+                gaps.append(plan.max_latency / best - 1.0)
+            print(json.dumps({
+                "bench": "tlmp_gap", "model": key, "cuts": len(points), "clients": n, "fleets": args.fleets,
+                "max_gap_pct": round(100 * max(gaps), 4), "mean_gap_pct": round(100 * float(np.mean(gaps)), 4),
+                "tlmp_s": round(float(np.mean(tl_s)), 5), "brute_force_s": round(float(np.mean(bf_s)), 3),
+                "fit_error": round(plan.fit_error, 4),
+            }), flush=True)
+        for n in (int(s) for s in args.sizes.split(",")):
+            clients = fleet(n, rng, points, tight_share=0.0)  # every baseline (FL only too) can run the fleet
+            times, plan = [], None
+            for _ in range(3):
+                plan = tlmp(clients, points, SERVER.flops)
+                times.append(plan.solve_s)
+            assert plan is not None
+            exact = exact_minmax(clients, points, SERVER.flops)  # bisection over every integer cut
+            base = baselines(clients, points, SERVER.flops)
+            ours = plan.max_latency
+            print(json.dumps({
+                "bench": "tlmp_scale", "model": key, "cuts": len(points), "clients": n,
+                "solve_s": round(float(np.median(times)), 4), "iterations": plan.iterations,
+                "max_latency_s": round(ours, 4), "gap_vs_exact_pct": round(100 * (ours / exact.max_latency - 1), 6),
+                "exact_solve_s": round(exact.solve_s, 4),
+                "split_clients": int((plan.cuts < len(points)).sum()), "share_sum": round(float(plan.theta.sum()), 6),
+                **{f"{k}_s": (round(v, 4) if np.isfinite(v) else None) for k, v in base.items()},
+                **{f"reduction_vs_{k}_pct": reduction(ours, v) for k, v in base.items()},
+                "fit_error": round(plan.fit_error, 4),
+            }), flush=True)
+
+        robustness(key, points)
+
+
+def robustness(key: str, points: list[SplitPoint]) -> None:
+    """TLMP vs the exact optimum on 40 more fleets of 10-1,000 clients, with and without memory limits."""
+    rng = np.random.default_rng(0)
+    gaps, worse = [], 0
+    for n in [10, 30, 100, 300, 1000] * 4:
+        for tight in (0.0, 0.3):
+            clients = fleet(n, rng, points, tight)
+            ours = tlmp(clients, points, SERVER.flops).max_latency
+            gaps.append(ours / exact_minmax(clients, points, SERVER.flops).max_latency - 1.0)
+            worse += ours > min(baselines(clients, points, SERVER.flops).values()) * (1 + 1e-9)
+    print(json.dumps({
+        "bench": "tlmp_vs_exact", "model": key, "fleets": len(gaps), "within_1pct": sum(g <= 0.01 for g in gaps),
+        "worst_gap_pct": round(100 * max(gaps), 4), "mean_gap_pct": round(100 * float(np.mean(gaps)), 5),
+        "worse_than_best_baseline": int(worse),
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()

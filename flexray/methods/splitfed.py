@@ -1,0 +1,193 @@
+"""SplitFed (Thapa et al., AAAI 2022) with TLMP scheduling (Wen et al., arXiv 2307.11532), hybrid.
+
+Each round the server plans every client's cut and server share with the TLMP min-max solver
+from the clients' current trace speeds (or a baseline: FL only, one fixed cut, equal shares). A
+client whose cut is the last stage trains the whole model locally (plain FL); the others train
+their first ``cut`` stages and exchange smashed activations / gradients per batch with the
+runtime's split server through ``ctx.server``. SplitFed-V1 keeps a server copy per client,
+SplitFed-V2 one shared server model. Aggregation is a per-tensor sample-weighted mean over every
+update holding that tensor, so FL clients, client parts and server parts merge into one model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from flexray.config import MethodConfig
+from flexray.errors import FlexrayError
+from flexray.fleet.profiles import DeviceProfile
+from flexray.methods.base import (
+    Cost,
+    DeviceContext,
+    DeviceView,
+    LocalData,
+    Method,
+    ServerSpec,
+    State,
+    Task,
+    Update,
+    cast_like,
+    copy_state,
+    sgd_train,
+)
+from flexray.models.profile import ModelProfile
+from flexray.models.split import SplitPoint, keys_of_stages, split_model, split_points, stage_names
+from flexray.schedule.tlmp import Clients, exact_minmax, fit_cuts, solve_shares, terms, tlmp
+
+log = logging.getLogger("flexray")
+
+
+class SplitFedConfig(MethodConfig):
+    variant: Literal["v1", "v2"] = Field("v1", description="v1: server copy per client; v2: one shared server model")
+    scheduler: Literal["tlmp", "exact", "fl", "fixed", "equal"] = Field(
+        "tlmp", description="tlmp: min-max cuts and shares (Wen et al.); exact: bisection over all integer cuts; "
+        "fl: no split; fixed: method.cut for all; equal: equal shares")
+    cut: int | None = Field(None, ge=1, description="scheduler=fixed: stages every client trains")
+    server_cpus: float = Field(1.0, gt=0, description="CPUs of the split server actor (it takes a GPU when there is one)")
+
+    @model_validator(mode="after")
+    def _cut_for_fixed(self) -> SplitFedConfig:
+        if self.scheduler == "fixed" and self.cut is None:
+            raise ValueError("scheduler=fixed needs method.cut (the number of client stages)")
+        return self
+
+
+class SplitFed(Method):
+    name = "splitfed"
+    Config = SplitFedConfig
+    cfg: SplitFedConfig
+
+    def attach(self, profile: ModelProfile, server: DeviceProfile) -> None:
+        self.points: list[SplitPoint] = split_points(profile, self.cfg.batch_size)
+        self.server_flops = server.flops
+        L = len(self.points)
+        if self.cfg.cut is not None and self.cfg.cut > L:
+            raise FlexrayError(f"config error: method.cut: the model has {L} stages; use 1..{L} ({L} = no split)")
+        fit = fit_cuts(self.points)
+        self.fit_error = fit.error if fit else 0.0
+        log.debug("splitfed: %d cuts, cut regression leave-one-out relative error %.3g", L, self.fit_error)
+
+    def _points(self) -> list[SplitPoint]:
+        if getattr(self, "points", None) is None:
+            raise FlexrayError("splitfed: no model profile attached (the runtime calls Method.attach first)")
+        return self.points
+
+    def server_spec(self) -> ServerSpec | None:
+        if self.cfg.scheduler == "fl":
+            return None
+        c = self.cfg
+        return ServerSpec(shared=c.variant == "v2", server_flops=tuple(p.server_flops for p in self._points()),
+                          lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, num_cpus=c.server_cpus)
+
+    # ---- server side
+    def plan(self, rnd: int, devices: Sequence[DeviceView], state: State) -> list[Task]:
+        """Re-planned every round from the devices' current speeds (their traces)."""
+        if not devices:
+            return []
+        points = self._points()
+        L = len(points)
+        clients = Clients(
+            flops=np.array([d.profile.flops * d.speed for d in devices], dtype=float),
+            uplink_bps=np.array([d.profile.uplink_bps for d in devices], dtype=float),
+            downlink_bps=np.array([d.profile.downlink_bps for d in devices], dtype=float),
+            memory_bytes=np.array([d.profile.memory_bytes for d in devices], dtype=float),
+            samples=np.array([self.cfg.local_epochs * d.num_samples for d in devices], dtype=float),
+        )
+        tm = terms(clients, points, self.server_flops)
+        rows = np.arange(len(devices))
+        kind = self.cfg.scheduler
+        if kind in ("tlmp", "exact"):
+            plan = (tlmp if kind == "tlmp" else exact_minmax)(clients, points, self.server_flops)
+            cuts, theta = plan.cuts, plan.theta
+        elif kind in ("fl", "fixed"):
+            cut = L if kind == "fl" else int(self.cfg.cut or L)
+            cuts = np.full(len(devices), cut)
+            if not tm.feasible[:, cut - 1].all():
+                bad = devices[int(np.flatnonzero(~tm.feasible[:, cut - 1])[0])]
+                field = "method.scheduler" if kind == "fl" else "method.cut"
+                raise FlexrayError(f"config error: {field}: device {bad.id} ({bad.profile.name}) cannot train {cut} "
+                                   "stages in its memory; use scheduler=tlmp or a smaller cut")
+            _, theta = solve_shares(tm.A[rows, cuts - 1], tm.B[rows, cuts - 1])
+        else:  # equal shares; each client then takes its fastest feasible cut
+            theta = np.full(len(devices), 1.0 / len(devices))
+            lat = np.where(tm.B > 0, tm.A + tm.B / theta[:, None], tm.A)
+            cuts = np.argmin(lat, axis=1) + 1
+            theta = np.where(tm.B[rows, cuts - 1] > 0, theta, 0.0)
+        latency = tm.latency(cuts, np.maximum(theta, 1e-300))
+        return [
+            Task(d.id, rnd, {"cut": int(cuts[i]), "theta": float(theta[i]), "predicted_s": float(latency[i]),
+                             "memory_bytes": points[int(cuts[i]) - 1].client_memory_bytes, "fit_err": self.fit_error})
+            for i, d in enumerate(devices)
+        ]
+
+    def cost(self, task: Task, device: DeviceView, profile: ModelProfile) -> Cost:
+        p = self._points()[int(task.spec["cut"]) - 1]
+        d = self.cfg.local_epochs * device.num_samples
+        theta = float(task.spec.get("theta", 0.0))
+        server_s = d * p.server_flops / (theta * self.server_flops) if p.split and theta > 0 else 0.0
+        return Cost(d * p.client_flops, p.client_model_bytes + d * p.downlink_bytes_per_sample,
+                    p.client_model_bytes + d * p.uplink_bytes_per_sample, server_s)
+
+    def aggregate(self, rnd: int, state: State, updates: Sequence[Update]) -> State:
+        """Per tensor: the sample-weighted mean over the updates that hold it (client parts, FL
+        models, server parts); a tensor nobody trained keeps its value."""
+        if not updates:
+            return state
+        acc: dict[str, torch.Tensor] = {}
+        weight: dict[str, float] = {}
+        for u in updates:
+            for k, v in u.tensors.items():
+                acc[k] = acc.get(k, 0) + v.to(torch.float64) * u.weight
+                weight[k] = weight.get(k, 0.0) + u.weight
+        merged = {k: (acc[k] / weight[k] if k in acc and weight[k] > 0 else state[k].to(torch.float64)) for k in state}
+        return cast_like(merged, state)
+
+    # ---- device side
+    def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
+        points = self._points()
+        cut = int(task.spec["cut"])
+        p = points[cut - 1]
+        model = ctx.model()
+        model.load_state_dict(state)
+        if not p.split:  # the last stage: the device trains the whole model (plain FL)
+            samples, loss = sgd_train(model, data, self.cfg, ctx.generator)
+            return Update(copy_state(model), weight=len(data), samples=samples, flops=samples * p.client_flops,
+                          metrics={"train_loss": loss})
+        if ctx.server is None:
+            raise RuntimeError("splitfed: a split task ran without a server port (the runtime provides ctx.server)")
+        client, _ = split_model(model, cut)
+        samples, loss = split_train(client, data, self.cfg, ctx.generator, ctx.server)
+        names = stage_names(model)[:cut]
+        sd = model.state_dict()
+        tensors = {k: sd[k].detach().clone() for k in keys_of_stages(list(sd), names)}
+        return Update(tensors, weight=len(data), samples=samples, flops=samples * p.client_flops,
+                      bytes_down=p.client_model_bytes, metrics={"train_loss": loss})
+
+
+def split_train(client: nn.Module, data: LocalData, cfg: MethodConfig, generator: torch.Generator,
+                server: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, float]]) -> tuple[int, float]:
+    """Local SGD on the client part: forward to the cut, the server returns the activation
+    gradient, backward from it. Same batches and RNG use as ``sgd_train``."""
+    client.train()
+    opt = torch.optim.SGD(client.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    n, bs = len(data), cfg.batch_size
+    seen, loss_sum = 0, 0.0
+    for _ in range(cfg.local_epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, bs):
+            idx = order[start : start + bs]
+            opt.zero_grad(set_to_none=True)
+            h = client(data.x[idx])
+            grad, loss = server(h.detach(), data.y[idx])
+            h.backward(grad.to(h.dtype))
+            opt.step()
+            seen += len(idx)
+            loss_sum += loss * len(idx)
+    return seen, loss_sum / max(seen, 1)

@@ -1,0 +1,192 @@
+"""The split-learning server: one Ray actor that trains the server part for many clients at once.
+
+Per batch a client sends its smashed activations and labels; the server runs the rest of the
+model forward and backward, steps its optimiser and returns the gradient of the activations so
+the client can finish backward. SplitFed-V1 keeps a server copy per client (averaged with the
+client parts after the round, so every client contributes one whole model); SplitFed-V2 keeps
+one server model that serves clients in sequence (arrival order; with one device actor that is
+client after client). The server's compute share theta_i of a client sets that client's
+simulated service time, and in ``sleep`` mode the real one.
+
+Methods never see Ray: the device gets a ``ServerPort`` (a callable) through its context; the
+port counts the bytes and simulated server seconds that the actor adds to the device's report.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from flexray.config import JobConfig
+from flexray.fleet.profiles import DeviceProfile
+from flexray.methods.base import ServerSpec, State, Task, Update
+from flexray.models import build_model
+from flexray.models.split import keys_of_stages, split_model, stage_names
+
+
+class SplitServerHost:
+    """The server's logic without Ray, so tests and profiling can run it in-process."""
+
+    def __init__(self, cfg: JobConfig, spec: ServerSpec, input_shape: tuple[int, int, int], num_classes: int,
+                 server: DeviceProfile) -> None:
+        self.cfg, self.spec, self.server = cfg, spec, server
+        self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.input_shape, self.num_classes = tuple(input_shape), num_classes
+        self.lock = threading.Lock()
+        self.models: dict[int, nn.Module] = {}  # V1: one full-model copy per client; V2: key -1
+        self.opts: dict[int, torch.optim.Optimizer] = {}
+        self.locks: dict[int, threading.Lock] = {}
+        self.assign: dict[int, tuple[int, float]] = {}  # device -> (cut, theta)
+        self.served: dict[int, list[float]] = {}  # device -> [samples, simulated s, wall s]
+
+    def info(self) -> dict[str, Any]:
+        return {"device": str(self.dev), "shared": self.spec.shared}
+
+    def _new_model(self, state: State) -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = build_model(self.cfg.model, self.input_shape, self.num_classes)  # type: ignore[arg-type]
+        model.load_state_dict(state)
+        model.to(self.dev).train()
+        s = self.spec
+        return model, torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+
+    def begin_round(self, rnd: int, state: State, tasks: Sequence[Task]) -> int:
+        """Fresh server parts from the global state for this round's split clients."""
+        with self.lock:
+            for table in (self.models, self.opts, self.locks, self.served):
+                table.clear()
+            self.assign = {t.device: (int(t.spec["cut"]), float(t.spec["theta"])) for t in tasks
+                           if t.spec.get("cut") is not None and float(t.spec.get("theta", 0.0)) > 0}
+            if self.spec.shared:
+                keys = [-1] if self.assign else []
+            else:
+                keys = list(self.assign)
+            for k in keys:
+                self.models[k], self.opts[k] = self._new_model(state)
+                self.locks[k] = threading.Lock()
+            for d in self.assign:
+                self.served[d] = [0.0, 0.0, 0.0]
+        return len(self.assign)
+
+    def step(self, device: int, smashed: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        """Server forward/backward/step on one batch: (activation gradient, loss, simulated s)."""
+        if device not in self.assign:
+            raise RuntimeError(f"split server: device {device} has no server share this round")
+        t0 = time.perf_counter()
+        cut, theta = self.assign[device]
+        key = -1 if self.spec.shared else device
+        with self.locks[key]:
+            _, part = split_model(self.models[key], cut)
+            h = smashed.to(self.dev).requires_grad_(True)
+            loss = nn.functional.cross_entropy(part(h), labels.to(self.dev))
+            self.opts[key].zero_grad(set_to_none=True)
+            loss.backward()
+            self.opts[key].step()
+            grad = h.grad.detach().cpu()  # type: ignore[union-attr]
+        n = len(labels)
+        sim = n * self.spec.server_flops[cut - 1] / (theta * self.server.flops)
+        wall = time.perf_counter() - t0
+        if self.cfg.fleet.throttle == "sleep":
+            time.sleep(max(0.0, sim * self.cfg.fleet.time_scale - wall))
+        rec = self.served[device]
+        rec[0] += n
+        rec[1] += sim
+        rec[2] += time.perf_counter() - t0
+        return grad, float(loss.detach()), sim
+
+    def end_round(self, keep: Sequence[int]) -> list[Update]:
+        """Server-part updates of the kept clients: one per client (V1) or the shared model (V2)."""
+        kept = [d for d in keep if d in self.assign and self.served[d][0] > 0]
+        out: list[Update] = []
+        with self.lock:
+            if self.spec.shared and kept and -1 in self.models:
+                model = self.models[-1]
+                names = stage_names(model)[min(self.assign[d][0] for d in kept):]
+                samples = int(sum(self.served[d][0] for d in kept))
+                out.append(Update(self._tensors(model, names), weight=samples, samples=samples, device=-1))
+            elif not self.spec.shared:
+                for d in kept:
+                    model = self.models[d]
+                    names = stage_names(model)[self.assign[d][0]:]
+                    samples = int(self.served[d][0])
+                    out.append(Update(self._tensors(model, names), weight=samples, samples=samples, device=d))
+            self.models.clear()
+            self.opts.clear()
+        return out
+
+    def stats(self) -> dict[int, list[float]]:
+        return {d: list(v) for d, v in self.served.items()}
+
+    @staticmethod
+    def _tensors(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+        sd = model.state_dict()
+        return {k: sd[k].detach().cpu().clone() for k in keys_of_stages(list(sd), names)}
+
+
+class ServerPort:
+    """What a device calls per batch: ``grad, loss = port(smashed, labels)``. Counts the traffic
+    and the simulated server time for the device's report."""
+
+    def __init__(self, device: int) -> None:
+        self.device = device
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.server_s = 0.0  # simulated
+        self.wall_s = 0.0  # measured round trips (what ``throttle: none`` reports)
+
+    def __call__(self, smashed: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
+        smashed = smashed.detach().to(torch.float32).contiguous()
+        t0 = time.perf_counter()
+        grad, loss, sim = self._step(smashed, labels)
+        self.wall_s += time.perf_counter() - t0
+        self.bytes_up += smashed.numel() * smashed.element_size() + labels.numel() * labels.element_size()
+        self.bytes_down += grad.numel() * grad.element_size()
+        self.server_s += sim
+        return grad, loss
+
+    def _step(self, smashed: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        raise NotImplementedError
+
+
+class LocalPort(ServerPort):
+    """In-process port (tests, profiling)."""
+
+    def __init__(self, host: SplitServerHost, device: int) -> None:
+        super().__init__(device)
+        self.host = host
+
+    def _step(self, smashed: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        return self.host.step(self.device, smashed, labels)
+
+
+class RayPort(ServerPort):
+    """Port to the server actor: one round trip per batch."""
+
+    def __init__(self, handle: Any, device: int) -> None:
+        super().__init__(device)
+        self.handle = handle
+
+    def _step(self, smashed: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        import ray
+
+        return ray.get(self.handle.step.remote(self.device, smashed, labels))
+
+
+def make_port(server: Any, device: int) -> ServerPort:
+    return LocalPort(server, device) if isinstance(server, SplitServerHost) else RayPort(server, device)
+
+
+def start_split_server(cfg: JobConfig, spec: ServerSpec, input_shape: tuple[int, int, int], num_classes: int,
+                       server: DeviceProfile) -> Any:
+    """The server actor with its own resources: a GPU when the cluster has one."""
+    import ray
+
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    actor = ray.remote(SplitServerHost).options(
+        num_cpus=spec.num_cpus, num_gpus=gpus, max_concurrency=max(2, spec.max_clients), name=None,
+    )
+    return actor.remote(cfg, spec, input_shape, num_classes, server)

@@ -1,0 +1,174 @@
+"""Split points, split-vs-whole gradients, and the TLMP scheduler (pure computation, no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from flexray.config import JobConfig, ModelConfig
+from flexray.fleet.profiles import CATALOG
+from flexray.methods.base import ServerSpec, Task
+from flexray.models import build_model, profile_model
+from flexray.models.split import split_model, split_points
+from flexray.runtime.split_server import LocalPort, SplitServerHost
+from flexray.schedule.tlmp import Clients, baselines, brute_force, fit_cuts, terms, tlmp
+
+SERVER = CATALOG["edge_gpu_server"]
+MODELS = [("cnn", (1, 8, 8)), ("resnet8", (3, 16, 16)), ("torchvision:mobilenet_v2", (3, 32, 32))]
+
+
+@pytest.fixture(scope="module")
+def resnet_points(one_torch_thread):
+    model = build_model(ModelConfig(name="resnet8"), (3, 32, 32), 10)
+    return split_points(profile_model(model, (3, 32, 32)), 32)
+
+
+def _fleet(n: int, seed: int, points, tight_memory: float = 0.3) -> Clients:
+    """Random catalog devices at random speeds, some with memory for only the first cuts."""
+    rng = np.random.default_rng(seed)
+    devs = [p for k, p in CATALOG.items() if k not in ("edge_gpu_server", "cloud_gpu")]
+    pick = [devs[i] for i in rng.integers(0, len(devs), n)]
+    mem = np.array([p.memory_bytes for p in pick], dtype=float)
+    tight = rng.random(n) < tight_memory
+    mem[tight] = rng.uniform(points[0].client_memory_bytes, points[-1].client_memory_bytes, tight.sum())
+    return Clients(
+        flops=np.array([p.flops for p in pick]) * rng.uniform(0.2, 1.5, n),
+        uplink_bps=np.array([p.uplink_bps for p in pick]) * rng.uniform(0.3, 1.5, n),
+        downlink_bps=np.array([p.downlink_bps for p in pick]) * rng.uniform(0.3, 1.5, n),
+        memory_bytes=mem,
+        samples=rng.integers(50, 1000, n).astype(float),
+    )
+
+
+# ---------------------------------------------------------------- split points
+
+
+@pytest.mark.parametrize(("name", "shape"), MODELS[:2])
+def test_split_points_account_for_the_whole_model(one_torch_thread, name, shape):
+    model = build_model(ModelConfig(name=name, width=8), shape, 10)
+    prof = profile_model(model, shape)
+    pts = split_points(prof, 16)
+    assert [p.cut for p in pts] == list(range(1, len(prof.layers) + 1))
+    for p in pts:
+        assert p.client_flops + p.server_flops == pytest.approx(prof.train_flops_per_sample, rel=1e-9)
+        assert p.client_model_bytes + p.server_model_bytes == prof.param_bytes
+        client, _ = split_model(model, p.cut)
+        assert p.client_model_bytes == sum(t.numel() * t.element_size() for t in client.state_dict().values())
+    for p in pts[:-1]:  # a real split ships the cut's activations
+        client, _ = split_model(model, p.cut)
+        h = client(torch.zeros(2, *shape))
+        assert p.smashed_bytes == h[0].numel() * 4 and p.split
+    last = pts[-1]
+    assert not last.split and last.smashed_bytes == 0 and last.server_flops == 0  # cut = L is plain FL
+    mem = [p.client_memory_bytes for p in pts]
+    assert mem == sorted(mem)
+
+
+def test_split_model_rejects_bad_cuts():
+    model = build_model(ModelConfig(name="cnn", width=4), (1, 8, 8), 10)
+    with pytest.raises(ValueError, match="cut must be in 1..3"):
+        split_model(model, 0)
+
+
+# ---------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize(("name", "shape"), MODELS)
+def test_split_training_gives_the_whole_models_gradients(one_torch_thread, name, shape):
+    """Same batch, same weights: client part + server part through the server host give the
+    gradients (and, after one SGD step, the weights) of training the model whole."""
+    torch.manual_seed(0)
+    whole = build_model(ModelConfig(name=name, width=8), shape, 10)
+    state = {k: v.clone() for k, v in whole.state_dict().items()}
+    x = torch.randn(6, *shape, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 3, 4, 5])
+    whole.train()
+    torch.manual_seed(5)  # the same dropout masks (mobilenet's classifier) in both runs
+    nn.functional.cross_entropy(whole(x), y).backward()
+    ref = {n: p.grad.clone() for n, p in whole.named_parameters()}
+    cfg = JobConfig.model_validate({"model": {"name": name, "width": 8}, "fleet": {"groups": [{"profile": "rpi4"}]}})
+    L = len(whole)
+    cuts = range(1, L) if L <= 6 else (1, 2, L // 2, L - 2, L - 1)  # mobilenet has 19 stages: a spread
+    for cut in cuts:
+        spec = ServerSpec(shared=False, server_flops=(1.0,) * L, lr=0.1)
+        host = SplitServerHost(cfg, spec, shape, 10, SERVER)
+        host.begin_round(0, state, [Task(0, 0, {"cut": cut, "theta": 1.0})])
+        model = build_model(ModelConfig(name=name, width=8), shape, 10)
+        model.load_state_dict(state)
+        model.train()
+        client, _ = split_model(model, cut)
+        torch.manual_seed(5)
+        h = client(x)
+        grad, _loss = LocalPort(host, 0)(h.detach(), y)
+        h.backward(grad)
+        got = {n: p.grad for n, p in client.named_parameters()}
+        got.update({n: p.grad for n, p in split_model(host.models[0], cut)[1].named_parameters()})
+        assert set(got) == set(ref)
+        for n, g in ref.items():
+            assert torch.allclose(got[n], g, atol=1e-5, rtol=1e-5), (name, cut, n, float((got[n] - g).abs().max()))
+        # The server stepped its part with SGD(lr=0.1): its weights are what a whole step gives.
+        for n, p in split_model(host.models[0], cut)[1].named_parameters():
+            assert torch.allclose(p, state[n] - 0.1 * ref[n], atol=1e-5), (name, cut, n)
+
+
+# ---------------------------------------------------------------- TLMP
+
+
+def test_cut_regression_is_fitted_and_reports_its_error(resnet_points):
+    fit = fit_cuts(resnet_points)
+    assert fit is not None and fit.max_cut == len(resnet_points) - 1
+    assert np.isfinite(fit.error) and fit.error > 0  # leave-one-out: resnet stages are far from smooth
+    x = np.array([p.cut for p in resnet_points if p.split], dtype=float)
+    c, s, up, _down, m = fit.at(x)  # through the true costs at the integer cuts
+    split = [p for p in resnet_points if p.split]
+    assert np.allclose(c, [p.client_flops for p in split], rtol=1e-9)
+    assert np.allclose(s, [p.server_flops for p in split], rtol=1e-9)
+    assert np.allclose(up, [p.uplink_bytes_per_sample for p in split], rtol=1e-9)
+    assert np.allclose(m, [p.client_model_bytes for p in split], rtol=1e-9)
+    mid = fit.at(x[:-1] + 0.5)[0]  # and continuous in between
+    assert np.all((mid >= np.minimum(c[:-1], c[1:])) & (mid <= np.maximum(c[:-1], c[1:])))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_tlmp_respects_shares_and_memory(resnet_points, seed):
+    from flexray.schedule.tlmp import exact_minmax
+
+    clients = _fleet(300, seed, resnet_points, tight_memory=0.5)
+    plan = tlmp(clients, resnet_points, SERVER.flops)
+    assert plan.theta.min() >= 0 and plan.theta.sum() <= 1 + 1e-9
+    need = np.array([resnet_points[c - 1].client_memory_bytes for c in plan.cuts])
+    assert np.all(need <= clients.memory_bytes)
+    assert (plan.cuts < len(resnet_points)).any()  # tight memory forces some splits
+    split = plan.cuts < len(resnet_points)
+    assert np.all(plan.theta[split] > 0) and np.all(plan.theta[~split] == 0)
+    tm = terms(clients, resnet_points, SERVER.flops)
+    assert np.allclose(plan.latency, tm.latency(plan.cuts, np.maximum(plan.theta, 1e-300)))
+    base = baselines(clients, resnet_points, SERVER.flops)
+    assert plan.max_latency <= min(base.values()) * (1 + 1e-9)
+    assert plan.max_latency <= exact_minmax(clients, resnet_points, SERVER.flops).max_latency * 1.01
+
+
+@pytest.mark.parametrize("seed", [10, 11, 12])
+def test_tlmp_is_within_one_percent_of_brute_force(resnet_points, seed):
+    clients = _fleet(5, seed, resnet_points)
+    plan = tlmp(clients, resnet_points, SERVER.flops)
+    best, cuts = brute_force(clients, resnet_points, SERVER.flops, grid=2000)
+    assert np.isfinite(best) and len(cuts) == 5
+    assert plan.max_latency <= best * 1.01
+
+
+def test_tlmp_names_a_client_that_cannot_train_at_all(resnet_points):
+    clients = _fleet(4, 0, resnet_points)
+    clients.memory_bytes[2] = 1.0
+    from flexray.errors import FlexrayError
+
+    with pytest.raises(FlexrayError, match="client 2 cannot hold even the first stage"):
+        tlmp(clients, resnet_points, SERVER.flops)
+
+
+def test_tlmp_is_deterministic(resnet_points):
+    a = tlmp(_fleet(50, 5, resnet_points), resnet_points, SERVER.flops)
+    b = tlmp(_fleet(50, 5, resnet_points), resnet_points, SERVER.flops)
+    assert np.array_equal(a.cuts, b.cuts) and np.array_equal(a.theta, b.theta)
