@@ -59,6 +59,17 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def ray_job_submit(args: list[str], env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """``ray job submit ARGS``; retried while the head has no job agent registered yet, which a
+    loaded machine shows as "No available agent to submit job" (the job is never created then)."""
+    for attempt in range(6):
+        out = subprocess.run([RAY, "job", "submit", *args], env=env, capture_output=True, text=True, timeout=timeout)
+        if out.returncode == 0 or "No available agent" not in out.stdout + out.stderr:
+            return out
+        time.sleep(5 * (attempt + 1))
+    return out
+
+
 def stop_ray_node(temp_dir: Path, timeout_s: float = 30.0) -> int:
     """Stop only the Ray node whose ``--temp-dir`` is ``temp_dir`` (and its workers).
 

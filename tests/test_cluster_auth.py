@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RAY
+from tests.conftest import ray_job_submit
 
 pytestmark = pytest.mark.ray
 
@@ -29,8 +29,7 @@ def _client_env(base: dict[str, str], home: Path, token: str | None, mode: str =
 
 
 def _submit(dashboard: str, env: dict[str, str], marker: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([RAY, "job", "submit", "--address", dashboard, "--submission-id", marker, "--",
-                           "python", "-c", f"print('{marker}')"], env=env, capture_output=True, text=True, timeout=180)
+    return ray_job_submit(["--address", dashboard, "--submission-id", marker, "--", "python", "-c", f"print('{marker}')"], env)
 
 
 def _token() -> str:

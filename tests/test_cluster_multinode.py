@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import RAY, REPO, free_port, job_tree, stop_ray_node
+from tests.conftest import REPO, free_port, job_tree, ray_job_submit, stop_ray_node
 
 pytestmark = pytest.mark.ray
 
@@ -110,9 +110,8 @@ def test_ray_job_submit_runs_every_device_where_it_is_pinned(ray_cluster, node_b
     job = tmp_path / "multinode.yaml"
     job.write_text(yaml.safe_dump(pinned_tree(tmp_path)))
     sub_id = f"flexray-multinode-{uuid.uuid4().hex[:8]}"
-    out = subprocess.run([RAY, "job", "submit", "--address", ray_cluster.dashboard, "--submission-id", sub_id,
-                          "--working-dir", str(REPO), "--no-wait", "--", "flexray", "run", str(job)],
-                         env=ray_cluster.env, capture_output=True, text=True, timeout=120)
+    out = ray_job_submit(["--address", ray_cluster.dashboard, "--submission-id", sub_id, "--working-dir", str(REPO),
+                          "--no-wait", "--", "flexray", "run", str(job)], ray_cluster.env, timeout=120)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     jobs = JobSubmissionClient(ray_cluster.dashboard)
     deadline = time.monotonic() + 300

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 import uuid
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import RAY, REPO
+from tests.conftest import REPO, ray_job_submit
 
 pytestmark = pytest.mark.ray
 
@@ -19,10 +18,10 @@ def test_quickstart_via_ray_job_submit(ray_cluster, tmp_path):
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     sub_id = f"flexray-test-{uuid.uuid4().hex[:8]}"
-    cmd = [RAY, "job", "submit", "--address", ray_cluster.dashboard, "--submission-id", sub_id,
-           "--working-dir", str(REPO), "--no-wait", "--",
-           "flexray", "run", "jobs/quickstart.yaml", "--set", f"tracking.uri={uri}", "--set", "tracking.progress=false"]
-    subprocess.run(cmd, check=True, env=ray_cluster.env, capture_output=True, timeout=120)
+    args = ["--address", ray_cluster.dashboard, "--submission-id", sub_id, "--working-dir", str(REPO), "--no-wait", "--",
+            "flexray", "run", "jobs/quickstart.yaml", "--set", f"tracking.uri={uri}", "--set", "tracking.progress=false"]
+    out = ray_job_submit(args, ray_cluster.env, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
 
     jobs = JobSubmissionClient(ray_cluster.dashboard)
     deadline = time.monotonic() + 400
