@@ -42,11 +42,15 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
     import ray
 
     port, dash = free_port(), free_port()
+    # Every port of its own: a second Ray on this machine (another session, a benchmark) holding the
+    # default agent port would leave this head without a job agent ("No available agent to submit job").
+    agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                   f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
     temp = Path("/tmp") / f"flexray-test-ray-{os.getpid()}"  # short: Ray's socket paths must stay < 108 chars
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--temp-dir={temp}", "--disable-usage-stats",
+           f"--temp-dir={temp}", "--disable-usage-stats", *agent_ports,
            '--resources={"device:a": 2}']  # a device class of its own: test_cluster_multinode pins to it
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=180)
     address = f"127.0.0.1:{port}"
