@@ -306,7 +306,7 @@ MALFORMED: list[tuple[str, dict[str, Any], str, tuple[str, ...]]] = [
     ("missing-fleet", {"fleet": DELETE}, "fleet", ("required",)),
     ("empty-groups", {"fleet.groups": []}, "fleet.groups", ("at least 1",)),
     ("group-without-profile", {"fleet.groups.0": {"count": 2}}, "fleet.groups.0.profile", ("required",)),
-    ("bad-model-name", {"model.name": "vgg"}, "model.name", ("'vgg'", "resnet20", "torchvision:<name>")),
+    ("bad-model-name", {"model.name": "vgg19"}, "model.name", ("'vgg19'", "resnet20", "torchvision:<name>")),
     ("empty-torchvision-name", {"model.name": "torchvision:"}, "model.name", ()),
     ("npz-without-path", {"data.name": "mnist", "data.source": "npz"}, "data.path", ("npz",)),
     ("digits-from-npz", {"data.source": "npz", "data.path": "x.npz"}, "data.source", ("sklearn",)),
