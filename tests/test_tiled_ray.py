@@ -15,7 +15,7 @@ from flexray.fleet.fleet import build_fleet, derive_seed
 from flexray.fleet.profiles import CATALOG
 from flexray.methods import method_class
 from flexray.methods.base import DeviceContext, LocalData, Task
-from flexray.models import build_model
+from flexray.models import build_model, profile_model
 from flexray.runtime.driver import run_job
 from flexray.runtime.tiled_rounds import TiledEngine
 from tests.conftest import job_tree
@@ -43,7 +43,7 @@ def test_tiled_actors_match_single_device_training(ray_cluster, one_torch_thread
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, ds.input_shape, ds.num_classes)
         state = {k: v.clone() for k, v in model.state_dict().items()}
-        rounds = engine.rounds(None, actors, CATALOG["edge_gpu_server"], model)
+        rounds = engine.rounds(None, actors, CATALOG["edge_gpu_server"], profile_model(model, ds.input_shape))
         new, out = rounds.step(0, 0.0, state)
     finally:
         for _, h in actors:

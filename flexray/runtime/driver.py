@@ -160,7 +160,7 @@ def _drive(
                 tracker.log_file(path, "method")
         wait_ready(actors)
         split_server = _start_split_server(cfg, method, dataset, server)
-        rounds = engine.rounds(method, actors, server, eval_model, split_server)
+        rounds = engine.rounds(method, actors, server, model_profile, split_server)
         if resume:
             rounds.load_state_dict(engine_state)
         bar = tqdm(range(start, cfg.rounds.num), desc=cfg.name, unit="round", disable=not cfg.tracking.progress)

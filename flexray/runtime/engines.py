@@ -10,15 +10,13 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-import torch
-
 from flexray.config import JobConfig
 from flexray.data.datasets import Dataset
 from flexray.fleet.fleet import ActorSpec, Device, assign_actors
 from flexray.fleet.profiles import DeviceProfile
 from flexray.methods import method_class
 from flexray.methods.base import Method
-from flexray.models import profile_model
+from flexray.models.profile import ModelProfile
 
 
 class Engine(Protocol):
@@ -29,7 +27,7 @@ class Engine(Protocol):
     def start(self) -> tuple[list[tuple[ActorSpec, Any]], Any]: ...
 
     def rounds(
-        self, method: Method, actors: list[tuple[ActorSpec, Any]], server: DeviceProfile, model: torch.nn.Module,
+        self, method: Method, actors: list[tuple[ActorSpec, Any]], server: DeviceProfile, profile: ModelProfile,
         split_server: Any = None,
     ) -> Any: ...
 
@@ -46,13 +44,12 @@ class RoundsEngine:
         return start_actors(self.cfg, assign_actors(self.cfg, self.devices), self.devices, self.dataset)
 
     def rounds(
-        self, method: Method, actors: list[tuple[ActorSpec, Any]], server: DeviceProfile, model: torch.nn.Module,
+        self, method: Method, actors: list[tuple[ActorSpec, Any]], server: DeviceProfile, profile: ModelProfile,
         split_server: Any = None,
     ) -> Any:
         from flexray.runtime.async_rounds import AsyncRounds
         from flexray.runtime.rounds import SyncRounds
 
-        profile = profile_model(model, self.dataset.input_shape)
         if self.cfg.rounds.mode == "async":
             return AsyncRounds(self.cfg, self.devices, actors, method, server, profile)
         return SyncRounds(self.cfg, self.devices, actors, method, server, profile, split_server)

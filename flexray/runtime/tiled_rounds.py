@@ -27,6 +27,7 @@ from flexray.fleet.report import DeviceReport
 from flexray.methods.base import Method, State
 from flexray.methods.tiled import TiledConfig, batches
 from flexray.models import build_model
+from flexray.models.profile import ModelProfile
 from flexray.models.tiling import tileable_prefix
 from flexray.models.zoo import stages
 from flexray.runtime.rounds import RoundOutcome
@@ -93,7 +94,7 @@ class TiledEngine:
         return actors, data_ref
 
     def rounds(
-        self, method: Method, actors: list[tuple[ActorSpec, Any]], server: DeviceProfile, model: torch.nn.Module,
+        self, method: Method, actors: list[tuple[ActorSpec, Any]], server: DeviceProfile, profile: ModelProfile,
         split_server: Any = None,  # tiled methods declare no split server
     ) -> TiledRounds:
         return TiledRounds(self, actors)
