@@ -275,6 +275,20 @@ def weighted_mean(updates: Sequence[Update], like: State | None = None) -> dict[
     return out
 
 
+def check_tensors(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], what: str) -> str | None:
+    """Why a sub-model update does not match the sub-model ``what`` names (its keys and shapes
+    exactly, finite values), or None: the shared check of the methods that ship sub-models."""
+    if set(tensors) != set(expected):
+        odd = min(set(tensors) ^ set(expected))
+        return f"{odd}: {'unknown' if odd in tensors else 'missing'} tensor for {what}"
+    for key, value in tensors.items():
+        if value.shape != expected[key]:
+            return f"{key}: shape {tuple(value.shape)} != {tuple(expected[key])} ({what})"
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"{key}: NaN or Inf"
+    return None
+
+
 def cast_like(tensors: Mapping[str, torch.Tensor], like: State) -> State:
     """Back to the global state's dtypes (integer buffers are rounded)."""
     out: State = {}
@@ -338,5 +352,5 @@ def copy_state(model: nn.Module) -> State:
 
 __all__ = [
     "Cost", "DeviceContext", "DeviceView", "LocalData", "Method", "ServerData", "ServerSpec", "State", "Task", "Update",
-    "cast_like", "copy_state", "evaluate_model", "sgd_train", "state_bytes", "weighted_mean",
+    "cast_like", "check_tensors", "copy_state", "evaluate_model", "sgd_train", "state_bytes", "weighted_mean",
 ]

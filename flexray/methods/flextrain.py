@@ -58,6 +58,7 @@ from flexray.methods.base import (
     Task,
     Update,
     cast_like,
+    check_tensors,
     evaluate_model,
     sgd_train,
     state_bytes,
@@ -264,16 +265,7 @@ class FlexTrain(Method):
         k = update.metrics.get("k")
         if k is None or not math.isfinite(float(k)) or float(k) != int(k) or int(k) not in self.configs:
             return f"update has no valid depth configuration k (got {k!r})"
-        expected = self.keys(int(k))
-        if set(update.tensors) != set(expected):
-            odd = min(set(update.tensors) ^ set(expected))
-            return f"{odd}: {'unknown' if odd in update.tensors else 'missing'} tensor for k={int(k)}"
-        for key, value in update.tensors.items():
-            if value.shape != state[key].shape:
-                return f"{key}: shape {tuple(value.shape)} != {tuple(state[key].shape)} (k={int(k)})"
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                return f"{key}: NaN or Inf"
-        return None
+        return check_tensors(update.tensors, {key: state[key].shape for key in self.keys(int(k))}, f"k={int(k)}")
 
     def aggregate(self, rnd: int, state: State, updates: Sequence[Update]) -> State:
         """Federated: uniform mean over the updates holding each entry (eq. 8), untouched entries

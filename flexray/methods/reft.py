@@ -39,6 +39,7 @@ from flexray.methods.base import (
     Task,
     Update,
     cast_like,
+    check_tensors,
     copy_state,
     sgd_train,
 )
@@ -147,15 +148,7 @@ class Reft(Method):
         if planned is not None and planned != float(ratio):
             return f"update pruned ratio {ratio}, planned {planned}"
         expected = {k: v.shape for k, v in self.pruned(float(ratio)).state_dict().items()}
-        if set(update.tensors) != set(expected):
-            odd = min(set(update.tensors) ^ set(expected))
-            return f"{odd}: {'unknown' if odd in update.tensors else 'missing'} tensor for ratio {ratio}"
-        for key, value in update.tensors.items():
-            if value.shape != expected[key]:
-                return f"{key}: shape {tuple(value.shape)} != {tuple(expected[key])} (ratio {ratio})"
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                return f"{key}: NaN or Inf"
-        return None
+        return check_tensors(update.tensors, expected, f"ratio {ratio}")
 
     def aggregate(self, rnd: int, state: State, updates: Sequence[Update]) -> State:
         if not updates:

@@ -23,7 +23,18 @@ from flexray.config import MethodConfig
 from flexray.errors import FlexrayError
 from flexray.fleet.profiles import DeviceProfile
 from flexray.methods.base import (
-    Cost, DeviceContext, DeviceView, LocalData, Method, State, Task, Update, cast_like, copy_state, evaluate_model,
+    Cost,
+    DeviceContext,
+    DeviceView,
+    LocalData,
+    Method,
+    State,
+    Task,
+    Update,
+    cast_like,
+    check_tensors,
+    copy_state,
+    evaluate_model,
     sgd_train,
 )
 from flexray.models import elastic
@@ -223,16 +234,7 @@ class WidthMethod(Method):
         planned = self._planned.get(update.device)
         if planned is not None and planned != float(rate):
             return f"update trained rate {rate}, planned {planned}"
-        expected = self.expected_shapes(float(rate), state)
-        if set(update.tensors) != set(expected):
-            odd = sorted(set(update.tensors) ^ set(expected))[0]
-            return f"{odd}: {'unknown' if odd in update.tensors else 'missing'} tensor for rate {rate}"
-        for key, value in update.tensors.items():
-            if value.shape != expected[key]:
-                return f"{key}: shape {tuple(value.shape)} != {tuple(expected[key])} (rate {rate})"
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                return f"{key}: NaN or Inf"
-        return None
+        return check_tensors(update.tensors, self.expected_shapes(float(rate), state), f"rate {rate}")
 
     def aggregate(self, rnd: int, state: State, updates: Sequence[Update]) -> State:
         if not updates:
