@@ -1,6 +1,6 @@
 """Heterogeneity-aware methods vs FedAvg on CIFAR-10 with 20 devices of 4 classes (33x apart).
 
-Same fleet, data split, model (CIFAR ResNet-8) and number of rounds for every method; virtual
+Same fleet, data split, model (CIFAR ResNet-8, or ``--model resnet20``) and number of rounds for every method; virtual
 throttling, so simulated times are exact and reproducible:
 
 - ``fedavg_wait``: FedAvg on the full model, every round waits for the slowest device;
@@ -42,16 +42,14 @@ from flexray.runtime.driver import run_job
 
 REPO = Path(__file__).resolve().parents[1]
 FLEET = [("rpi4", 6), ("phone_mid", 6), ("jetson_nano", 4), ("laptop_cpu", 4)]  # 3, 10, 35, 100 GFLOP/s
-MODEL = {"name": "resnet8", "width": 16}
-SAMPLES = 100  # per device
 
 
 def job(args: argparse.Namespace, uri: str, name: str, method: dict, schedule: str, deadline: float | None) -> dict:
     return {
         "name": f"hetero_cifar10-{name}", "seed": 0,
-        "data": {"name": "cifar10", "source": "npz", "path": str(args.data), "samples_per_device": SAMPLES,
+        "data": {"name": "cifar10", "source": "npz", "path": str(args.data), "samples_per_device": args.samples,
                  "test_samples": args.test_samples, "partition": {"kind": "dirichlet", "alpha": 1.0}},
-        "model": MODEL,
+        "model": {"name": args.model, "width": 16},
         "fleet": {"actors": 2, "groups": [{"profile": p, "count": n} for p, n in FLEET]},
         "method": {"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.5, **method},
         "rounds": {"num": args.rounds, "eval_every": args.eval_every, "deadline_s": deadline,
@@ -62,11 +60,11 @@ def job(args: argparse.Namespace, uri: str, name: str, method: dict, schedule: s
     }
 
 
-def drop_deadline() -> float:
+def drop_deadline(args: argparse.Namespace) -> float:
     """Just above the second-slowest class's full-model round time: the rpi4 class always misses it."""
-    model = build_model(ModelConfig(**MODEL), (3, 32, 32), 10)
+    model = build_model(ModelConfig(name=args.model, width=16), (3, 32, 32), 10)
     prof = profile_model(model, (3, 32, 32))
-    flops = SAMPLES * prof.train_flops_per_sample
+    flops = args.samples * prof.train_flops_per_sample
     second = CATALOG[FLEET[1][0]]
     return 1.05 * sum(predict_times(second, 1.0, flops, prof.param_bytes, prof.param_bytes))
 
@@ -100,7 +98,7 @@ def common_target(results: dict[str, tuple[list[dict], float]]) -> float:
     return TARGET_FRACTION * [h for h in base[0] if "accuracy" in h][-1]["accuracy"] if base else 0.0
 
 
-def report(results: dict[str, tuple[list[dict], float]], rounds: int, target: float | None) -> None:
+def report(results: dict[str, tuple[list[dict], float]], rounds: int, target: float | None, model: str) -> None:
     target = target or common_target(results)
     base = results.get("fedavg_wait")
     base_t = time_to(base[0], target) if base else None
@@ -110,7 +108,7 @@ def report(results: dict[str, tuple[list[dict], float]], rounds: int, target: fl
         t_dev = time_to(hist, target, "mean_device_acc")
         subs = {k: round(v, 4) for k, v in sorted(last.items()) if k.startswith(("acc_k", "acc_p"))}
         print(json.dumps({
-            "benchmark": "hetero_cifar10", "method": name, "rounds": rounds, "devices": 20,
+            "benchmark": "hetero_cifar10", "method": name, "model": model, "rounds": rounds, "devices": 20,
             "final_accuracy": round(last["accuracy"], 4),
             "mean_device_acc": round(last.get("mean_device_acc", last["accuracy"]), 4),
             "submodel_acc": subs, "target_accuracy": round(target, 4),
@@ -144,6 +142,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "cifar10.npz")
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--model", default="resnet8", choices=["resnet8", "resnet20"],
+                    help="resnet20: 9 blocks, so FlexTrain's shortest prefix costs ~1/6 of the model (resnet8: ~1/2)")
+    ap.add_argument("--samples", type=int, default=100, help="training images per device")
     ap.add_argument("--eval-every", type=int, default=2)
     ap.add_argument("--test-samples", type=int, default=1000)
     ap.add_argument("--target", type=float, default=None, help="default: see common_target")
@@ -153,11 +154,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.report:
         results = from_store(args.report)
-        report(results, len([h for h in next(iter(results.values()))[0] if "sim_time_s" in h]), args.target)
+        report(results, len([h for h in next(iter(results.values()))[0] if "sim_time_s" in h]), args.target, args.model)
         return
     if not args.data.is_file():
         raise SystemExit(f"CIFAR-10 not found at {args.data}; pass --data path/to/cifar10.npz")
-    chosen = variants(drop_deadline())
+    chosen = variants(drop_deadline(args))
     if args.only:
         chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
     results = {}
@@ -171,7 +172,7 @@ def main() -> None:
                 results[name] = (res.history, time.perf_counter() - t0)
     finally:
         ray.shutdown()
-    report(results, args.rounds, args.target)
+    report(results, args.rounds, args.target, args.model)
 
 
 if __name__ == "__main__":

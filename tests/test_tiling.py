@@ -137,16 +137,20 @@ def test_memory_and_redundancy_shrink_with_tiles(one_torch_thread):
 
 
 def test_planner_prefers_grouping_when_halos_are_costly():
-    """A deep stack of 5x5 convs on a 4-device fast-radio fleet: regrouping beats one fused group."""
+    """A deep stack of 5x5 convs on a 4-device fast-radio fleet: with cheap messages regrouping
+    beats one fused group; when every message costs a lot, the planner stops regrouping."""
     layers = [m for _ in range(6) for m in (nn.Conv2d(8, 8, 5, padding=2), nn.ReLU())]
     model = nn.Sequential(nn.Sequential(*layers), nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(8, 2)))
     stack = fused_stack(model, (8, 32, 32), 1)
     devs = [(CATALOG["rpi4"], 1.0)] * 4
-    best = choose_plan(stack, devs, 8)
-    single = choose_plan(stack, devs, 8, groups=[(0, len(layers))])
+    best = choose_plan(stack, devs, 8, message_s=0.0)
+    single = choose_plan(stack, devs, 8, groups=[(0, len(layers))], message_s=0.0)
     assert best.step_s <= single.step_s
     assert best.redundant < single.redundant
     assert len(best.groups) > 1 and best.n_tiles > 1
+    slow_msgs = choose_plan(stack, devs, 8, grid=best.grid, message_s=10.0)
+    assert len(slow_msgs.groups) == 1
+    assert choose_plan(stack, devs, 8, grid=best.grid, groups=best.groups, message_s=0.5).step_s > best.step_s + 0.5
 
 
 def test_untileable_stage_is_a_one_line_error():

@@ -18,6 +18,7 @@ from torch import nn
 
 from flexray.config import MethodConfig
 from flexray.methods.base import DeviceContext, LocalData, Method, State, Task, Update, cast_like, copy_state
+from flexray.schedule.tiling import MESSAGE_S
 
 
 class TiledConfig(MethodConfig):
@@ -26,6 +27,8 @@ class TiledConfig(MethodConfig):
     groups: list[int] | None = Field(
         None, description="fused-layer indices where a new group starts ([] = one group); null = the planner picks")
     fused_stages: int | None = Field(None, ge=1, description="leading stages to tile; null = every tileable one")
+    message_s: float = Field(
+        MESSAGE_S, ge=0, description="fixed seconds the planner charges per message (radio round trip, task hop)")
 
     @field_validator("grid")
     @classmethod

@@ -166,15 +166,35 @@ def plan_tiles(geoms: Sequence[LayerGeom], size: Pair, grid: Pair) -> list[TileS
     return tiles
 
 
+def _conv(m: nn.Conv2d, pad: tuple[int, int, int, int], x: torch.Tensor) -> torch.Tensor:
+    """A conv with (left, right, top, bottom) zero padding and no copy of ``x``: the conv pads
+    both sides by the larger amount and the extra outputs are cut off (a view). An explicit
+    ``F.pad`` would copy the tile forward and backward and keep the copy for backward (~20% of
+    a one-tile step, and memory a tile does not need)."""
+    left, right, top, bottom = pad
+    ph, pw = max(top, bottom), max(left, right)
+    (sh, sw), (dh, dw), (kh, kw) = m.stride, m.dilation, m.kernel_size
+    if (ph - top) % sh or (pw - left) % sw:  # the cut would not fall on an output: pad explicitly
+        return F.conv2d(F.pad(x, pad), m.weight, m.bias, m.stride, 0, m.dilation, m.groups)
+    y = F.conv2d(x, m.weight, m.bias, m.stride, (ph, pw), m.dilation, m.groups)
+    if (top, bottom, left, right) == (ph, ph, pw, pw):
+        return y
+    out_h = (x.shape[2] + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    out_w = (x.shape[3] + left + right - dw * (kw - 1) - 1) // sw + 1
+    h0, w0 = (ph - top) // sh, (pw - left) // sw
+    return y[:, :, h0:h0 + out_h, w0:w0 + out_w]
+
+
 def run_layer(m: nn.Module, g: LayerGeom, pad: tuple[int, int, int, int], x: torch.Tensor) -> torch.Tensor:
-    """Layer ``m`` on a clipped tile: explicit padding, then the op with ``padding=0``."""
+    """Layer ``m`` on a clipped tile with its (left, right, top, bottom) edge padding."""
     if g.kind == "conv":
         assert isinstance(m, nn.Conv2d)
-        return F.conv2d(F.pad(x, pad), m.weight, m.bias, m.stride, 0, m.dilation, m.groups)
+        return _conv(m, pad, x)
     if g.kind == "maxpool":
-        return F.max_pool2d(F.pad(x, pad, value=float("-inf")), g.kernel, g.stride, 0, g.dilation)
+        x = F.pad(x, pad, value=float("-inf")) if any(pad) else x
+        return F.max_pool2d(x, g.kernel, g.stride, 0, g.dilation)
     if g.kind == "avgpool":
-        return F.avg_pool2d(F.pad(x, pad), g.kernel, g.stride, 0)
+        return F.avg_pool2d(F.pad(x, pad) if any(pad) else x, g.kernel, g.stride, 0)
     return m(x)
 
 

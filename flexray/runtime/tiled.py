@@ -16,6 +16,7 @@ weights stay identical everywhere without a parameter server.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Sequence
@@ -72,6 +73,7 @@ class TileHost:
     def __init__(
         self, rank: int, model: nn.Module, fused: int, plan: TilingPlan, opt: dict[str, float],
         data: Dataset | None = None, threads: int | None = None, pace: Sequence[float] | None = None,
+        measure_memory: bool = True,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
@@ -84,6 +86,7 @@ class TileHost:
         self.pace = list(pace) if pace else None  # sleep throttle: wall seconds per (forward, backward) of a step
         self.graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.saved: dict[int, int] = {}
+        self.measure_memory = measure_memory  # off for pure timing runs: the hook runs per saved tensor
         self.reset_stats()
 
     def info(self) -> dict[str, object]:
@@ -111,14 +114,16 @@ class TileHost:
 
     # ---- one step
     def _input(self, batch: Batch, region: Region) -> torch.Tensor:
-        if isinstance(batch, torch.Tensor):
-            return batch[:, :, region.h0:region.h1, region.w0:region.w1]
+        if isinstance(batch, torch.Tensor):  # a copy: the device holds its tile, not the batch
+            return batch[:, :, region.h0:region.h1, region.w0:region.w1].contiguous()
         assert self.data is not None, "index batches need the host's dataset"
         x = self.data.x_train[batch][:, :, region.h0:region.h1, region.w0:region.w1]
         return to_tensor(np.ascontiguousarray(x), self.data.mean, self.data.std)
 
     def _saving(self, bucket: int) -> Any:
         """Measure activation memory: bytes of the non-parameter tensors autograd keeps for backward."""
+        if not self.measure_memory:
+            return contextlib.nullcontext()
         seen: set[int] = set()
 
         def pack(t: torch.Tensor) -> torch.Tensor:

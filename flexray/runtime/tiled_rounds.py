@@ -49,7 +49,8 @@ def plan_for(cfg: JobConfig, devices: list[Device], input_shape: tuple[int, int,
         if edges[-2] >= edges[-1]:
             raise FlexrayError(f"config error: method.groups: indices must be < {len(stack.geoms)}, the fused layer count")
         groups = list(itertools.pairwise(edges))
-    plan = choose_plan(stack, [(d.profile, d.trace.speed(0.0)) for d in ordered], mcfg.batch_size, mcfg.grid, groups)
+    plan = choose_plan(stack, [(d.profile, d.trace.speed(0.0)) for d in ordered], mcfg.batch_size, mcfg.grid, groups,
+                       message_s=mcfg.message_s)
     return plan, fused, ordered[: plan.n_tiles]
 
 

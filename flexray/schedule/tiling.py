@@ -10,9 +10,11 @@ each as long as its slowest device (the paper's synchronous schedule):
 - per group in reverse: backward compute (2x forward) and the reverse halo exchange;
 - a ring all-reduce of the weight gradients (2 (n-1)/n of the weights through every radio).
 
-Radios are half duplex (Wi-Fi), so a device's exchange time is send + receive. Grouping cuts
-the halo growth of a deep fused stack (less redundant compute, less memory) at the price of an
-exchange per boundary; the planner weighs both with the device profiles and picks the minimum.
+Radios are half duplex (Wi-Fi), so a device's exchange time is send + receive, plus a fixed
+``message_s`` per message it sends or receives (radio round trip, task hop: on 2 real actors
+here a boundary costs ~10 ms whatever its bytes). Grouping cuts the halo growth of a deep fused
+stack (less redundant compute, less memory) at the price of an exchange per boundary; the
+planner weighs both with the device profiles and picks the minimum.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from flexray.models.tiling import LayerGeom, Pair, TileSpec, feature_sizes, plan
 BYTES = 4  # float32 activations and gradients
 BACKWARD = 2.0  # backward FLOPs per forward FLOP (input grad + weight grad)
 MAX_CUTS = 12  # beyond this many cut candidates, cut only at stage boundaries
+MESSAGE_S = 0.003  # default fixed cost per message: a Wi-Fi round trip / a Ray task hop
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,9 @@ class TilingPlan:
 class _Model:
     """Cached pieces of the cost model for one stack, fleet and batch."""
 
-    def __init__(self, stack: FusedStack, devices: Sequence[tuple[DeviceProfile, float]], batch: int) -> None:
-        self.stack, self.devices, self.batch = stack, list(devices), batch
+    def __init__(self, stack: FusedStack, devices: Sequence[tuple[DeviceProfile, float]], batch: int,
+                 message_s: float = MESSAGE_S) -> None:
+        self.stack, self.devices, self.batch, self.message_s = stack, list(devices), batch, message_s
         self.sizes = stack.sizes
         self.tiles = lru_cache(maxsize=None)(self._tiles)
 
@@ -95,20 +99,23 @@ class _Model:
         """Activation bytes a tile keeps for backward: every layer's input region."""
         return self.batch * BYTES * sum(c * r.area for c, r in zip(self.stack.channels[a:], tile.regions[:-1]))
 
-    def exchange(self, prev: Sequence[TileSpec], nxt: Sequence[TileSpec], chans: int) -> tuple[list[int], list[int]]:
-        """(sent, received) bytes per device when ``nxt`` tiles gather their inputs from ``prev`` outputs."""
+    def exchange(self, prev: Sequence[TileSpec], nxt: Sequence[TileSpec], chans: int) -> tuple[list[int], list[int], list[int]]:
+        """(sent bytes, received bytes, messages) per device when ``nxt`` tiles gather their
+        inputs from ``prev`` outputs."""
         n = len(prev)
-        sent, recv = [0] * n, [0] * n
+        sent, recv, msgs = [0] * n, [0] * n, [0] * n
         for u, t in itertools.product(range(n), range(n)):
             if u != t and (ov := prev[u].output.overlap(nxt[t].input)) is not None:
                 b = self.batch * BYTES * chans * ov.area
                 sent[u] += b
                 recv[t] += b
-        return sent, recv
+                msgs[u] += 1
+                msgs[t] += 1
+        return sent, recv, msgs
 
-    def radio_s(self, dev: int, sent: float, recv: float) -> float:
+    def radio_s(self, dev: int, sent: float, recv: float, msgs: int) -> float:
         prof, _ = self.devices[dev]
-        return 8.0 * sent / prof.uplink_bps + 8.0 * recv / prof.downlink_bps
+        return 8.0 * sent / prof.uplink_bps + 8.0 * recv / prof.downlink_bps + msgs * self.message_s
 
     def compute_s(self, dev: int, flops: float) -> float:
         prof, speed = self.devices[dev]
@@ -123,8 +130,8 @@ class _Model:
         down, up, act = [0] * n, [0] * n, [0] * n
         step = 0.0
 
-        def phase_comm(sent: Sequence[int], recv: Sequence[int]) -> float:
-            times = [self.radio_s(d, sent[d], recv[d]) for d in range(n)]
+        def phase_comm(sent: Sequence[int], recv: Sequence[int], msgs: Sequence[int]) -> float:
+            times = [self.radio_s(d, sent[d], recv[d], msgs[d]) for d in range(n)]
             for d in range(n):
                 comm[d] += times[d]
                 up[d] += sent[d]
@@ -139,7 +146,7 @@ class _Model:
             return max(times)
 
         in_bytes = [self.batch * BYTES * st.channels[0] * t.input.area for t in tiles[0]]
-        step += phase_comm([0] * n, in_bytes)  # the camera / data source scatters the input tiles
+        step += phase_comm([0] * n, in_bytes, [1] * n)  # the camera / data source scatters the input tiles
         boundaries = []
         for gi, ((a, _), ts) in enumerate(zip(groups, tiles)):
             if gi:
@@ -150,11 +157,12 @@ class _Model:
                 act[d] += self.saved(a, t)
         out_bytes = [self.batch * BYTES * st.channels[-1] * t.output.area for t in tiles[-1]]
         to_tail = [0] * n if n == 1 else [0, *out_bytes[1:]]
-        step += 2 * phase_comm(to_tail, [sum(to_tail)] + [0] * (n - 1))  # outputs in, gradients out
+        to_tail_msgs = [n - 1] + [1] * (n - 1) if n > 1 else [0]
+        step += 2 * phase_comm(to_tail, [sum(to_tail)] + [0] * (n - 1), to_tail_msgs)  # outputs in, gradients out
         step += phase_compute([self.batch * st.tail_train_flops] + [0.0] * (n - 1))
         if n > 1:
             ring = int(2 * (n - 1) / n * st.param_bytes)
-            step += phase_comm([ring] * n, [ring] * n)
+            step += phase_comm([ring] * n, [ring] * n, [2 * (n - 1)] * n)
         # phase_compute counted forward only for the groups; add backward to the device totals
         for d in range(n):
             group_flops = sum(self.flops(a, t[d]) for (a, _), t in zip(groups, tiles))
@@ -188,11 +196,12 @@ def groupings(stack: FusedStack) -> list[tuple[Pair, ...]]:
 def choose_plan(
     stack: FusedStack, devices: Sequence[tuple[DeviceProfile, float]], batch: int,
     grid: Pair | None = None, groups: Sequence[Pair] | None = None, all_devices: bool = False,
+    message_s: float = MESSAGE_S,
 ) -> TilingPlan:
     """The plan with the least predicted step time among those whose activations fit every
     device's memory (the least-memory one when none fits); fixed ``grid``/``groups`` are kept.
     The planner may leave slow-radio devices out unless ``all_devices``."""
-    model = _Model(stack, devices, batch)
+    model = _Model(stack, devices, batch, message_s)
     out = stack.sizes[-1]
     cands_grid = [grid] if grid else [g for g in grids(len(devices), out) if not all_devices or g[0] * g[1] == len(devices)]
     if not cands_grid:
@@ -216,4 +225,4 @@ def speed_order(devices: Sequence[tuple[DeviceProfile, float]]) -> list[int]:
     return sorted(range(len(devices)), key=lambda i: (-devices[i][0].flops * devices[i][1], i))
 
 
-__all__ = ["DeviceCost", "FusedStack", "TilingPlan", "choose_plan", "grids", "groupings", "speed_order"]
+__all__ = ["MESSAGE_S", "DeviceCost", "FusedStack", "TilingPlan", "choose_plan", "grids", "groupings", "speed_order"]
