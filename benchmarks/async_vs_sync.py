@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import ray
+from common import job_tree, time_to  # benchmarks/common.py
 
 from flexray.config import parse_config
 from flexray.runtime.driver import run_job
@@ -30,21 +31,11 @@ FLEET = [("rpi4", 10), ("phone_mid", 5), ("laptop_cpu", 5)]  # 3, 10, 100 GFLOP/
 
 
 def job(data: Path, uri: str, method: dict, rounds: dict) -> dict:
-    return {
-        "name": f"async_vs_sync-{method['name']}", "seed": 0,
-        "data": {"name": "cifar10", "source": "npz", "path": str(data), "samples_per_device": 250,
-                 "test_samples": 2000, "partition": {"kind": "dirichlet", "alpha": 1.0}},
-        "model": {"name": "lenet"},
-        "fleet": {"actors": 2, "groups": [{"profile": p, "count": n} for p, n in FLEET]},
-        "method": {"local_epochs": 1, "batch_size": 32, "lr": 0.02, "momentum": 0.9, **method},
-        "rounds": rounds,
-        "tracking": {"uri": uri, "experiment": "async_vs_sync", "progress": False, "plots": False,
-                     "log_model": False, "checkpoint_every": 0},
-    }
-
-
-def time_to(history: list[dict], target: float) -> float | None:
-    return next((h["sim_time_s"] for h in history if h.get("accuracy", 0.0) >= target), None)
+    return job_tree(
+        "async_vs_sync", method["name"], uri,
+        data={"name": "cifar10", "path": str(data), "samples_per_device": 250, "partition": {"kind": "dirichlet", "alpha": 1.0}},
+        model={"name": "lenet"}, groups=[{"profile": p, "count": n} for p, n in FLEET],
+        method={"lr": 0.02, "momentum": 0.9, **method}, rounds=rounds)
 
 
 def main() -> None:

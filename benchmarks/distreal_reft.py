@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import ray
+from common import job_tree, time_to  # benchmarks/common.py
 from mlflow.tracking import MlflowClient
 
 from flexray.config import ModelConfig, parse_config
@@ -42,21 +43,12 @@ SAMPLES, WIDTH, PHONE_FLOPS = 250, 16, 10e9
 
 def job(data: Path, uri: str, cache: str, method: dict, rounds: int, deadline: float) -> dict:
     trace = {"kind": "random_walk", "sigma": 0.35, "step_s": deadline, "min_speed": 0.25, "max_speed": 3.0}
-    return {
-        "name": f"distreal_reft-{method['name']}", "seed": 0,
-        "data": {"name": "cifar10", "source": "npz", "path": str(data), "samples_per_device": SAMPLES,
-                 "test_samples": 2000, "partition": {"kind": "dirichlet", "alpha": 0.5}},
-        "model": {"name": "cnn", "width": WIDTH},
-        "fleet": {"actors": 2, "groups": [{"profile": p, "count": n, "trace": trace} for p, n in FLEET]},
-        "method": {"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9, **method},
-        "rounds": {"num": rounds, "deadline_s": deadline, "stragglers": "drop", "eval_every": 1},
-        "tracking": {"uri": uri, "experiment": "distreal_reft", "progress": False, "plots": False,
-                     "log_model": False, "checkpoint_every": 0},
-    }
-
-
-def time_to(history: list[dict], target: float) -> float | None:
-    return next((h["sim_time_s"] for h in history if h.get("accuracy", 0.0) >= target), None)
+    return job_tree(
+        "distreal_reft", method["name"], uri,
+        data={"name": "cifar10", "path": str(data), "samples_per_device": SAMPLES, "partition": {"kind": "dirichlet", "alpha": 0.5}},
+        model={"name": "cnn", "width": WIDTH}, groups=[{"profile": p, "count": n, "trace": trace} for p, n in FLEET],
+        method={"lr": 0.05, "momentum": 0.9, **method},
+        rounds={"num": rounds, "deadline_s": deadline, "stragglers": "drop", "eval_every": 1})
 
 
 def main() -> None:

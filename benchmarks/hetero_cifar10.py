@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import ray
+from common import job_tree, time_to  # benchmarks/common.py
 
 from flexray.config import ModelConfig, parse_config
 from flexray.fleet.energy import predict_times
@@ -45,19 +46,14 @@ FLEET = [("rpi4", 6), ("phone_mid", 6), ("jetson_nano", 4), ("laptop_cpu", 4)]  
 
 
 def job(args: argparse.Namespace, uri: str, name: str, method: dict, schedule: str, deadline: float | None) -> dict:
-    return {
-        "name": f"hetero_cifar10-{name}", "seed": 0,
-        "data": {"name": "cifar10", "source": "npz", "path": str(args.data), "samples_per_device": args.samples,
-                 "test_samples": args.test_samples, "partition": {"kind": "dirichlet", "alpha": 1.0}},
-        "model": {"name": args.model, "width": 16},
-        "fleet": {"actors": 2, "groups": [{"profile": p, "count": n} for p, n in FLEET]},
-        "method": {"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.5, **method},
-        "rounds": {"num": args.rounds, "eval_every": args.eval_every, "deadline_s": deadline,
-                   "stragglers": "drop"},
-        "schedule": {"mode": schedule},
-        "tracking": {"uri": uri, "experiment": "hetero_cifar10", "progress": False, "plots": False,
-                     "log_model": False, "checkpoint_every": 0},
-    }
+    return job_tree(
+        "hetero_cifar10", name, uri,
+        data={"name": "cifar10", "path": str(args.data), "samples_per_device": args.samples,
+              "test_samples": args.test_samples, "partition": {"kind": "dirichlet", "alpha": 1.0}},
+        model={"name": args.model, "width": 16}, groups=[{"profile": p, "count": n} for p, n in FLEET],
+        method={"lr": 0.05, "momentum": 0.5, **method},
+        rounds={"num": args.rounds, "eval_every": args.eval_every, "deadline_s": deadline, "stragglers": "drop"},
+        schedule={"mode": schedule})
 
 
 def drop_deadline(args: argparse.Namespace) -> float:
@@ -82,10 +78,6 @@ def variants(deadline: float) -> dict[str, tuple[dict, str, float | None]]:
         "fedrolex": ({"name": "fedrolex", "momentum": 0.0}, "static", None),
         "heterofl_minmax": ({"name": "heterofl", "momentum": 0.0}, "minmax", None),
     }
-
-
-def time_to(history: list[dict], target: float, key: str = "accuracy") -> float | None:
-    return next((h["sim_time_s"] for h in history if h.get(key, h.get("accuracy", 0.0)) >= target), None)
 
 
 TARGET_FRACTION = 0.8

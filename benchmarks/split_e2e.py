@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import ray
+from common import job_tree  # benchmarks/common.py
 from mlflow.tracking import MlflowClient
 
 from flexray.config import parse_config
@@ -47,17 +48,11 @@ RUNS = {
 
 
 def job(data: Path, uri: str, rounds: int, method: dict) -> dict:
-    return {
-        "name": f"split_e2e-{method.get('scheduler', method['name'])}", "seed": 0,
-        "data": {"name": "mnist", "source": "npz", "path": str(data), "samples_per_device": 300,
-                 "test_samples": 2000, "partition": {"kind": "dirichlet", "alpha": 1.0}},
-        "model": {"name": "resnet8"},
-        "fleet": {"actors": 1, "groups": [{"profile": p, "count": n} for p, n in FLEET]},
-        "method": {"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9, **method},
-        "rounds": {"num": rounds},
-        "tracking": {"uri": uri, "experiment": "split_e2e", "progress": False, "plots": False,
-                     "log_model": False, "checkpoint_every": 0},
-    }
+    return job_tree(
+        "split_e2e", method.get("scheduler", method["name"]), uri,
+        data={"name": "mnist", "path": str(data), "samples_per_device": 300, "partition": {"kind": "dirichlet", "alpha": 1.0}},
+        model={"name": "resnet8"}, groups=[{"profile": p, "count": n} for p, n in FLEET],
+        method={"lr": 0.05, "momentum": 0.9, **method}, rounds={"num": rounds}, actors=1)
 
 
 def best_fixed_cut(tree: dict) -> int:

@@ -33,7 +33,7 @@ from flexray.config import ModelConfig
 from flexray.fleet.profiles import CATALOG
 from flexray.models import build_model, profile_model
 from flexray.models.split import SplitPoint, split_points
-from flexray.schedule.tlmp import Clients, baselines, brute_force, exact_minmax, tlmp
+from flexray.schedule.tlmp import baselines, brute_force, exact_minmax, random_clients, tlmp
 
 SERVER = CATALOG["edge_gpu_server"]
 MODELS = {
@@ -41,21 +41,6 @@ MODELS = {
     "efficientnet": ("torchvision:efficientnet_v2_s", (1, 32, 32), 5),
     "mobilenet": ("torchvision:mobilenet_v2", (3, 32, 32), 3),
 }
-
-
-def fleet(n: int, rng: np.random.Generator, points: list[SplitPoint], tight_share: float = 0.3) -> Clients:
-    devs = [p for k, p in CATALOG.items() if k not in ("edge_gpu_server", "cloud_gpu")]
-    pick = [devs[i] for i in rng.integers(0, len(devs), n)]
-    mem = np.array([p.memory_bytes for p in pick], dtype=float)
-    tight = rng.random(n) < tight_share
-    mem[tight] = rng.uniform(points[0].client_memory_bytes, points[-1].client_memory_bytes, int(tight.sum()))
-    return Clients(
-        flops=np.array([p.flops for p in pick]) * rng.uniform(0.2, 1.5, n),
-        uplink_bps=np.array([p.uplink_bps for p in pick]) * rng.uniform(0.3, 1.5, n),
-        downlink_bps=np.array([p.downlink_bps for p in pick]) * rng.uniform(0.3, 1.5, n),
-        memory_bytes=mem,
-        samples=rng.integers(50, 1000, n).astype(float),
-    )
 
 
 def reduction(ours: float, base: float) -> float | None:
@@ -78,7 +63,7 @@ def main() -> None:
         for n in range(2, max_brute + 1):
             gaps, tl_s, bf_s = [], [], []
             for _ in range(args.fleets):
-                clients = fleet(n, rng, points)
+                clients = random_clients(n, rng, points)
                 plan = tlmp(clients, points, SERVER.flops)
                 t0 = time.perf_counter()
                 best, _ = brute_force(clients, points, SERVER.flops, grid=10_000)
@@ -92,7 +77,7 @@ def main() -> None:
                 "fit_error": round(plan.fit_error, 4),
             }), flush=True)
         for n in (int(s) for s in args.sizes.split(",")):
-            clients = fleet(n, rng, points, tight_share=0.0)  # every baseline (FL only too) can run the fleet
+            clients = random_clients(n, rng, points, tight_share=0.0)  # every baseline (FL only too) can run the fleet
             times, plan = [], None
             for _ in range(3):
                 plan = tlmp(clients, points, SERVER.flops)
@@ -121,7 +106,7 @@ def robustness(key: str, points: list[SplitPoint]) -> None:
     gaps, worse = [], 0
     for n in [10, 30, 100, 300, 1000] * 4:
         for tight in (0.0, 0.3):
-            clients = fleet(n, rng, points, tight)
+            clients = random_clients(n, rng, points, tight)
             ours = tlmp(clients, points, SERVER.flops).max_latency
             gaps.append(ours / exact_minmax(clients, points, SERVER.flops).max_latency - 1.0)
             worse += ours > min(baselines(clients, points, SERVER.flops).values()) * (1 + 1e-9)

@@ -115,6 +115,14 @@ class MethodConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
 
 
+def fractions(values: list[float], what: str) -> list[float]:
+    """A validated menu of rates in [0, 1) (dropout, pruning): sorted, without repeats."""
+    bad = [r for r in values if not 0 <= r < 1]
+    if bad:
+        raise ValueError(f"{what} must be in [0, 1), got {bad[0]}")
+    return sorted({float(r) for r in values})
+
+
 class RoundsConfig(_Frozen):
     num: int = Field(10, ge=1, description="sync: rounds; async: server model versions")
     mode: Literal["sync", "async"] = "sync"

@@ -13,7 +13,7 @@ from flexray.methods.base import ServerSpec, Task
 from flexray.models import build_model, profile_model
 from flexray.models.split import split_model, split_points
 from flexray.runtime.split_server import LocalPort, SplitServerHost
-from flexray.schedule.tlmp import Clients, baselines, brute_force, fit_cuts, terms, tlmp
+from flexray.schedule.tlmp import Clients, baselines, brute_force, fit_cuts, random_clients, terms, tlmp
 
 SERVER = CATALOG["edge_gpu_server"]
 MODELS = [("cnn", (1, 8, 8)), ("resnet8", (3, 16, 16)), ("torchvision:mobilenet_v2", (3, 32, 32))]
@@ -27,19 +27,7 @@ def resnet_points(one_torch_thread):
 
 def _fleet(n: int, seed: int, points, tight_memory: float = 0.3) -> Clients:
     """Random catalog devices at random speeds, some with memory for only the first cuts."""
-    rng = np.random.default_rng(seed)
-    devs = [p for k, p in CATALOG.items() if k not in ("edge_gpu_server", "cloud_gpu")]
-    pick = [devs[i] for i in rng.integers(0, len(devs), n)]
-    mem = np.array([p.memory_bytes for p in pick], dtype=float)
-    tight = rng.random(n) < tight_memory
-    mem[tight] = rng.uniform(points[0].client_memory_bytes, points[-1].client_memory_bytes, tight.sum())
-    return Clients(
-        flops=np.array([p.flops for p in pick]) * rng.uniform(0.2, 1.5, n),
-        uplink_bps=np.array([p.uplink_bps for p in pick]) * rng.uniform(0.3, 1.5, n),
-        downlink_bps=np.array([p.downlink_bps for p in pick]) * rng.uniform(0.3, 1.5, n),
-        memory_bytes=mem,
-        samples=rng.integers(50, 1000, n).astype(float),
-    )
+    return random_clients(n, np.random.default_rng(seed), points, tight_share=tight_memory)
 
 
 # ---------------------------------------------------------------- split points

@@ -8,7 +8,7 @@ same method runs in sync, async, simulated or real mode. Shaped after Flower's `
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -298,6 +298,15 @@ def cast_like(tensors: Mapping[str, torch.Tensor], like: State) -> State:
     return out
 
 
+def local_batches(n: int, cfg: MethodConfig, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Row indices of every local mini-batch: a fresh shuffle per epoch. Every local trainer
+    uses it, so methods compared on one seed see the same batches in the same order."""
+    for _ in range(cfg.local_epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, cfg.batch_size):
+            yield order[start : start + cfg.batch_size]
+
+
 def sgd_train(
     model: nn.Module,
     data: LocalData,
@@ -314,21 +323,16 @@ def sgd_train(
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     ce = nn.CrossEntropyLoss()
     loss_fn = batch_loss or (lambda x, y: ce(model(x), y))
-    n, bs = len(data), cfg.batch_size
     seen, loss_sum = 0, 0.0
-    for _ in range(cfg.local_epochs):
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, bs):
-            idx = order[start : start + bs]
-            xb, yb = data.x[idx], data.y[idx]
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(xb, yb)
-            if extra_loss is not None:
-                loss = loss + extra_loss(model)
-            loss.backward()
-            opt.step()
-            seen += len(idx)
-            loss_sum += float(loss.detach()) * len(idx)
+    for idx in local_batches(len(data), cfg, generator):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(data.x[idx], data.y[idx])
+        if extra_loss is not None:
+            loss = loss + extra_loss(model)
+        loss.backward()
+        opt.step()
+        seen += len(idx)
+        loss_sum += float(loss.detach()) * len(idx)
     return seen, loss_sum / max(seen, 1)
 
 

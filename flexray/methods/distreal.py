@@ -43,6 +43,7 @@ from flexray.methods.base import (
     Update,
     cast_like,
     copy_state,
+    local_batches,
 )
 from flexray.models import filters
 from flexray.models.profile import ModelProfile, state_bytes
@@ -154,13 +155,10 @@ class FilterDropout(Method):
         trainer = filters.DropoutSGD(full, width, sub=ctx.model(key, build))
         cfg, n = self.cfg, len(data)
         seen, loss_sum = 0, 0.0
-        for _ in range(cfg.local_epochs):
-            order = torch.randperm(n, generator=ctx.generator)
-            for start in range(0, n, cfg.batch_size):
-                idx = order[start : start + cfg.batch_size]
-                loss = trainer.step(data.x[idx], data.y[idx], ctx.generator, cfg.lr, cfg.momentum, cfg.weight_decay)
-                seen += len(idx)
-                loss_sum += loss * len(idx)
+        for idx in local_batches(n, cfg, ctx.generator):  # type: ignore[arg-type]
+            loss = trainer.step(data.x[idx], data.y[idx], ctx.generator, cfg.lr, cfg.momentum, cfg.weight_decay)
+            seen += len(idx)
+            loss_sum += loss * len(idx)
         metrics = {"train_loss": loss_sum / max(seen, 1), "point": float(i)}
         metrics.update({f"drop.{k}": float(r) for k, r in rates.items()})
         if ctx.device is not None:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from flexray.config import MethodConfig
+from flexray.config import MethodConfig, fractions
 from flexray.errors import FlexrayError
 from flexray.fleet.energy import predict_times
 from flexray.methods.base import (
@@ -61,10 +61,7 @@ class ReftConfig(MethodConfig):
     @field_validator("ratios")
     @classmethod
     def _ratios_ok(cls, v: list[float]) -> list[float]:
-        bad = [r for r in v if not 0 <= r < 1]
-        if bad:
-            raise ValueError(f"pruning ratios must be in [0, 1), got {bad[0]}")
-        return sorted({float(r) for r in v})
+        return fractions(v, "pruning ratios")
 
 
 class Reft(Method):

@@ -35,6 +35,7 @@ from flexray.methods.base import (
     Update,
     cast_like,
     copy_state,
+    local_batches,
     sgd_train,
 )
 from flexray.models.profile import ModelProfile
@@ -177,17 +178,13 @@ def split_train(client: nn.Module, data: LocalData, cfg: MethodConfig, generator
     gradient, backward from it. Same batches and RNG use as ``sgd_train``."""
     client.train()
     opt = torch.optim.SGD(client.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    n, bs = len(data), cfg.batch_size
     seen, loss_sum = 0, 0.0
-    for _ in range(cfg.local_epochs):
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, bs):
-            idx = order[start : start + bs]
-            opt.zero_grad(set_to_none=True)
-            h = client(data.x[idx])
-            grad, loss = server(h.detach(), data.y[idx])
-            h.backward(grad.to(h.dtype))
-            opt.step()
-            seen += len(idx)
-            loss_sum += loss * len(idx)
+    for idx in local_batches(len(data), cfg, generator):
+        opt.zero_grad(set_to_none=True)
+        h = client(data.x[idx])
+        grad, loss = server(h.detach(), data.y[idx])
+        h.backward(grad.to(h.dtype))
+        opt.step()
+        seen += len(idx)
+        loss_sum += loss * len(idx)
     return seen, loss_sum / max(seen, 1)

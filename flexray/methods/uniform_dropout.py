@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
+from flexray.config import fractions
 from flexray.methods.base import ServerData
 from flexray.methods.distreal import DropoutConfig, FilterDropout
 from flexray.models import filters
@@ -28,10 +29,7 @@ class UniformDropoutConfig(DropoutConfig):
     @field_validator("rates")
     @classmethod
     def _rates_ok(cls, v: list[float]) -> list[float]:
-        bad = [r for r in v if not 0 <= r < 1]
-        if bad:
-            raise ValueError(f"dropout rates must be in [0, 1), got {bad[0]}")
-        return sorted({float(r) for r in v})
+        return fractions(v, "dropout rates")
 
 
 class UniformDropout(FilterDropout):

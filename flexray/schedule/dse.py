@@ -26,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from flexray.config import fractions
 from flexray.methods.base import LocalData, evaluate_model
 from flexray.models import filters
 from flexray.models.profile import profile_model
@@ -52,10 +53,7 @@ class DSEConfig(BaseModel):
     @field_validator("grid")
     @classmethod
     def _grid_ok(cls, v: list[float]) -> list[float]:
-        bad = [r for r in v if not 0 <= r < 1]
-        if bad:
-            raise ValueError(f"dropout rates must be in [0, 1), got {bad[0]}")
-        return sorted({float(r) for r in v} | {0.0})
+        return fractions([*v, 0.0], "dropout rates")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,32 @@
+"""What the accuracy benchmarks share: one job tree shape and time-to-target.
+
+Every benchmark runs real jobs through ``run_job`` with the same quiet tracking (no progress
+bar, plots, model or checkpoints: only metrics go to MLflow), seed 0 and one local epoch of
+batch 32; each script states only what it varies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def job_tree(bench: str, name: str, uri: str, *, data: dict[str, Any], model: dict[str, Any],
+             groups: list[dict[str, Any]], method: dict[str, Any], rounds: dict[str, Any],
+             actors: int = 2, **extra: Any) -> dict[str, Any]:
+    """A job config tree named ``bench-name``, logged to experiment ``bench`` at ``uri``."""
+    return {
+        "name": f"{bench}-{name}", "seed": 0,
+        "data": {"source": "npz", "test_samples": 2000, **data},
+        "model": model,
+        "fleet": {"actors": actors, "groups": groups},
+        "method": {"local_epochs": 1, "batch_size": 32, **method},
+        "rounds": rounds,
+        "tracking": {"uri": uri, "experiment": bench, "progress": False, "plots": False,
+                     "log_model": False, "checkpoint_every": 0},
+        **extra,
+    }
+
+
+def time_to(history: list[dict[str, Any]], target: float, key: str = "accuracy") -> float | None:
+    """Simulated seconds until ``key`` (falling back to accuracy) first reaches ``target``."""
+    return next((h["sim_time_s"] for h in history if h.get(key, h.get("accuracy", 0.0)) >= target), None)
