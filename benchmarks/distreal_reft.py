@@ -12,6 +12,7 @@ stragglers, wall time; DISTREAL adds its Pareto front (FLOPs and measured second
 d = 0) and how often devices changed their choice; REFT its upload reduction against FedAvg.
 
     python benchmarks/distreal_reft.py [--data ../shared/data/cifar10.npz] [--rounds 30]
+    python benchmarks/distreal_reft.py --only fedavg_wait,reft,reft_no_distill --target 0.274   # REFT ablation
 
 Prints one JSON line per method. Budget: about 20 minutes on 2 CPU cores (26 min measured at load
 average 6-15 on a shared box; `--rounds 20` cuts it by a fifth).
@@ -41,20 +42,22 @@ FLEET = [("rpi4", 8), ("phone_mid", 6), ("jetson_nano", 4), ("laptop_cpu", 2)]
 SAMPLES, WIDTH, PHONE_FLOPS = 250, 16, 10e9
 
 
-def job(data: Path, uri: str, cache: str, method: dict, rounds: int, deadline: float) -> dict:
+def job(data: Path, uri: str, cache: str, name: str, method: dict, rounds: int, deadline: float, stragglers: str = "drop") -> dict:
     trace = {"kind": "random_walk", "sigma": 0.35, "step_s": deadline, "min_speed": 0.25, "max_speed": 3.0}
     return job_tree(
-        "distreal_reft", method["name"], uri,
+        "distreal_reft", name, uri,
         data={"name": "cifar10", "path": str(data), "samples_per_device": SAMPLES, "partition": {"kind": "dirichlet", "alpha": 0.5}},
         model={"name": "cnn", "width": WIDTH}, groups=[{"profile": p, "count": n, "trace": trace} for p, n in FLEET],
         method={"lr": 0.05, "momentum": 0.9, **method},
-        rounds={"num": rounds, "deadline_s": deadline, "stragglers": "drop", "eval_every": 1})
+        rounds={"num": rounds, "deadline_s": deadline, "stragglers": stragglers, "eval_every": 1})
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "cifar10.npz")
     ap.add_argument("--rounds", type=int, default=25)
+    ap.add_argument("--only", default="", help="comma-separated subset of methods")
+    ap.add_argument("--target", type=float, default=None, help="default: 0.95 x the lowest final accuracy")
     args = ap.parse_args()
     if not args.data.is_file():
         raise SystemExit(f"CIFAR-10 not found at {args.data}; pass --data path/to/cifar10.npz")
@@ -72,14 +75,23 @@ def main() -> None:
             "reft": {"name": "reft", "proxy_samples": 1000, "distill_steps": 30,
                      "ratios": [0.3, 0.45, 0.6, 0.75, 0.85]},
             "heterofl": {"name": "heterofl", "full_rate_flops": epoch_flops / deadline},
+            # ablations, only with --only: REFT without distillation (plain in-place averaging),
+            # FedAvg waiting for every device (the upload REFT's bytes compare with)
+            "reft_no_distill": {"name": "reft", "proxy_samples": 1000, "distill_steps": 0,
+                                "ratios": [0.3, 0.45, 0.6, 0.75, 0.85]},
+            "fedavg_wait": {"name": "fedavg", "stragglers": "wait"},
         }
+        chosen = args.only.split(",") if args.only else list(variants)[:5]
+        variants = {k: v for k, v in variants.items() if k in chosen}
         results = {}
         uri = f"sqlite:///{tmp}/mlflow.db"
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
         try:
             for name, method in variants.items():
                 t0 = time.perf_counter()
-                res = run_job(parse_config(job(args.data, uri, cache, method, args.rounds, deadline)))
+                method = dict(method)
+                stragglers = method.pop("stragglers", "drop")
+                res = run_job(parse_config(job(args.data, uri, cache, name, method, args.rounds, deadline, stragglers)))
                 wall = time.perf_counter() - t0
                 client = MlflowClient(uri)
                 events = pq.read_table(client.download_artifacts(res.run_id, "events.parquet", tmp)).to_pylist()
@@ -90,8 +102,9 @@ def main() -> None:
                 results[name] = (res.history, wall, events, front)
         finally:
             ray.shutdown()
-    target = 0.95 * min(hist[-1]["accuracy"] for hist, *_ in results.values())
-    fedavg_up = sum(r["bytes_up"] for r in results["fedavg_drop_stragglers"][2])
+    target = args.target or 0.95 * min(hist[-1]["accuracy"] for hist, *_ in results.values())
+    base = results.get("fedavg_drop_stragglers") or results.get("fedavg_wait")
+    fedavg_up = sum(r["bytes_up"] for r in base[2]) if base else 0
     for name, (hist, wall, events, front) in results.items():
         t = time_to(hist, target)
         kept = [e for e in events if e["status"] in ("ok", "late")]
@@ -104,7 +117,8 @@ def main() -> None:
             "bytes_up": up, "bytes_down": sum(e["bytes_down"] for e in events),
             "bytes_up_per_update": round(up / max(len(kept), 1)), "updates_kept": len(kept),
             "stragglers": sum(e["status"] == "straggler" for e in events),
-            "upload_reduction_vs_fedavg": round(fedavg_up / up, 3) if up else None, "wall_s": round(wall, 1),
+            "upload_reduction_vs_fedavg": round(fedavg_up / up, 3) if up and fedavg_up else None,
+            "wall_s": round(wall, 1),
         }
         if front is not None:
             picks = defaultdict(list)
