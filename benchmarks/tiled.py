@@ -79,7 +79,7 @@ class RealRun:
     """``plan.n_tiles`` Ray actors (1 thread, 1 CPU each) kept alive so runs interleave step by step."""
 
     def __init__(self, model: nn.Module, plan: TilingPlan, data_ref: ray.ObjectRef, batch: int) -> None:
-        self.actors = [TileActor.options(num_cpus=1).remote(r, model, FUSED, plan, OPT, data_ref, 1, None, False)
+        self.actors = [TileActor.options(num_cpus=1).remote(r, model, FUSED, plan, OPT, data_ref, threads=1, measure_memory=False)
                        for r in range(plan.n_tiles)]
         self.runner, self.batch, self.plan = TiledStep(plan, self.actors), batch, plan
         ray.get([a.info.remote() for a in self.actors])
