@@ -1,7 +1,7 @@
 """What the accuracy benchmarks share: one job tree shape and time-to-target.
 
 Every benchmark runs real jobs through ``run_job`` with the same quiet tracking (no progress
-bar, plots, model or checkpoints: only metrics go to MLflow), seed 0 and one local epoch of
+bar, plots, model or checkpoints: only metrics go to MLflow), seed 0 unless told, and one local epoch of
 batch 32; each script states only what it varies.
 """
 
@@ -12,10 +12,10 @@ from typing import Any
 
 def job_tree(bench: str, name: str, uri: str, *, data: dict[str, Any], model: dict[str, Any],
              groups: list[dict[str, Any]], method: dict[str, Any], rounds: dict[str, Any],
-             actors: int = 2, **extra: Any) -> dict[str, Any]:
+             actors: int = 2, seed: int = 0, **extra: Any) -> dict[str, Any]:
     """A job config tree named ``bench-name``, logged to experiment ``bench`` at ``uri``."""
     return {
-        "name": f"{bench}-{name}", "seed": 0,
+        "name": f"{bench}-{name}", "seed": seed,
         "data": {"source": "npz", "test_samples": 2000, **data},
         "model": model,
         "fleet": {"actors": actors, "groups": groups},

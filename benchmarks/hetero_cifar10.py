@@ -53,7 +53,7 @@ def job(args: argparse.Namespace, uri: str, name: str, method: dict, schedule: s
         model={"name": args.model, "width": 16}, groups=[{"profile": p, "count": n} for p, n in FLEET],
         method={"lr": 0.05, "momentum": 0.5, **method},
         rounds={"num": args.rounds, "eval_every": args.eval_every, "deadline_s": deadline, "stragglers": "drop"},
-        schedule={"mode": schedule})
+        schedule={"mode": schedule}, seed=args.seed)
 
 
 def drop_deadline(args: argparse.Namespace) -> float:
@@ -137,6 +137,7 @@ def main() -> None:
     ap.add_argument("--model", default="resnet8", choices=["resnet8", "resnet20"],
                     help="resnet20: 9 blocks, so FlexTrain's shortest prefix costs ~1/6 of the model (resnet8: ~1/2)")
     ap.add_argument("--samples", type=int, default=100, help="training images per device")
+    ap.add_argument("--seed", type=int, default=0, help="data split, initial weights and batch order")
     ap.add_argument("--eval-every", type=int, default=2)
     ap.add_argument("--test-samples", type=int, default=1000)
     ap.add_argument("--target", type=float, default=None, help="default: see common_target")
