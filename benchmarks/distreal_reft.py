@@ -42,7 +42,7 @@ FLEET = [("rpi4", 8), ("phone_mid", 6), ("jetson_nano", 4), ("laptop_cpu", 2)]
 SAMPLES, WIDTH, PHONE_FLOPS = 250, 16, 10e9
 
 
-def job(data: Path, uri: str, cache: str, name: str, method: dict, rounds: int, deadline: float, stragglers: str = "drop") -> dict:
+def job(data: Path, uri: str, name: str, method: dict, rounds: int, deadline: float, stragglers: str = "drop") -> dict:
     trace = {"kind": "random_walk", "sigma": 0.35, "step_s": deadline, "min_speed": 0.25, "max_speed": 3.0}
     return job_tree(
         "distreal_reft", name, uri,
@@ -91,7 +91,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 method = dict(method)
                 stragglers = method.pop("stragglers", "drop")
-                res = run_job(parse_config(job(args.data, uri, cache, name, method, args.rounds, deadline, stragglers)))
+                res = run_job(parse_config(job(args.data, uri, name, method, args.rounds, deadline, stragglers)))
                 wall = time.perf_counter() - t0
                 client = MlflowClient(uri)
                 events = pq.read_table(client.download_artifacts(res.run_id, "events.parquet", tmp)).to_pylist()

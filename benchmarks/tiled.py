@@ -81,7 +81,7 @@ class RealRun:
     def __init__(self, model: nn.Module, plan: TilingPlan, data_ref: ray.ObjectRef, batch: int) -> None:
         self.actors = [TileActor.options(num_cpus=1).remote(r, model, FUSED, plan, OPT, data_ref, threads=1, measure_memory=False)
                        for r in range(plan.n_tiles)]
-        self.runner, self.batch, self.plan = TiledStep(plan, self.actors), batch, plan
+        self.runner, self.batch = TiledStep(plan, self.actors), batch
         ray.get([a.info.remote() for a in self.actors])
         self.times: list[float] = []
         self.step(0)  # warm-up: allocators, object store
@@ -105,10 +105,9 @@ class Plain:
         torch.set_num_threads(1)
         self.stack, self.x = model[:FUSED], x
 
-    def step(self) -> float:
+    def step(self) -> None:
         self.stack.zero_grad()
         self.stack(self.x).sum().backward()
-        return 0.0
 
 
 class Ceiling:
@@ -124,13 +123,12 @@ class Ceiling:
         self.times: list[float] = []
         ray.get([self.one.step.remote()] + [a.step.remote() for a in self.two])
 
-    def step(self, s: int) -> float:
+    def step(self) -> None:
         t0 = time.perf_counter()
         ray.get(self.one.step.remote())
         t1 = time.perf_counter()
         ray.get([a.step.remote() for a in self.two])
         self.times.append((t1 - t0) / (time.perf_counter() - t1))
-        return 0.0
 
     def close(self) -> None:
         for a in (self.one, *self.two):
@@ -243,7 +241,7 @@ def main() -> None:
                 for run in runs.values():
                     run.times.append(run.step(1 + rep * args.steps + s))
                 if ceiling is not None:
-                    ceiling.step(s)
+                    ceiling.step()
         base_times = small[0]["real_plan_run"].times if small and small[0]["n"] == 1 else None
         for r in small:
             for key in ("real_plan", "real_flat"):
