@@ -15,7 +15,7 @@ from flexray.data.datasets import to_tensor
 from flexray.errors import FlexrayError
 from flexray.fleet.energy import predict_times
 from flexray.fleet.profiles import CATALOG
-from flexray.methods.base import DeviceContext, DeviceView, LocalData, ServerData
+from flexray.methods.base import DeviceContext, DeviceView, LocalData, ServerData, Task
 from flexray.methods.reft import Reft, ReftConfig
 from flexray.methods.uniform_dropout import UniformDropout, UniformDropoutConfig
 from flexray.models import elastic, filters
@@ -110,6 +110,51 @@ def test_ensemble_distillation_pulls_the_global_model_to_the_teachers(digits):
     assert kl(distilled) < 0.7 * kl(averaged)
     again = m.aggregate(0, state, ups)  # seeded by the round: reproducible
     assert all(torch.equal(distilled[k], again[k]) for k in state)
+
+
+def test_filters_no_device_trained_feed_nothing_forward(digits):
+    """With every device pruned, the global model's never-trained filters hold init weights; they
+    must not feed noise into the next layer, so the global model computes its trained sub-network."""
+    m, state = _method(digits, distill_steps=0)
+    ups = []
+    for i in range(2):
+        m._planned[i] = 0.5
+        ctx = DeviceContext(lambda: cnn(digits.input_shape, 10, 8))
+        ctx.seed(i)
+        up = m.local_update(_task(i, 0.5), state, _shard(digits, i), ctx)
+        up.device = i
+        ups.append(up)
+    keep = filters.l1_keep(m.full, state, m.width(0.5))
+    merged = m.aggregate(0, state, ups)
+    dead = torch.ones(16, dtype=torch.bool)
+    dead[keep["conv2.0"]] = False
+    dead1 = torch.ones(8, dtype=torch.bool)
+    dead1[keep["conv1.0"]] = False
+    assert torch.equal(merged["conv1.0.weight"][dead1], state["conv1.0.weight"][dead1])  # kept, recruitable
+    assert torch.equal(merged["conv2.0.bias"][dead], state["conv2.0.bias"][dead])
+    assert not merged["conv2.0.weight"][:, dead1].any()
+    assert not merged["head.2.weight"].view(10, 16, -1)[:, dead].any()  # but feeding nothing forward
+    assert merged["head.2.weight"].view(10, 16, -1)[:, ~dead].any()
+    x = _shard(digits, 5, 16).x
+    full, ref = cnn(digits.input_shape, 10, 8), cnn(digits.input_shape, 10, 8)
+    full.load_state_dict(merged)
+    ref.load_state_dict(merged)
+    with filters.masked(ref, keep):
+        assert torch.allclose(full(x), ref(x), atol=1e-5)
+    resumed, _ = _method(digits, distill_steps=0)  # the record of trained filters survives a resume
+    resumed.load_state_dict(m.state_dict())
+    assert all(torch.equal(resumed._trained[k], m._trained[k]) for k in m._trained)
+    m._planned[0] = 0.0  # once a device trains the whole model, nothing is silenced any more
+    ctx = DeviceContext(lambda: cnn(digits.input_shape, 10, 8))
+    ctx.seed(0)
+    up = m.local_update(_task(0, 0.0), merged, _shard(digits, 0), ctx)
+    up.device = 0
+    again = m.aggregate(1, merged, [up])
+    assert all(torch.equal(again[k], up.tensors[k]) for k in merged)
+
+
+def _task(device, ratio):
+    return Task(device=device, round=0, spec={"ratio": ratio})
 
 
 def test_uniform_dropout_picks_the_smallest_rate_that_fits(digits):

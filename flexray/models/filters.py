@@ -157,6 +157,23 @@ def l1_keep(model: nn.Module, state: Mapping[str, torch.Tensor], width: Mapping[
     return out
 
 
+def silence(model: nn.Module, state: Mapping[str, torch.Tensor], alive: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Zero the inputs fed by filters not ``alive`` (bool per droppable layer), so the network computes
+    exactly its alive sub-network: REFT's never-trained filters would otherwise feed init noise forward.
+    The filters themselves keep their weights, so later training (or distillation) can still recruit them."""
+    out = dict(state)
+    for la in chain(model):
+        live = alive.get(la.source) if la.source else None
+        if live is None or bool(live.all()):
+            continue
+        cols = (~live).nonzero().flatten()
+        cols = (cols[:, None] * la.group + torch.arange(la.group)).reshape(-1)
+        w = out[f"{la.name}.weight"].clone()
+        w[:, cols] = 0
+        out[f"{la.name}.weight"] = w
+    return out
+
+
 def grid(ix: tuple[torch.Tensor | None, ...], shape: torch.Size) -> tuple[torch.Tensor, ...]:
     """Broadcast index tensors selecting the sub-block ``ix`` of a tensor of ``shape``."""
     full = [i if i is not None else torch.arange(shape[d]) for d, i in enumerate(ix)]
