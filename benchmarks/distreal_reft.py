@@ -9,13 +9,14 @@ are exact. HeteroFL's static tiers use the FLOP/s that fits a full local epoch i
 Reported per method: final accuracy, simulated time to a common target accuracy (the lowest final
 accuracy of all methods, times 0.95), energy, bytes up/down (total and per kept update),
 stragglers, wall time; DISTREAL adds its Pareto front (FLOPs and measured seconds per step against
-d = 0) and how often devices changed their choice; REFT its upload reduction against FedAvg.
+d = 0) and how often devices changed their choice; every line its upload reduction against FedAvg
+waiting for every device (the FedAvg that, like REFT, uploads from every device every round).
 
     python benchmarks/distreal_reft.py [--data ../shared/data/cifar10.npz] [--rounds 30]
     python benchmarks/distreal_reft.py --only fedavg_wait,reft,reft_no_distill --target 0.274   # REFT ablation
 
-Prints one JSON line per method. Budget: about 20 minutes on 2 CPU cores (26 min measured at load
-average 6-15 on a shared box; `--rounds 20` cuts it by a fifth).
+Prints one JSON line per method. Budget: about 25 minutes on 2 idle CPU cores (`--rounds 20` cuts
+it by a fifth).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from flexray.runtime.driver import run_job
 REPO = Path(__file__).resolve().parents[1]
 FLEET = [("rpi4", 8), ("phone_mid", 6), ("jetson_nano", 4), ("laptop_cpu", 2)]
 SAMPLES, WIDTH, PHONE_FLOPS = 250, 16, 10e9
+# every device prunes at least 30%: REFT saves bandwidth too, not only compute
+REFT = {"proxy_samples": 1000, "ratios": [0.3, 0.45, 0.6, 0.75, 0.85]}
 
 
 def job(data: Path, uri: str, name: str, method: dict, rounds: int, deadline: float, stragglers: str = "drop") -> dict:
@@ -71,17 +74,14 @@ def main() -> None:
             "fedavg_drop_stragglers": {"name": "fedavg"},
             "uniform_dropout": {"name": "uniform_dropout"},
             "distreal": {"name": "distreal", "dse": dse},
-            # every device prunes at least 30%: REFT saves bandwidth too, not only compute
-            "reft": {"name": "reft", "proxy_samples": 1000, "distill_steps": 30,
-                     "ratios": [0.3, 0.45, 0.6, 0.75, 0.85]},
+            "reft": {"name": "reft", **REFT, "distill_steps": 30, "distill_lr": 1e-4},
             "heterofl": {"name": "heterofl", "full_rate_flops": epoch_flops / deadline},
-            # ablations, only with --only: REFT without distillation (plain in-place averaging),
-            # FedAvg waiting for every device (the upload REFT's bytes compare with)
-            "reft_no_distill": {"name": "reft", "proxy_samples": 1000, "distill_steps": 0,
-                                "ratios": [0.3, 0.45, 0.6, 0.75, 0.85]},
+            # REFT without distillation (plain in-place averaging) and FedAvg waiting for every
+            # device: every device uploads every round there, as in REFT, so it is the upload baseline
+            "reft_no_distill": {"name": "reft", **REFT, "distill_steps": 0},
             "fedavg_wait": {"name": "fedavg", "stragglers": "wait"},
         }
-        chosen = args.only.split(",") if args.only else list(variants)[:5]
+        chosen = args.only.split(",") if args.only else list(variants)
         variants = {k: v for k, v in variants.items() if k in chosen}
         results = {}
         uri = f"sqlite:///{tmp}/mlflow.db"
@@ -103,7 +103,7 @@ def main() -> None:
         finally:
             ray.shutdown()
     target = args.target or 0.95 * min(hist[-1]["accuracy"] for hist, *_ in results.values())
-    base = results.get("fedavg_drop_stragglers") or results.get("fedavg_wait")
+    base = results.get("fedavg_wait") or results.get("fedavg_drop_stragglers")
     fedavg_up = sum(r["bytes_up"] for r in base[2]) if base else 0
     for name, (hist, wall, events, front) in results.items():
         t = time_to(hist, target)

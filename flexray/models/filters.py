@@ -157,20 +157,24 @@ def l1_keep(model: nn.Module, state: Mapping[str, torch.Tensor], width: Mapping[
     return out
 
 
-def silence(model: nn.Module, state: Mapping[str, torch.Tensor], alive: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Zero the inputs fed by filters not ``alive`` (bool per droppable layer), so the network computes
-    exactly its alive sub-network: REFT's never-trained filters would otherwise feed init noise forward.
-    The filters themselves keep their weights, so later training (or distillation) can still recruit them."""
-    out = dict(state)
+def dead_inputs(model: nn.Module, alive: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per weight key: the input columns fed by filters not ``alive`` (bool per droppable layer)."""
+    out: dict[str, torch.Tensor] = {}
     for la in chain(model):
         live = alive.get(la.source) if la.source else None
-        if live is None or bool(live.all()):
-            continue
-        cols = (~live).nonzero().flatten()
-        cols = (cols[:, None] * la.group + torch.arange(la.group)).reshape(-1)
-        w = out[f"{la.name}.weight"].clone()
-        w[:, cols] = 0
-        out[f"{la.name}.weight"] = w
+        if live is not None and not bool(live.all()):
+            cols = (~live).nonzero().flatten()
+            out[f"{la.name}.weight"] = (cols[:, None] * la.group + torch.arange(la.group)).reshape(-1)
+    return out
+
+
+def silence(state: Mapping[str, torch.Tensor], dead: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Zero the ``dead_inputs`` columns, so the network computes exactly its alive sub-network:
+    REFT's never-trained filters would otherwise feed their init noise forward. The filters keep
+    their own weights, so a later device that trains them recruits them."""
+    out = dict(state)
+    for key, cols in dead.items():
+        out[key] = out[key].index_fill(1, cols, 0.0)
     return out
 
 
