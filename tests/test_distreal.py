@@ -145,8 +145,10 @@ def test_local_update_uses_its_pick_and_aggregation_ignores_dropped_entries():
     touched = a != state["conv2.0.weight"]  # entries the first device trained (kept filter x kept input)
     assert 0 < int(touched.sum()) < touched.numel()
     # untouched by the first device: the second's value alone (its weight is the whole denominator);
-    # touched by both: the sample-weighted mean (8 and 3)
-    expect = torch.where(touched, (8 * a + 3 * b) / 11, b)
+    # touched by both: weighted by the samples that trained the entry: 8 x 4/16 kept filters of
+    # conv2 x 4/8 kept inputs from conv1 = 1 for the first device, 3 for the second
+    assert filters.kept_fraction(method.full, {"conv1.0": 0.5, "conv2.0": 0.75})["conv2.0.weight"] == 0.125
+    expect = torch.where(touched, (1 * a + 3 * b) / 4, b)
     assert torch.allclose(merged["conv2.0.weight"], expect, atol=1e-6)
 
 

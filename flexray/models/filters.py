@@ -115,6 +115,26 @@ def index(model: nn.Module, keep: Keep) -> elastic.Index:
     return out
 
 
+def kept_fraction(model: nn.Module, rates: Mapping[str, float]) -> dict[str, float]:
+    """Per state entry: the fraction of mini-batches that train it under dropout ``rates``
+    (its filter kept, and for a weight also its input channel), as ``index`` lays entries out."""
+    layers = chain(model)
+    width = widths(layers, rates)
+    frac = {la.name: width[la.name] / la.channels for la in layers if la.droppable}
+    owners = _owner(model)
+    out: dict[str, float] = {}
+    for name, m in model.named_modules():
+        if name not in owners:
+            continue
+        rows, cols, _ = owners[name]
+        for key in m.state_dict():
+            f = frac.get(rows, 1.0) if rows else 1.0
+            if cols and not (isinstance(m, _BN) or key == "bias"):
+                f *= frac.get(cols, 1.0)
+            out[f"{name}.{key}"] = f
+    return out
+
+
 def slim(model: nn.Module, width: Mapping[str, int]) -> nn.Module:
     """A physically smaller copy of ``model`` with ``width[layer]`` filters per droppable layer."""
     out = copy.deepcopy(model)
@@ -280,6 +300,6 @@ class DropoutSGD:
 
 
 __all__ = [
-    "DropoutSGD", "Keep", "Layer", "add_scalers", "chain", "droppable", "gather", "grid", "index", "l1_keep", "masked",
-    "random_keep", "scatter_", "slim", "widths",
+    "DropoutSGD", "Keep", "Layer", "add_scalers", "chain", "dead_inputs", "droppable", "gather", "grid", "index",
+    "kept_fraction", "l1_keep", "masked", "random_keep", "scatter_", "silence", "slim", "widths",
 ]
