@@ -9,9 +9,10 @@ are exact. HeteroFL's static tiers use the FLOP/s that fits a full local epoch i
 Reported per method, as means over ``--seeds`` (each seed: data split, weights, traces) with the
 per-seed values beside them: final accuracy, simulated time to a common target accuracy (0.95 x the
 lowest mean final accuracy of all methods; null if some seed never reaches it), energy, bytes
-up/down (total and per kept update), stragglers, wall time; DISTREAL adds its Pareto front (FLOPs and measured seconds per step against
-d = 0) and how often devices changed their choice; every line its upload reduction against FedAvg
-waiting for every device (the FedAvg that, like REFT, uploads from every device every round).
+up/down (total and per kept update), stragglers, wall time; DISTREAL adds its Pareto front (FLOPs
+and measured seconds per step against d = 0) and how often devices changed their choice; every
+line its upload reduction against FedAvg waiting for every device (the FedAvg that, like REFT,
+uploads from every device every round).
 
     python benchmarks/distreal_reft.py [--data ../shared/data/cifar10.npz] [--rounds 30] [--seeds 0,1,2]
     python benchmarks/distreal_reft.py --only fedavg_wait,reft,reft_no_distill --target 0.274   # REFT ablation
@@ -145,7 +146,8 @@ def main() -> None:
                     t0 = time.perf_counter()
                     method = dict(method)
                     stragglers = method.pop("stragglers", "drop")
-                    res = run_job(parse_config(job(args.data, uri, name, method, args.rounds, deadline, stragglers, seed)))
+                    tree = job(args.data, uri, name, method, args.rounds, deadline, stragglers, seed)
+                    res = run_job(parse_config(tree))
                     wall = time.perf_counter() - t0
                     client = MlflowClient(uri)
                     events = pq.read_table(client.download_artifacts(res.run_id, "events.parquet", tmp)).to_pylist()

@@ -82,7 +82,7 @@ def test_pruning_ratio_follows_capability_and_fits_the_deadline(digits):
 
 
 def test_ensemble_distillation_pulls_the_global_model_to_the_teachers(digits):
-    m, state = _method(digits, distill_steps=30, proxy_samples=300)
+    m, state = _method(digits, distill_steps=30, proxy_samples=300, distill_lr=1e-3)
     tasks = m.plan(0, [DeviceView(i, CATALOG["laptop_cpu"], 1.0, 100) for i in range(3)], state)
     ups = []
     for t, ratio in zip(tasks, (0.0, 0.4, 0.6)):
