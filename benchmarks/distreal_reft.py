@@ -48,12 +48,12 @@ REFT = {"proxy_samples": 1000, "ratios": [0.3, 0.45, 0.6, 0.75, 0.85]}
 
 
 def job(data: Path, uri: str, name: str, method: dict, rounds: int, deadline: float, stragglers: str = "drop",
-        seed: int = 0) -> dict:
+        seed: int = 0, width: int = WIDTH) -> dict:
     trace = {"kind": "random_walk", "sigma": 0.35, "step_s": deadline, "min_speed": 0.25, "max_speed": 3.0}
     return job_tree(
         "distreal_reft", name, uri,
         data={"name": "cifar10", "path": str(data), "samples_per_device": SAMPLES, "partition": {"kind": "dirichlet", "alpha": 0.5}},
-        model={"name": "cnn", "width": WIDTH}, groups=[{"profile": p, "count": n, "trace": trace} for p, n in FLEET],
+        model={"name": "cnn", "width": width}, groups=[{"profile": p, "count": n, "trace": trace} for p, n in FLEET],
         method={"lr": 0.05, "momentum": 0.9, **method},
         rounds={"num": rounds, "deadline_s": deadline, "stragglers": stragglers, "eval_every": 1},
         schedule={"mode": "static"}, seed=seed)  # static: the papers' tiers for HeteroFL (minmax puts all on 1/16)
@@ -87,14 +87,14 @@ def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
-def line(name: str, runs: list[Run], target: float, fedavg_up: float, deadline: float) -> dict:
+def line(name: str, runs: list[Run], target: float, fedavg_up: float, deadline: float, width: int) -> dict:
     """The JSON line of one method: means over seeds, and the per-seed values that matter."""
     finals = [r.history[-1]["accuracy"] for r in runs]
     times = [time_to(r.history, target) for r in runs]
     ups = [sum(e["bytes_up"] for e in r.events) for r in runs]
     kept = [sum(e["status"] in ("ok", "late") for e in r.events) for r in runs]
     out = {
-        "benchmark": "distreal_reft", "method": name, "rounds": len(runs[0].history), "seeds": len(runs),
+        "benchmark": "distreal_reft", "method": name, "width": width, "rounds": len(runs[0].history), "seeds": len(runs),
         "deadline_s": deadline, "final_accuracy": round(mean(finals), 4),
         "final_accuracy_per_seed": [round(f, 4) for f in finals],
         "best_accuracy": round(mean([max(h["accuracy"] for h in r.history) for r in runs]), 4),
@@ -124,13 +124,14 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "cifar10.npz")
     ap.add_argument("--rounds", type=int, default=25)
     ap.add_argument("--seeds", default="0", help="comma-separated seeds; every method runs every seed")
+    ap.add_argument("--width", type=int, default=WIDTH, help="cnn width (filters of the first conv); the deadline scales with it")
     ap.add_argument("--only", default="", help="comma-separated subset of methods")
     ap.add_argument("--target", type=float, default=None, help="default: 0.95 x the lowest mean final accuracy")
     args = ap.parse_args()
     if not args.data.is_file():
         raise SystemExit(f"CIFAR-10 not found at {args.data}; pass --data path/to/cifar10.npz")
     seeds = [int(s) for s in args.seeds.split(",")]
-    per_sample = profile_model(build_model(ModelConfig(name="cnn", width=WIDTH), (3, 32, 32), 10), (3, 32, 32))
+    per_sample = profile_model(build_model(ModelConfig(name="cnn", width=args.width), (3, 32, 32), 10), (3, 32, 32))
     epoch_flops = SAMPLES * per_sample.train_flops_per_sample
     deadline = round(epoch_flops / (1.2 * PHONE_FLOPS), 4)
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,7 +147,7 @@ def main() -> None:
                     t0 = time.perf_counter()
                     method = dict(method)
                     stragglers = method.pop("stragglers", "drop")
-                    tree = job(args.data, uri, name, method, args.rounds, deadline, stragglers, seed)
+                    tree = job(args.data, uri, name, method, args.rounds, deadline, stragglers, seed, args.width)
                     res = run_job(parse_config(tree))
                     wall = time.perf_counter() - t0
                     client = MlflowClient(uri)
@@ -161,7 +162,7 @@ def main() -> None:
     base = results.get("fedavg_wait")
     fedavg_up = mean([sum(e["bytes_up"] for e in r.events) for r in base]) if base else 0.0
     for name, runs in results.items():
-        out = line(name, runs, target, fedavg_up, deadline)
+        out = line(name, runs, target, fedavg_up, deadline, args.width)
         if name in fronts:
             front = fronts[name]
             out["front"] = [

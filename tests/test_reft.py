@@ -103,7 +103,7 @@ def test_ensemble_distillation_pulls_the_global_model_to_the_teachers(digits):
         model = cnn(digits.input_shape, 10, 8)
         model.load_state_dict(s)
         with torch.no_grad():
-            return float(F.kl_div(F.log_softmax(model(m.proxy) / 3.0, 1), teacher, reduction="batchmean"))
+            return float(F.kl_div(F.log_softmax(model(m.proxy) / m.rcfg.temperature, 1), teacher, reduction="batchmean"))
 
     averaged = Reft(ReftConfig(name="reft", distill_steps=0), m.model_fn).aggregate(0, state, ups)
     distilled = m.aggregate(0, state, ups)

@@ -57,7 +57,8 @@ class ReftConfig(MethodConfig):
     ratio: float | None = Field(None, ge=0, lt=1, description="every device prunes this ratio (overrides ratios)")
     deadline_s: float | None = Field(None, gt=0, description="deadline to fit when the round has none")
     proxy_samples: int = Field(1000, ge=1, description="unlabeled held-out samples for distillation")
-    temperature: float = Field(3.0, gt=0, description="distillation temperature T")
+    temperature: float = Field(1.0, gt=0, description="distillation temperature T (3 flattened the skewed clients' "
+                               "biases into the targets: 1.7 points below T = 1 on CIFAR-10)")
     distill_steps: int = Field(50, ge=0, description="server KL steps per round (0: plain averaging)")
     distill_batch: int = Field(64, ge=1)
     distill_lr: float = Field(1e-4, gt=0, description="Adam learning rate of the distillation (1e-3 cost ~3 points)")
