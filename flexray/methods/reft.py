@@ -112,8 +112,12 @@ class Reft(Method):
             self._profiles[key] = profile_model(self.pruned(ratio), key[1])  # type: ignore[arg-type]
         return self._profiles[key]
 
+    def keep(self, state: State, ratio: float) -> filters.Keep:
+        """The filters a device pruned to ``ratio`` keeps: largest L1 norm in ``state``."""
+        return filters.l1_keep(self.full, state, self.width(ratio))
+
     def keep_index(self, state: State, ratio: float) -> elastic.Index:
-        return filters.index(self.full, filters.l1_keep(self.full, state, self.width(ratio)))
+        return filters.index(self.full, self.keep(state, ratio))
 
     # ---- server side
     def ratio_for(self, device: DeviceView) -> float:
@@ -157,7 +161,7 @@ class Reft(Method):
         if not updates:
             return state
         ratios = {float(u.metrics["ratio"]) for u in updates}
-        keeps = {r: filters.l1_keep(self.full, state, self.width(r)) for r in ratios}
+        keeps = {r: self.keep(state, r) for r in ratios}
         parts = [elastic.Part(u.tensors, filters.index(self.full, keeps[float(u.metrics["ratio"])]), u.weight)
                  for u in updates]
         merged = cast_like(elastic.aggregate(state, parts), state)
