@@ -42,6 +42,7 @@ from flexray.models import build_model, profile_model
 from flexray.runtime.driver import run_job
 
 REPO = Path(__file__).resolve().parents[1]
+DEPTH = ("flextrain", "fedclass")  # the depth-prefix methods (FedSmall is flextrain at k = 1)
 FLEET = [("rpi4", 6), ("phone_mid", 6), ("jetson_nano", 4), ("laptop_cpu", 4)]  # 3, 10, 35, 100 GFLOP/s
 
 
@@ -50,7 +51,8 @@ def job(args: argparse.Namespace, uri: str, name: str, method: dict, schedule: s
         "hetero_cifar10", name, uri,
         data={"name": "cifar10", "path": str(args.data), "samples_per_device": args.samples,
               "test_samples": args.test_samples, "partition": {"kind": "dirichlet", "alpha": 1.0}},
-        model={"name": args.model, "width": 16}, groups=[{"profile": p, "count": n} for p, n in FLEET],
+        model={"name": args.model, "width": 16, "stage_heads": args.stage_heads and method["name"] in DEPTH},
+        groups=[{"profile": p, "count": n} for p, n in FLEET],
         method={"lr": 0.05, "momentum": 0.5, **method},
         rounds={"num": args.rounds, "eval_every": args.eval_every, "deadline_s": deadline, "stragglers": "drop"},
         schedule={"mode": schedule}, seed=args.seed)
@@ -136,6 +138,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--model", default="resnet8", choices=["resnet8", "resnet20"],
                     help="resnet20: 9 blocks, so FlexTrain's shortest prefix costs ~1/6 of the model (resnet8: ~1/2)")
+    ap.add_argument("--stage-heads", action="store_true",
+                    help="depth-prefix methods: one classifier per stage (model.stage_heads) instead of zero-padding")
     ap.add_argument("--samples", type=int, default=100, help="training images per device")
     ap.add_argument("--seed", type=int, default=0, help="data split, initial weights and batch order")
     ap.add_argument("--eval-every", type=int, default=2)

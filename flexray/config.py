@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flexray.errors import FlexrayError
 
@@ -43,6 +43,9 @@ class DataConfig(_Frozen):
 class ModelConfig(_Frozen):
     name: str = Field("cnn", description="built-in name or torchvision:<name>")
     width: int = Field(32, ge=1, description="base channel count of cnn and vgg")
+    stage_heads: bool = Field(
+        False, description="resnet8/20/56: one extra classifier per narrower stage, for depth prefixes (FlexTrain)"
+    )
 
     @field_validator("name")
     @classmethod
@@ -50,6 +53,12 @@ class ModelConfig(_Frozen):
         if v in BUILTIN_MODELS or (v.startswith("torchvision:") and len(v) > 12):
             return v
         raise ValueError(f"unknown model {v!r}; use one of {', '.join(BUILTIN_MODELS)} or torchvision:<name>")
+
+    @model_validator(mode="after")
+    def _stage_heads_need_stages(self) -> ModelConfig:
+        if self.stage_heads and self.name not in ("resnet8", "resnet20", "resnet56"):
+            raise ValueError(f"stage_heads: only resnet8/20/56 have per-stage classifiers, not {self.name}; remove it")
+        return self
 
 
 class ProfileConfig(_Frozen):

@@ -36,13 +36,14 @@ def digits() -> tuple[LocalData, LocalData, tuple[int, int, int]]:
     return LocalData(x[:96], y[:96]), LocalData(x[200:296], y[200:296]), ds.input_shape
 
 
-def make(shape: tuple[int, int, int], model: str = "resnet8", **opts: object) -> tuple[FlexTrain, dict, object]:
+def make(shape: tuple[int, int, int], model: str = "resnet8", stage_heads: bool = False,
+         **opts: object) -> tuple[FlexTrain, dict, object]:
     cfg = FlexTrain.Config.model_validate(
         {"name": "flextrain", "local_epochs": 1, "batch_size": 32, "lr": 0.05, **opts}
     )
 
     def model_fn() -> nn.Module:
-        return build_model(ModelConfig(name=model, width=16), shape, 10)
+        return build_model(ModelConfig(name=model, width=16, stage_heads=stage_heads), shape, 10)
 
     torch.manual_seed(0)
     method = FlexTrain(cfg, model_fn)
@@ -68,7 +69,7 @@ def random_state(state: dict, seed: int) -> dict[str, torch.Tensor]:
 
 def test_registered_and_config_errors() -> None:
     assert METHODS["flextrain"] is FlexTrain and not FlexTrain.linear
-    assert FlexTrain.head_rule == depth.HEAD_RULE == "zero_pad" and depth.HEAD_RULE in (flextrain.__doc__ or "")
+    assert depth.HEAD_RULE == "zero_pad" and "zero_pad" in (flextrain.__doc__ or "") and "stage_heads" in (flextrain.__doc__ or "")
     base = {"fleet": {"groups": [{"profile": "rpi4"}]}}
     for bad, field in [({"beta": -1}, "beta"), ({"depths": {"rpi4": 0}}, "depths"),
                        ({"full_depth_flops": 0}, "full_depth_flops")]:
@@ -145,6 +146,45 @@ def test_distillation_only_above_the_smallest_configuration(digits) -> None:
         assert same is not differs, k
         assert (a.metrics["train_loss"] != b.metrics["train_loss"]) is differs, k
         assert (b.flops > a.flops) is differs, k  # the student's pass is counted
+
+
+def test_stage_heads_give_each_stage_its_own_classifier(digits) -> None:
+    """resnet8 has one block per stage (16, 32, 64 channels): k = 1 and k = 2 end in narrower stages."""
+    local, _, shape = digits
+    method, state, model_fn = make(shape, stage_heads=True)
+    plain, plain_state, plain_fn = make(shape)
+    assert (method.head_rule, plain.head_rule) == ("stage_heads", "zero_pad")
+    exits = {f"head.exits.{c}.{p}" for c in (16, 32) for p in ("weight", "bias")}
+    assert set(state) - set(plain_state) == exits and all(torch.equal(plain_state[k], state[k]) for k in plain_state)
+    a, b = model_fn(), plain_fn()
+    a.load_state_dict(state)
+    b.load_state_dict(plain_state)
+    assert torch.equal(a.eval()(local.x[:8]), b.eval()(local.x[:8]))  # the full model is unchanged
+    heads = {k: {key for key in method.keys(k) if key.startswith("head.")} for k in (1, 2, 3)}
+    assert heads == {1: {"head.exits.16.weight", "head.exits.16.bias"},
+                     2: {"head.exits.32.weight", "head.exits.32.bias"}, 3: {"head.2.weight", "head.2.bias"}}
+
+    # k = 2 distils into k = 1, whose head is stage 1's: the device trains and returns it too
+    u2 = train(method, Task(1, 0, {"k": 2}), state, local, model_fn)
+    assert set(u2.tensors) == set(method.keys(2)) | heads[1] and method.validate(u2, state) is None
+    assert not torch.equal(u2.tensors["head.exits.16.weight"], state["head.exits.16.weight"])
+    assert method.cost(Task(1, 0, {"k": 2}), view(1, "rpi4", len(local)), profile_model(model_fn(), shape)).bytes_up \
+        == state_bytes(u2.tensors)
+    nodistil, _, _ = make(shape, stage_heads=True, beta=0.0)
+    assert set(train(nodistil, Task(1, 0, {"k": 2}), state, local, model_fn).tensors) == set(nodistil.keys(2))
+
+    u1 = train(method, Task(0, 0, {"k": 1}), state, local, model_fn)
+    merged = method.aggregate(0, state, [u1, u2])
+    key = "head.exits.16.weight"
+    assert torch.allclose(merged[key], (u1.tensors[key] + u2.tensors[key]) / 2)
+    assert torch.equal(merged["head.exits.32.bias"], u2.tensors["head.exits.32.bias"])
+    assert torch.equal(merged["head.2.weight"], state["head.2.weight"])  # no device trained the full model
+
+
+def test_stage_heads_only_for_resnets() -> None:
+    with pytest.raises(FlexrayError, match="model.*stage_heads") as err:
+        parse_config({"fleet": {"groups": [{"profile": "rpi4"}]}, "model": {"name": "cnn", "stage_heads": True}})
+    assert "\n" not in str(err.value)
 
 
 def test_validate_rejects_nan_and_wrong_keys(digits) -> None:

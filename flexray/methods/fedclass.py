@@ -41,7 +41,7 @@ class FedClass(FlexTrain):
 
     def init(self, model: nn.Module) -> State:
         base = super().init(model)
-        return {self.prefix(k) + key: base[key].clone() for k in self.configs for key in self.keys(k)}
+        return {self.prefix(k) + key: base[key].clone() for k in self.configs for key in self.update_keys(k)}
 
     def _trained(self) -> int:
         """The largest class any device trained so far (the deployable "global" model)."""

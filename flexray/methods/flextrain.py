@@ -8,9 +8,12 @@ with ``CE(f_{k_j}(x), y) + beta * ||f_{k_j - 1}(x) - stopgrad(f_{k_j}(x))||^2`` 
 sends back exactly the entries of configuration ``k_j``; the server sets every global entry to the
 *uniform* mean over the updates that hold it (paper eq. 8 / Algorithm 2), the rest keep their value.
 
-Classifier rule (``HEAD_RULE = "zero_pad"``, also ``FlexTrain.head_rule``): a prefix that ends
-inside a narrower stage reaches the one shared classifier through the skipped blocks' option-A
-identity shortcuts, i.e. its features zero-padded to the classifier's width; no per-stage heads.
+Classifier rule (``FlexTrain.head_rule``, from the model; ``flexray.models.depth``): by default
+(``zero_pad``) a prefix that ends inside a narrower stage reaches the one shared classifier through
+the skipped blocks' option-A identity shortcuts, i.e. its features zero-padded to the classifier's
+width. With ``model.stage_heads: true`` (``stage_heads``) each narrower stage has its own linear
+classifier and a prefix uses its stage's; when the student ``k_j - 1`` ends in another stage than
+the teacher, the device also loads, trains (by distillation) and returns the student's head.
 
 Static tiers: ``depths`` maps a device class to ``k``; else a device gets the largest ``k`` whose
 predicted per-sample training FLOPs fit ``flops / full_depth_flops`` of the full model's (at
@@ -65,7 +68,6 @@ from flexray.methods.base import (
     weighted_mean,
 )
 from flexray.models import depth, elastic
-from flexray.models.depth import HEAD_RULE
 from flexray.models.profile import ModelProfile, profile_model, training_memory_bytes
 
 PROBE_HW = (32, 32)
@@ -113,7 +115,6 @@ class FlexTrain(Method):
     name = "flextrain"
     Config: ClassVar[type[MethodConfig]] = FlexTrainConfig
     linear = False
-    head_rule: ClassVar[str] = HEAD_RULE
 
     def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module], asynchronous: bool = False) -> None:
         super().__init__(cfg, model_fn, asynchronous)
@@ -144,10 +145,21 @@ class FlexTrain(Method):
         """The depth configurations this method assigns and evaluates: 1..K."""
         return list(range(1, self.max_k + 1))
 
+    @property
+    def head_rule(self) -> str:
+        return depth.head_rule(self.full)
+
     def keys(self, k: int) -> list[str]:
         if k not in self._keys:
             self._keys[k] = depth.prefix_keys(self.full, k)
         return self._keys[k]
+
+    def update_keys(self, k: int) -> list[str]:
+        """What a device at ``k`` loads, trains and returns: its prefix, plus the student's head
+        when that is another stage's (``stage_heads``); with ``zero_pad`` just the prefix."""
+        if not self.distills(k):
+            return self.keys(k)
+        return list(dict.fromkeys([*self.keys(k), *self.keys(k - 1)]))
 
     def prefix_profile(self, k: int, input_shape: tuple[int, ...]) -> ModelProfile:
         key = (k, tuple(input_shape))
@@ -188,7 +200,7 @@ class FlexTrain(Method):
     def _prefix_bytes(self, k: int) -> int:
         if k not in self._bytes:
             like = self.full.state_dict()
-            self._bytes[k] = state_bytes({key: like[key] for key in self.keys(k)})
+            self._bytes[k] = state_bytes({key: like[key] for key in self.update_keys(k)})
         return self._bytes[k]
 
     @property
@@ -265,7 +277,7 @@ class FlexTrain(Method):
         k = update.metrics.get("k")
         if k is None or not math.isfinite(float(k)) or float(k) != int(k) or int(k) not in self.configs:
             return f"update has no valid depth configuration k (got {k!r})"
-        return check_tensors(update.tensors, {key: state[key].shape for key in self.keys(int(k))}, f"k={int(k)}")
+        return check_tensors(update.tensors, {key: state[key].shape for key in self.update_keys(int(k))}, f"k={int(k)}")
 
     def aggregate(self, rnd: int, state: State, updates: Sequence[Update]) -> State:
         """Federated: uniform mean over the updates holding each entry (eq. 8), untouched entries
@@ -292,13 +304,14 @@ class FlexTrain(Method):
         if k not in self.configs:
             raise FlexrayError(f"method {self.name}: depth configuration k={k} out of range 1..{self.max_k}")
         model = ctx.model(self.name)
-        keys = self.keys(k)
+        keys = self.update_keys(k)
         sub = {key: state[key] for key in keys}
         model.load_state_dict(sub, strict=False)  # entries outside the prefix are never used
         teacher = depth.depth_prefix(model, k)
         student = depth.depth_prefix(model, k - 1) if self.distills(k) else None
         samples, loss = self._train(teacher, student, data, ctx.generator)
-        tensors = {key: v.detach().clone() for key, v in teacher.state_dict().items()}
+        trained = model.state_dict()
+        tensors = {key: trained[key].detach().clone() for key in keys}
         per_sample = self.flops_per_sample(k, tuple(data.x.shape[1:]))
         return Update(
             tensors, weight=1.0, samples=samples, flops=samples * per_sample, bytes_down=state_bytes(sub),
@@ -318,7 +331,8 @@ class FlexTrain(Method):
                 total = total + self.fcfg.beta * gap.pow(2).mean()
             return total
 
-        return sgd_train(teacher, data, self.cfg, generator, batch_loss=loss)
+        both = teacher if student is None else nn.ModuleList([teacher, student])  # the student's head too
+        return sgd_train(both, data, self.cfg, generator, batch_loss=loss)
 
     def centralised_flops(self, k: int, input_shape: tuple[int, ...]) -> float:
         """Per-sample FLOPs of a centralised step at k: train f_k, forward the teacher f_{k+1}."""

@@ -126,6 +126,15 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes
     """
     input_shape = tuple(int(s) for s in input_shape)  # type: ignore[assignment]
     _check_shape(input_shape, num_classes)
+    model = _build(cfg, input_shape, num_classes)
+    if cfg.stage_heads:
+        from flexray.models.depth import with_stage_heads
+
+        model = with_stage_heads(model)
+    return model
+
+
+def _build(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     name = cfg.name
     if name == "cnn":
         return cnn(input_shape, num_classes, width=cfg.width)
