@@ -18,7 +18,7 @@ with the sub-model it trains), accuracy of every sub-model, simulated time to a 
 (``--target``; default 0.8 x FedAvg-wait's final accuracy) by the global model (FedSmall: its one prefix; FedClass: its largest class model)
 and by the mean device accuracy, total energy, wall time.
 
-    python benchmarks/hetero_cifar10.py [--data ../shared/data/cifar10.npz] [--rounds 20] [--only flextrain,...]
+    python benchmarks/hetero_cifar10.py [--data ../shared/data/cifar10.npz] [--rounds 20] [--only flextrain,...] [--seeds 0,1,2]
     python benchmarks/hetero_cifar10.py --report sqlite:///runs.db    # re-score runs kept with --uri
 
 Prints one JSON line per method.
@@ -46,7 +46,8 @@ DEPTH = ("flextrain", "fedclass")  # the depth-prefix methods (FedSmall is flext
 FLEET = [("rpi4", 6), ("phone_mid", 6), ("jetson_nano", 4), ("laptop_cpu", 4)]  # 3, 10, 35, 100 GFLOP/s
 
 
-def job(args: argparse.Namespace, uri: str, name: str, method: dict, schedule: str, deadline: float | None) -> dict:
+def job(args: argparse.Namespace, uri: str, name: str, method: dict, schedule: str, deadline: float | None,
+        seed: int = 0) -> dict:
     return job_tree(
         "hetero_cifar10", name, uri,
         data={"name": "cifar10", "path": str(args.data), "samples_per_device": args.samples,
@@ -55,7 +56,7 @@ def job(args: argparse.Namespace, uri: str, name: str, method: dict, schedule: s
         groups=[{"profile": p, "count": n} for p, n in FLEET],
         method={"lr": 0.05, "momentum": 0.5, **method},
         rounds={"num": args.rounds, "eval_every": args.eval_every, "deadline_s": deadline, "stragglers": "drop"},
-        schedule={"mode": schedule}, seed=args.seed)
+        schedule={"mode": schedule}, seed=seed)
 
 
 def drop_deadline(args: argparse.Namespace) -> float:
@@ -85,50 +86,69 @@ def variants(deadline: float) -> dict[str, tuple[dict, str, float | None]]:
 TARGET_FRACTION = 0.8
 
 
-def common_target(results: dict[str, tuple[list[dict], float]]) -> float:
-    """80% of the final accuracy of FedAvg waiting for every device: the level the
+Runs = dict[str, list[tuple[list[dict], float]]]
+"""Per method, one (metric history, wall seconds) per seed."""
+
+
+def final(hist: list[dict]) -> dict:
+    return [h for h in hist if "accuracy" in h][-1]
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def common_target(results: Runs) -> float:
+    """80% of the final accuracy of FedAvg waiting for every device (mean over seeds): the level the
     heterogeneity-aware methods must reach, in less simulated time, to be worth their smaller models."""
     base = results.get("fedavg_wait")
-    return TARGET_FRACTION * [h for h in base[0] if "accuracy" in h][-1]["accuracy"] if base else 0.0
+    return TARGET_FRACTION * mean([final(h)["accuracy"] for h, _ in base]) if base else 0.0
 
 
-def report(results: dict[str, tuple[list[dict], float]], rounds: int, target: float | None, model: str) -> None:
+def report(results: Runs, rounds: int, target: float | None, model: str) -> None:
+    """One JSON line per method: means over seeds, per-seed values beside the headline ones."""
     target = target or common_target(results)
     base = results.get("fedavg_wait")
-    base_t = time_to(base[0], target) if base else None
-    for name, (hist, wall) in results.items():
-        last = [h for h in hist if "accuracy" in h][-1]
-        t = time_to(hist, target)
-        t_dev = time_to(hist, target, "mean_device_acc")
-        subs = {k: round(v, 4) for k, v in sorted(last.items()) if k.startswith(("acc_k", "acc_p"))}
+    base_ts = [time_to(h, target) for h, _ in base] if base else []
+    base_t = None if not base_ts or None in base_ts else mean(base_ts)  # type: ignore[arg-type]
+    for name, runs in results.items():
+        lasts = [final(h) for h, _ in runs]
+        ts = [time_to(h, target) for h, _ in runs]
+        ts_dev = [time_to(h, target, "mean_device_acc") for h, _ in runs]
+        t = None if None in ts else mean(ts)  # type: ignore[arg-type]
+        t_dev = None if None in ts_dev else mean(ts_dev)  # type: ignore[arg-type]
+        devs = [last.get("mean_device_acc", last["accuracy"]) for last in lasts]
+        subs = {k: round(mean([last[k] for last in lasts]), 4) for k in sorted(lasts[0]) if k.startswith(("acc_k", "acc_p"))}
         print(json.dumps({
             "benchmark": "hetero_cifar10", "method": name, "model": model, "rounds": rounds, "devices": 20,
-            "final_accuracy": round(last["accuracy"], 4),
-            "mean_device_acc": round(last.get("mean_device_acc", last["accuracy"]), 4),
+            "seeds": len(runs), "final_accuracy": round(mean([last["accuracy"] for last in lasts]), 4),
+            "mean_device_acc": round(mean(devs), 4), "mean_device_acc_per_seed": [round(d, 4) for d in devs],
             "submodel_acc": subs, "target_accuracy": round(target, 4),
             "sim_time_to_target_s": None if t is None else round(t, 3),
             "time_ratio_vs_fedavg_wait": None if t is None or not base_t else round(t / base_t, 3),
             "sim_time_to_target_mean_device_s": None if t_dev is None else round(t_dev, 3),
-            "sim_time_total_s": round(hist[-1]["sim_time_s"], 3), "energy_j": round(hist[-1]["energy_j"], 1),
-            "wall_s": round(wall, 1),
+            "sim_time_total_s": round(mean([h[-1]["sim_time_s"] for h, _ in runs]), 3),
+            "energy_j": round(mean([h[-1]["energy_j"] for h, _ in runs]), 1),
+            "wall_s": round(sum(w for _, w in runs), 1),
         }), flush=True)
 
 
-def from_store(uri: str) -> dict[str, tuple[list[dict], float]]:
+def from_store(uri: str) -> Runs:
     """The histories of a finished benchmark's runs, read back from its MLflow store."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("hetero_cifar10")
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"]) if exp else []
-    out = {}
+    out: Runs = {}
     for run in runs:
         steps: dict[int, dict] = {}
         for key in run.data.metrics:
             for m in client.get_metric_history(run.info.run_id, key):
                 steps.setdefault(m.step, {"round": m.step})[key] = m.value
         wall = ((run.info.end_time or run.info.start_time) - run.info.start_time) / 1000
-        out[run.info.run_name.removeprefix("hetero_cifar10-")] = ([steps[k] for k in sorted(steps)], wall)
+        name = run.info.run_name.removeprefix("hetero_cifar10-").split("@seed")[0]
+        out.setdefault(name, []).append(([steps[k] for k in sorted(steps)], wall))
     return out
 
 
@@ -141,7 +161,8 @@ def main() -> None:
     ap.add_argument("--stage-heads", action="store_true",
                     help="depth-prefix methods: one classifier per stage (model.stage_heads) instead of zero-padding")
     ap.add_argument("--samples", type=int, default=100, help="training images per device")
-    ap.add_argument("--seed", type=int, default=0, help="data split, initial weights and batch order")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (data split, weights, batch order); "
+                    "every method runs every seed, lines report means")
     ap.add_argument("--eval-every", type=int, default=2)
     ap.add_argument("--test-samples", type=int, default=1000)
     ap.add_argument("--target", type=float, default=None, help="default: see common_target")
@@ -151,22 +172,25 @@ def main() -> None:
     args = ap.parse_args()
     if args.report:
         results = from_store(args.report)
-        report(results, len([h for h in next(iter(results.values()))[0] if "sim_time_s" in h]), args.target, args.model)
+        report(results, len([h for h in next(iter(results.values()))[0][0] if "sim_time_s" in h]), args.target, args.model)
         return
     if not args.data.is_file():
         raise SystemExit(f"CIFAR-10 not found at {args.data}; pass --data path/to/cifar10.npz")
     chosen = variants(drop_deadline(args))
     if args.only:
         chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
-    results = {}
+    seeds = [int(x) for x in args.seeds.split(",")]
+    results: Runs = {}
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         with tempfile.TemporaryDirectory() as tmp:
             uri = args.uri or f"sqlite:///{tmp}/mlflow.db"
-            for name, (method, schedule, dl) in chosen.items():
-                t0 = time.perf_counter()
-                res = run_job(parse_config(job(args, uri, name, method, schedule, dl)))
-                results[name] = (res.history, time.perf_counter() - t0)
+            for seed in seeds:  # seed-major: a run cut short still has every method side by side
+                for name, (method, schedule, dl) in chosen.items():
+                    t0 = time.perf_counter()
+                    run = name if len(seeds) == 1 else f"{name}@seed{seed}"
+                    res = run_job(parse_config(job(args, uri, run, method, schedule, dl, seed)))
+                    results.setdefault(name, []).append((res.history, time.perf_counter() - t0))
     finally:
         ray.shutdown()
     report(results, args.rounds, args.target, args.model)

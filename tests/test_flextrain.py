@@ -181,6 +181,23 @@ def test_stage_heads_give_each_stage_its_own_classifier(digits) -> None:
     assert torch.equal(merged["head.2.weight"], state["head.2.weight"])  # no device trained the full model
 
 
+def test_anchor_adds_ce_at_k1_on_deeper_devices_only(digits) -> None:
+    local, _, shape = digits
+    for stage_heads in (False, True):
+        paper, state, model_fn = make(shape, stage_heads=stage_heads)
+        anchored, _, _ = make(shape, stage_heads=stage_heads, anchor=0.5)
+        for k in (1, 2, 3):
+            a = train(paper, Task(0, 0, {"k": k}), state, local, model_fn)
+            b = train(anchored, Task(0, 0, {"k": k}), state, local, model_fn)
+            same = set(a.tensors) <= set(b.tensors) and all(torch.equal(a.tensors[q], b.tensors[q]) for q in a.tensors)
+            assert same is (k == 1), (stage_heads, k)  # k = 1 is its own anchor
+            assert anchored.validate(b, state) is None
+            # k = 2's student is k = 1 (one pass, no extra FLOPs); k = 3 also trains and returns k = 1
+            extra = set(b.tensors) - set(a.tensors)
+            assert extra == ({"head.exits.16.weight", "head.exits.16.bias"} if stage_heads and k == 3 else set())
+            assert (b.flops > a.flops) is (k == 3)
+
+
 def test_stage_heads_only_for_resnets() -> None:
     with pytest.raises(FlexrayError, match="model.*stage_heads") as err:
         parse_config({"fleet": {"groups": [{"profile": "rpi4"}]}, "model": {"name": "cnn", "stage_heads": True}})

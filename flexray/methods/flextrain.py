@@ -33,6 +33,10 @@ The squared distance is averaged over the logits (MSE, as ``F.mse_loss``), not s
 sum, beta = 0.2 made the shared weights diverge at lr 0.05 (loss 2 -> 290 within three epochs on
 digits); the mean keeps the paper's beta usable.
 
+Anchor (``anchor``, flexray's option; 0 = the paper): every device deeper than ``k = 1`` also
+adds ``anchor x CE(f_1(x), y)``, so the shortest prefix, which the weakest devices deploy, learns
+from every device's labels instead of only from the ``k = 1`` devices and ``k = 2``'s distillation.
+
 BN: the student's forward pass shares the teacher's BN modules, so in training mode it updates
 their running statistics too (as in the paper's shared-weight formulation).
 """
@@ -82,6 +86,9 @@ class FlexTrainConfig(MethodConfig):
         None, description="centralised: sampling weights of k = 1..K (normalised); default uniform"
     )
     beta: float = Field(0.2, ge=0, description="self-distillation weight (paper: 0.2)")
+    anchor: float = Field(
+        0.0, ge=0, description="federated: weight of an extra CE term at k = 1 on every deeper device (paper: 0)"
+    )
     k: int | None = Field(None, ge=1, description="federated: every device trains this k (e.g. FedSmall)")
     depths: dict[str, int] = Field(default_factory=dict, description="device class -> depth configuration k (>= 1)")
     full_depth_flops: float = Field(
@@ -154,12 +161,14 @@ class FlexTrain(Method):
             self._keys[k] = depth.prefix_keys(self.full, k)
         return self._keys[k]
 
+    def trained_configs(self, k: int) -> list[int]:
+        """The configurations a device at ``k`` runs each step: ``k``, the student ``k - 1``, the anchor 1."""
+        return list(dict.fromkeys([k, *([k - 1] if self.distills(k) else []), *([1] if self.anchors(k) else [])]))
+
     def update_keys(self, k: int) -> list[str]:
-        """What a device at ``k`` loads, trains and returns: its prefix, plus the student's head
-        when that is another stage's (``stage_heads``); with ``zero_pad`` just the prefix."""
-        if not self.distills(k):
-            return self.keys(k)
-        return list(dict.fromkeys([*self.keys(k), *self.keys(k - 1)]))
+        """What a device at ``k`` loads, trains and returns: the prefixes it runs. With ``zero_pad``
+        that is its own prefix; with ``stage_heads`` also the student's and anchor's heads."""
+        return list(dict.fromkeys(key for c in self.trained_configs(k) for key in self.keys(c)))
 
     def prefix_profile(self, k: int, input_shape: tuple[int, ...]) -> ModelProfile:
         key = (k, tuple(input_shape))
@@ -170,12 +179,12 @@ class FlexTrain(Method):
     def distills(self, k: int) -> bool:
         return k > 1 and self.fcfg.beta > 0
 
+    def anchors(self, k: int) -> bool:
+        return k > 1 and self.fcfg.anchor > 0
+
     def flops_per_sample(self, k: int, input_shape: tuple[int, ...]) -> float:
-        """Training FLOPs per sample at ``k``: the prefix, plus the student ``k - 1`` when distilling."""
-        flops = self.prefix_profile(k, input_shape).train_flops_per_sample
-        if self.distills(k):
-            flops += self.prefix_profile(k - 1, input_shape).train_flops_per_sample
-        return flops
+        """Training FLOPs per sample at ``k``: the prefix, the student ``k - 1``, the anchor ``1``."""
+        return sum(self.prefix_profile(c, input_shape).train_flops_per_sample for c in self.trained_configs(k))
 
     def _probe_shape(self) -> tuple[int, ...]:
         conv = next((m for m in self.full.modules() if isinstance(m, nn.Conv2d)), None)
@@ -233,12 +242,11 @@ class FlexTrain(Method):
         return {"k": self.tier_depth(device)}
 
     def option_memory_bytes(self, option: Mapping[str, Any], input_shape: tuple[int, ...], batch_size: int) -> float:
-        """The prefix's training memory plus the student's activations (it shares the weights)."""
+        """The prefix's training memory plus the student's and anchor's activations (shared weights)."""
         k = int(option["k"])
         mem = training_memory_bytes(self.prefix_profile(k, input_shape), batch_size)
-        if self.distills(k):
-            student = self.prefix_profile(k - 1, input_shape)
-            mem += batch_size * sum(layer.activation_bytes for layer in student.layers)
+        for c in self.trained_configs(k)[1:]:
+            mem += batch_size * sum(layer.activation_bytes for layer in self.prefix_profile(c, input_shape).layers)
         return mem
 
     def device_model(self, state: State, model: nn.Module, option: Mapping[str, Any] | None) -> nn.Module:
@@ -309,7 +317,8 @@ class FlexTrain(Method):
         model.load_state_dict(sub, strict=False)  # entries outside the prefix are never used
         teacher = depth.depth_prefix(model, k)
         student = depth.depth_prefix(model, k - 1) if self.distills(k) else None
-        samples, loss = self._train(teacher, student, data, ctx.generator)
+        anchor = (student if k == 2 and student is not None else depth.depth_prefix(model, 1)) if self.anchors(k) else None
+        samples, loss = self._train(teacher, student, anchor, data, ctx.generator)
         trained = model.state_dict()
         tensors = {key: trained[key].detach().clone() for key in keys}
         per_sample = self.flops_per_sample(k, tuple(data.x.shape[1:]))
@@ -319,19 +328,26 @@ class FlexTrain(Method):
         )
 
     def _train(
-        self, teacher: nn.Module, student: nn.Module | None, data: LocalData, generator: torch.Generator
+        self, teacher: nn.Module, student: nn.Module | None, anchor: nn.Module | None, data: LocalData,
+        generator: torch.Generator,
     ) -> tuple[int, float]:
-        """CE of configuration k plus beta * ||f_{k-1}(x) - stopgrad(f_k(x))||^2 (paper, eq. 4)."""
+        """CE of configuration k plus beta * ||f_{k-1}(x) - stopgrad(f_k(x))||^2 (paper, eq. 4), plus
+        ``anchor`` x CE of configuration 1 (flexray's option, off by default)."""
 
         def loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             out = teacher(xb)
             total = F.cross_entropy(out, yb)
+            small = None
             if student is not None:
-                gap = student(xb) - out.detach()
-                total = total + self.fcfg.beta * gap.pow(2).mean()
+                small = student(xb)
+                total = total + self.fcfg.beta * (small - out.detach()).pow(2).mean()
+            if anchor is not None:  # at k = 2 the student is the anchor: one forward pass
+                small = small if anchor is student else anchor(xb)
+                total = total + self.fcfg.anchor * F.cross_entropy(small, yb)
             return total
 
-        both = teacher if student is None else nn.ModuleList([teacher, student])  # the student's head too
+        parts = list(dict.fromkeys(m for m in (teacher, student, anchor) if m is not None))
+        both = teacher if len(parts) == 1 else nn.ModuleList(parts)  # every head the loss uses
         return sgd_train(both, data, self.cfg, generator, batch_loss=loss)
 
     def centralised_flops(self, k: int, input_shape: tuple[int, ...]) -> float:
