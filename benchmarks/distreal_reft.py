@@ -1,5 +1,8 @@
 """DISTREAL and REFT against FedAvg dropping stragglers, uniform dropout and HeteroFL on CIFAR-10.
 
+Uniform dropout runs twice: with its default rates (up to 0.75) and capped at DISTREAL's grid
+(up to 0.5), so DISTREAL's per-layer search is compared like for like.
+
 20 devices (rpi4 x8, phone_mid x6, jetson_nano x4, laptop_cpu x2) with random-walk speed traces
 that step every round; a round deadline a mid phone meets with the full model at speed 1.2, so
 the Pis never do and the phones only on good rounds. Same data (Dirichlet 0.5 label skew), model
@@ -44,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 FLEET = [("rpi4", 8), ("phone_mid", 6), ("jetson_nano", 4), ("laptop_cpu", 2)]
 SAMPLES, WIDTH, PHONE_FLOPS = 250, 16, 10e9
 # every device prunes at least 30%: REFT saves bandwidth too, not only compute
+CAP = [0.0, 0.25, 0.5]  # DISTREAL's per-layer grid (and the capped uniform baseline's rates)
 REFT = {"proxy_samples": 1000, "ratios": [0.3, 0.45, 0.6, 0.75, 0.85]}
 
 
@@ -69,10 +73,14 @@ class Run:
 
 
 def variants(epoch_flops: float, deadline: float, dse_cache: str) -> dict[str, dict]:
-    dse = {"proxy_samples": 2000, "proxy_steps": 100, "pop_size": 10, "generations": 5, "cache_dir": dse_cache}
+    # rates up to 0.5: a device that cannot afford that is late and dropped rather than send a
+    # quarter-network's update (README, issue 4 section: DISTREAL measured with both grids)
+    dse = {"grid": CAP, "proxy_samples": 2000, "proxy_steps": 100, "pop_size": 10, "generations": 5,
+           "cache_dir": dse_cache}
     return {
         "fedavg_drop_stragglers": {"name": "fedavg"},
         "uniform_dropout": {"name": "uniform_dropout"},
+        "uniform_dropout_capped": {"name": "uniform_dropout", "rates": CAP},  # DISTREAL's grid, like for like
         "distreal": {"name": "distreal", "dse": dse},
         "reft": {"name": "reft", **REFT, "distill_steps": 30, "distill_lr": 1e-4},
         "heterofl": {"name": "heterofl", "full_rate_flops": epoch_flops / deadline},
