@@ -20,7 +20,7 @@ uploads from every device every round).
     python benchmarks/distreal_reft.py [--data ../shared/data/cifar10.npz] [--rounds 30] [--seeds 0,1,2]
     python benchmarks/distreal_reft.py --only fedavg_wait,reft,reft_no_distill --target 0.274   # REFT ablation
 
-Prints one JSON line per method. Budget: about 7 minutes per seed on 2 idle CPU cores.
+Prints one JSON line per method. Budget: about 8 minutes per seed on 2 idle CPU cores.
 """
 
 from __future__ import annotations
