@@ -8,6 +8,7 @@ throttling, so simulated times are exact and reproducible:
 - ``fedsmall``: FedAvg on the prefix the weakest device can run (FlexTrain's k=1, no distillation);
 - ``fedclass``: one FedAvg model per device class (its static FlexTrain tier);
 - ``flextrain``: depths chosen per round by the min-max scheduler (``schedule.mode: minmax``);
+- ``flextrain_anchor``: the same plus flexray's ``anchor: 1.0`` (CE at k = 1 on every deeper device);
 - ``flextrain_static``, ``heterofl``, ``fjord``, ``fedrolex``: the papers' static capability tiers;
 - ``heterofl_minmax``: HeteroFL under the min-max scheduler. Width p costs p^2 of the FLOPs, so a
   33x slower device on p = 1/16 sets a round time that leaves everyone on narrow sub-models:
@@ -75,6 +76,7 @@ def variants(deadline: float) -> dict[str, tuple[dict, str, float | None]]:
         "fedsmall": ({"name": "flextrain", "k": 1, "beta": 0.0}, "static", None),
         "fedclass": ({"name": "fedclass"}, "static", None),
         "flextrain": ({"name": "flextrain", "beta": 0.2}, "minmax", None),
+        "flextrain_anchor": ({"name": "flextrain", "beta": 0.2, "anchor": 1.0}, "minmax", None),  # flexray option
         "flextrain_static": ({"name": "flextrain", "beta": 0.2}, "static", None),
         "heterofl": ({"name": "heterofl", "momentum": 0.0}, "static", None),
         "fjord": ({"name": "fjord"}, "static", None),

@@ -44,7 +44,7 @@ class ModelConfig(_Frozen):
     name: str = Field("cnn", description="built-in name or torchvision:<name>")
     width: int = Field(32, ge=1, description="base channel count of cnn and vgg")
     stage_heads: bool = Field(
-        False, description="resnet8/20/56: one classifier per narrower stage for depth prefixes (experimental)"
+        False, description="resnet8/20/56: one classifier per narrower stage for depth prefixes (experimental: diverged)"
     )
 
     @field_validator("name")

@@ -36,8 +36,9 @@ digits); the mean keeps the paper's beta usable.
 Anchor (``anchor``, flexray's option; 0 = the paper): every device deeper than ``k = 1`` also
 adds ``anchor x CE(f_1(x), y)``, so the shortest prefix, which the weakest devices deploy, learns
 from every device's labels instead of only from the ``k = 1`` devices and ``k = 2``'s distillation.
-Experimental, like ``stage_heads`` (which it is measured with): on CIFAR-10 with 8 local steps per
-round, lr 0.05, every ``stage_heads`` run diverged after 12 rounds, anchor or not (README).
+Under ``zero_pad`` a prefix is the full network with later residual branches removed, so this also
+trains the residual stream the full model reads. Measured on CIFAR-10 (ResNet-20, 20 devices, 30
+rounds, one seed): mean device accuracy 27.6% -> 30.3%, ahead of FedClass and FedSmall (README).
 
 BN: the student's forward pass shares the teacher's BN modules, so in training mode it updates
 their running statistics too (as in the paper's shared-weight formulation).

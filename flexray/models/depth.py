@@ -13,7 +13,9 @@ stage (``head_rule(model)``; the model config's ``stage_heads`` picks one, logge
   (``StageHead.exits``, ~10 x width parameters each); a prefix is classified by the head of the
   stage it ends in, on its own pooled features. The full model's forward is unchanged.
   Experimental: FlexTrain with it diverged after 12 rounds on CIFAR-10 at 8 local steps per round
-  (README, Elastic models), where ``zero_pad`` did not.
+  (README, Elastic models), where ``zero_pad`` did not. Under ``zero_pad`` a prefix is the full
+  network minus later residual branches, so shallow devices train what the full model reads;
+  separate heads split that, which is the likely cause.
 
 ``depth_prefix`` returns an ``nn.Sequential`` that *shares* the full model's modules under the
 same stage names, so its state-dict keys are exactly the global keys of that prefix: extracting
