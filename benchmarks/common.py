@@ -1,4 +1,4 @@
-"""What the accuracy benchmarks share: one job tree shape and time-to-target.
+"""What the accuracy benchmarks share: one job tree shape, time-to-target and the mean over seeds.
 
 Every benchmark runs real jobs through ``run_job`` with the same quiet tracking (no progress
 bar, plots, model or checkpoints: only metrics go to MLflow), seed 0 unless told, and one local epoch of
@@ -30,3 +30,8 @@ def job_tree(bench: str, name: str, uri: str, *, data: dict[str, Any], model: di
 def time_to(history: list[dict[str, Any]], target: float, key: str = "accuracy") -> float | None:
     """Simulated seconds until ``key`` (falling back to accuracy) first reaches ``target``."""
     return next((h["sim_time_s"] for h in history if h.get(key, h.get("accuracy", 0.0)) >= target), None)
+
+
+def mean(xs: list[float]) -> float:
+    """Plain mean over seeds (what the multi-seed benchmarks report)."""
+    return sum(xs) / len(xs)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import ray
-from common import job_tree, time_to  # benchmarks/common.py
+from common import job_tree, mean, time_to  # benchmarks/common.py
 from mlflow.tracking import MlflowClient
 
 from flexray.config import ModelConfig, parse_config
@@ -89,10 +89,6 @@ def variants(epoch_flops: float, deadline: float, dse_cache: str) -> dict[str, d
         "reft_no_distill": {"name": "reft", **REFT, "distill_steps": 0},
         "fedavg_wait": {"name": "fedavg", "stragglers": "wait"},
     }
-
-
-def mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
 
 
 def line(name: str, runs: list[Run], target: float, fedavg_up: float, deadline: float, width: int) -> dict:

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import ray
-from common import job_tree, time_to  # benchmarks/common.py
+from common import job_tree, mean, time_to  # benchmarks/common.py
 
 from flexray.config import ModelConfig, parse_config
 from flexray.fleet.energy import predict_times
@@ -94,10 +94,6 @@ Runs = dict[str, list[tuple[list[dict], float]]]
 
 def final(hist: list[dict]) -> dict:
     return [h for h in hist if "accuracy" in h][-1]
-
-
-def mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
 
 
 def common_target(results: Runs) -> float:

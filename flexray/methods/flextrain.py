@@ -318,9 +318,10 @@ class FlexTrain(Method):
         keys = self.update_keys(k)
         sub = {key: state[key] for key in keys}
         model.load_state_dict(sub, strict=False)  # entries outside the prefix are never used
-        teacher = depth.depth_prefix(model, k)
-        student = depth.depth_prefix(model, k - 1) if self.distills(k) else None
-        anchor = (student if k == 2 and student is not None else depth.depth_prefix(model, 1)) if self.anchors(k) else None
+        nets = {c: depth.depth_prefix(model, c) for c in self.trained_configs(k)}  # at k = 2 student = anchor
+        teacher = nets[k]
+        student = nets[k - 1] if self.distills(k) else None
+        anchor = nets[1] if self.anchors(k) else None
         samples, loss = self._train(teacher, student, anchor, data, ctx.generator)
         trained = model.state_dict()
         tensors = {key: trained[key].detach().clone() for key in keys}
