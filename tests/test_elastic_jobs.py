@@ -50,6 +50,8 @@ def test_flextrain_minmax_end_to_end(ray_cluster, mlflow_uri, tmp_path) -> None:
     client = MlflowClient(mlflow_uri)
     history = client.get_metric_history(res.run_id, "mean_device_acc")
     assert [m.step for m in history] == [1, 2, 3]
+    params = client.get_run(res.run_id).data.params  # the classifier rule the issue asks to log
+    assert params["method.head_rule"] == "zero_pad" and params["method.name"] == "flextrain"
 
 
 def test_heterofl_static_tiers_and_fedclass_through_ray(ray_cluster, mlflow_uri, tmp_path) -> None:

@@ -169,6 +169,11 @@ class Method(ABC):
         driver calls it before starting Ray so a mismatch costs no cluster start-up."""
         return None
 
+    def derived_params(self) -> dict[str, str]:
+        """Choices the config implies but does not spell out (e.g. FlexTrain's classifier rule),
+        logged as MLflow params beside it so a run says how it was trained."""
+        return {}
+
     # ---- the scheduler's knob (methods that train sub-models); see flexray.schedule.minmax
     def options(self) -> list[dict[str, Any]]:
         """The sub-models a device may be given, largest first; empty when there is no knob."""

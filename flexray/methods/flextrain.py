@@ -159,6 +159,9 @@ class FlexTrain(Method):
     def head_rule(self) -> str:
         return depth.head_rule(self.full)
 
+    def derived_params(self) -> dict[str, str]:
+        return {"method.head_rule": self.head_rule}
+
     def keys(self, k: int) -> list[str]:
         if k not in self._keys:
             self._keys[k] = depth.prefix_keys(self.full, k)

@@ -153,7 +153,7 @@ def _drive(
             method.load_state_dict(ck["method"])
             engine_state = ck["engine"]
         else:
-            tracker.log_config(cfg)
+            tracker.log_config(cfg, method.derived_params())
         held_out = np.setdiff1d(np.arange(len(dataset.y_train)), np.concatenate([d.indices for d in engine.devices]))
         with torch.random.fork_rng(devices=[]):  # server-side preparation never shifts the training RNG
             for path in method.setup(ServerData(dataset, held_out), tracker.workdir):

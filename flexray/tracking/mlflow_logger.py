@@ -140,10 +140,12 @@ class Tracker:
         return self.client.create_experiment(name, artifact_location=_sqlite_artifact_root(self.uri))
 
     # ---- logging
-    def log_config(self, cfg: JobConfig) -> None:
+    def log_config(self, cfg: JobConfig, derived: Mapping[str, str] | None = None) -> None:
+        """The flattened config as params, plus ``derived`` ones the method reports."""
         from mlflow.entities import Param
 
-        params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg.model_dump(mode="json")).items()]
+        values = {**flatten(cfg.model_dump(mode="json")), **(derived or {})}
+        params = [Param(k, str(v)[:6000]) for k, v in values.items()]
         for i in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[i : i + 100])
         self.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
