@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -21,6 +24,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flexray.tracking.mlflow_logger import check_access, resolve_uri
 
     check_access(resolve_uri(cfg.tracking.uri), cfg.tracking.experiment)  # bad credentials fail before Ray starts
+    _say_ray_auth_mode(cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
     from flexray.runtime.driver import run_job
 
     result = run_job(cfg, resume=args.resume)
@@ -32,9 +36,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say_ray_auth_mode(address: str | None) -> None:
+    """Choose Ray's token authentication the way Ray >= 2.52 would, but say so explicitly.
+
+    Left unset, Ray picks the same mode and logs a WARNING about its choice on every run; set
+    before Ray is imported, the choice is silent. A local Ray (no address) always uses a token;
+    a cluster does when this machine holds its token file. An explicit RAY_AUTH_MODE wins.
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    if not address or (Path.home() / ".ray" / "auth_token").is_file() or os.environ.get("RAY_AUTH_TOKEN"):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     import tempfile
-    from pathlib import Path
 
     import numpy as np
     import torch
@@ -202,10 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import logging
-
     from flexray.errors import FlexrayError
 
+    # MLflow announces every new sqlite store at INFO ("Creating initial MLflow database tables");
+    # a healthy run shows only the progress bar and the result. Its warnings still print.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("flexray: %(message)s"))
     logger = logging.getLogger("flexray")

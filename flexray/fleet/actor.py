@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from typing import Any
+from dataclasses import dataclass
 
 import ray
 import torch
@@ -167,5 +169,53 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
-DeviceActor = ray.remote(DeviceHost)
-"""The Ray actor; create with ``DeviceActor.options(num_cpus=..., resources=...).remote(...)``."""
+@dataclass(frozen=True)
+class ActorInputs:
+    """An actor's devices and the dataset, as object-store refs held by the driver for the job."""
+
+    devices: ray.ObjectRef  # list[Device] of this actor
+    dataset: ray.ObjectRef  # Dataset, shared zero-copy by every actor on a node
+
+
+@ray.remote
+class DeviceActor:
+    """The Ray actor around a :class:`DeviceHost`, built from its inputs on first use.
+
+    Its constructor takes no object-store refs, because Ray cannot promise to restart an actor
+    whose constructor arguments live in the object store (it logs an ERROR for every such actor,
+    ray-project/ray#53727). Every call brings the refs instead (nested in ``ActorInputs``, so
+    Ray does not resolve them per call); a fresh or restarted actor loads them once.
+    """
+
+    def __init__(self, cfg: JobConfig, spec: ActorSpec) -> None:
+        self.cfg, self.spec = cfg, spec
+        self.host: DeviceHost | None = None
+
+    def _host(self, inputs: ActorInputs) -> DeviceHost:
+        if self.host is None:
+            devices, dataset = ray.get([inputs.devices, inputs.dataset])
+            self.host = DeviceHost(self.cfg, self.spec, devices, dataset)
+        return self.host
+
+    def __repr__(self) -> str:  # Ray shows it in logs, the dashboard and the state API
+        return repr(self.host) if self.host is not None else f"DeviceActor({self.spec.label})"
+
+    def info(self, inputs: ActorInputs) -> dict[str, object]:
+        return self._host(inputs).info()
+
+    def run_round(self, req: RoundRequest, state: State, inputs: ActorInputs) -> tuple[list[DeviceReport], list[Update]]:
+        return self._host(inputs).run_round(req, state)
+
+
+@dataclass(frozen=True)
+class DeviceActorHandle:
+    """The driver's side of a device actor: the Ray handle and the refs every call carries."""
+
+    actor: Any  # ray.actor.ActorHandle of DeviceActor
+    inputs: ActorInputs
+
+    def info(self) -> ray.ObjectRef:
+        return self.actor.info.remote(self.inputs)
+
+    def run_round(self, req: RoundRequest, state: ray.ObjectRef) -> ray.ObjectRef:
+        return self.actor.run_round.remote(req, state, self.inputs)

@@ -101,7 +101,7 @@ class AsyncRounds(SyncRounds):
         if f.version not in self.refs:
             self.refs[f.version] = ray.put(state)  # once per version, shared by every flight on it
         req = RoundRequest(f.version, f.start_s, None, False, (task,), presum=False, draw=f.seq)
-        f.future = self.actors[self.actor_of[f.device]][1].run_round.remote(req, self.refs[f.version])  # type: ignore[attr-defined]
+        f.future = self.actors[self.actor_of[f.device]][1].run_round(req, self.refs[f.version])
         heapq.heappush(self.flights, f)
 
     def _choose(self, view: DeviceView, t: float) -> DeviceView:

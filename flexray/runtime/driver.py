@@ -20,7 +20,7 @@ from flexray.config import JobConfig, flatten
 from flexray.data.datasets import Dataset, load_dataset, to_tensor
 from flexray.errors import FlexrayError
 from flexray.fleet import placement
-from flexray.fleet.actor import DeviceActor
+from flexray.fleet.actor import ActorInputs, DeviceActor, DeviceActorHandle
 from flexray.fleet.fleet import ActorSpec, Device, build_fleet
 from flexray.fleet.profiles import resolve_profile
 from flexray.methods import method_class
@@ -76,14 +76,15 @@ def start_actors(
     data_ref = ray.put(dataset)  # once; actors on this node read it zero-copy
     actors = []
     for s in specs:
-        hosted = [devices[i] for i in s.devices]
-        handle = DeviceActor.options(**placement.actor_options(s), max_restarts=3).remote(cfg, s, hosted, data_ref)
-        actors.append((s, handle))
-    return actors, data_ref  # hold data_ref for the whole job: a restarted actor reloads from it
+        inputs = ActorInputs(ray.put([devices[i] for i in s.devices]), data_ref)
+        handle = DeviceActor.options(**placement.actor_options(s), max_restarts=3).remote(cfg, s)
+        actors.append((s, DeviceActorHandle(handle, inputs)))
+        actors[-1][1].info()  # start loading now; wait_ready's call queues behind it
+    return actors, data_ref  # the handles hold their refs for the job: a restarted actor reloads from them
 
 
 def wait_ready(actors: list[tuple[ActorSpec, Any]]) -> list[dict[str, Any]]:
-    return ray.get([h.info.remote() for _, h in actors])
+    return ray.get([h.info() for _, h in actors])
 
 
 def _check_resume(cfg: JobConfig, saved: dict[str, Any]) -> None:
@@ -115,7 +116,7 @@ def run_job(cfg: JobConfig, resume: str | None = None) -> JobResult:
                     return _drive(cfg, resume, tracker, dataset, engine, actors, wall0)
                 finally:
                     for _, handle in actors:
-                        ray.kill(handle)
+                        ray.kill(handle.actor if isinstance(handle, DeviceActorHandle) else handle)
         except BaseException:
             if not driving and tracker_future.exception() is None:
                 tracker_future.result().set_terminated("FAILED")  # e.g. the fleet could not be placed

@@ -74,7 +74,7 @@ class SyncRounds:
             deadline = time.monotonic() + timeout_s
             while True:
                 try:
-                    ray.get(handle.info.remote())  # type: ignore[attr-defined]
+                    ray.get(handle.info())
                     break
                 except ray.exceptions.ActorDiedError:
                     self.dead.add(idx)
@@ -119,7 +119,7 @@ class SyncRounds:
         drop = rounds.stragglers == "drop" and rounds.deadline_s is not None
         presum = len(chosen) <= target
         calls = [
-            (ts, self.actors[a][1].run_round.remote(  # type: ignore[attr-defined]
+            (ts, self.actors[a][1].run_round(
                 RoundRequest(rnd, clock_s, rounds.deadline_s, drop, tuple(ts), presum, server=self.split_server), state_ref
             ))
             for a, ts in sorted(per_actor.items())

@@ -11,7 +11,6 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import yaml
 
@@ -87,10 +86,16 @@ def check_access(uri: str, experiment: str) -> None:
                            f"{resp.text.strip().splitlines()[0][:160] if resp.text.strip() else ''}")
 
 
-def _sqlite_artifact_root(uri: str) -> str | None:
-    if uri.startswith("sqlite:///"):
-        return (Path(urlparse(uri).path).parent / "mlartifacts").as_uri()
-    return None
+def sqlite_artifact_root(uri: str) -> str | None:
+    """``mlartifacts/`` beside the sqlite file: artifacts stay with their store.
+
+    The path is cut from the URI, not parsed as a URL: ``urlparse`` reads ``sqlite:////srv/x.db``
+    as the path ``//srv/x.db``, whose ``file:`` URI MLflow resolves to ``/x...`` at the root.
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///") :].split("?", 1)[0]).expanduser().resolve()
+    return (db.parent / "mlartifacts").as_uri()
 
 
 class Tracker:
@@ -137,7 +142,7 @@ class Tracker:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        return self.client.create_experiment(name, artifact_location=_sqlite_artifact_root(self.uri))
+        return self.client.create_experiment(name, artifact_location=sqlite_artifact_root(self.uri))
 
     # ---- logging
     def log_config(self, cfg: JobConfig, derived: Mapping[str, str] | None = None) -> None:
