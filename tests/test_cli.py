@@ -156,8 +156,10 @@ def test_malformed_config_subprocess(tmp_path: Path) -> None:
     ("name: x\nfleet: {groups: [{profile: rpi4}]}\n", ["method.name=flextrain"], "residual"),
     ("name: x\nfleet: {groups: [{profile: rpi4}]}\nmodel: {name: resnet8}\n", ["method.name=flextrain", "method.k=5"],
      "method.k"),
+    ("name: x\nfleet: {groups: [{profile: rpi4}]}\n",
+     ["method.name=splitfed", "model.name=torchvision:regnet_x_400mf"], "model.name: splitfed cuts between"),
 ], ids=["unknown-profile", "set-invalid-value", "set-without-equals", "unknown-model-key", "missing-file",
-        "flextrain-on-a-plain-cnn", "flextrain-k-beyond-the-blocks"])
+        "flextrain-on-a-plain-cnn", "flextrain-k-beyond-the-blocks", "splitfed-on-a-one-stage-model"])
 def test_bad_config_one_line_exit_2(
     command: str, yaml_text: str | None, sets: list[str], needle: str,
     tmp_path: Path, capsys: pytest.CaptureFixture[str],

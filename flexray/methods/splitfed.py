@@ -75,6 +75,17 @@ class SplitFed(Method):
         self.fit_error = fit.error if fit else 0.0
         log.debug("splitfed: %d cuts, cut regression leave-one-out relative error %.3g", L, self.fit_error)
 
+    def check(self) -> None:
+        """A split needs two top-level stages to cut between (plain FL, ``scheduler=fl``, needs none)."""
+        if self.cfg.scheduler == "fl":
+            return
+        stages = stage_names(self.model_fn())
+        if len(stages) < 2:
+            raise FlexrayError(
+                f"config error: model.name: splitfed cuts between a model's top-level stages and this model has "
+                f"{len(stages)} ({', '.join(stages) or 'none'}); use a staged model (cnn, lenet, resnet20, "
+                "torchvision:resnet18, torchvision:mobilenet_v2) or method.scheduler=fl")
+
     def _points(self) -> list[SplitPoint]:
         if getattr(self, "points", None) is None:
             raise FlexrayError("splitfed: no model profile attached (the runtime calls Method.attach first)")
