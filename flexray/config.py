@@ -32,9 +32,11 @@ class PartitionConfig(_Frozen):
 class DataConfig(_Frozen):
     name: Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100"] = "digits"
     source: Literal["auto", "sklearn", "npz", "torchvision"] = "auto"
-    path: str | None = Field(None, description=".npz file laid out like shared/data (source=npz)")
-    root: str | None = Field(None, description="torchvision dataset root (source=torchvision)")
-    download: bool = False
+    path: str | None = Field(None, description="an .npz with x_train, y_train, x_test, y_test (source=npz)")
+    root: str | None = Field(
+        None, description="dataset folder (default $FLEXRAY_DATA_ROOT, else ~/.flexray/data): torchvision's files, "
+        "or NAME.npz, which is used instead when present")
+    download: bool = Field(True, description="let torchvision download the dataset into data.root when it is missing")
     partition: PartitionConfig = PartitionConfig()
     samples_per_device: int | None = Field(None, ge=1, description="cap each device's shard")
     test_samples: int | None = Field(None, ge=1, description="evaluate on the first N test samples")
@@ -303,7 +305,7 @@ def _check_cross_fields(cfg: JobConfig) -> None:
     if cfg.fleet.server_profile not in CATALOG and cfg.fleet.server_profile not in cfg.fleet.profiles:
         raise FlexrayError(f"config error: fleet.server_profile: unknown device class {cfg.fleet.server_profile!r}")
     if cfg.data.source == "npz" and not cfg.data.path:
-        raise FlexrayError("config error: data.path: required for source=npz (a .npz like shared/data/mnist.npz)")
+        raise FlexrayError("config error: data.path: required for source=npz (an .npz with x_train, y_train, x_test, y_test)")
     if cfg.rounds.mode == "async" and not method_class(cfg.method.name).supports_async:
         from flexray.methods import METHODS
 

@@ -167,7 +167,7 @@ def _bad_cases(tmp: Path) -> list[tuple[DataConfig, str]]:
         (DataConfig(name="mnist", path=str(text)), "data.path"),
         (DataConfig(name="cifar10", path=str(floats)), "data.path"),
         (DataConfig(name="cifar10", path=str(short)), "data.path"),
-        (DataConfig(name="mnist"), "data.path"),  # auto with neither path nor root
+        (DataConfig(name="mnist", root=str(tmp / "empty"), download=False), "data.root"),  # nothing there, no download
         (DataConfig(name="mnist", source="npz"), "data.path"),
         (DataConfig(name="mnist", source="sklearn"), "data.source"),
         (DataConfig(name="digits", source="npz", path=str(no_y)), "data.source"),
@@ -277,3 +277,51 @@ def test_partition_too_few_samples() -> None:
     assert "\n" not in str(info.value)
     with pytest.raises(FlexrayError, match="shards_per_device"):
         partition(np.arange(10), 5, PartitionConfig(kind="shards", shards_per_device=3), seed=0)
+
+
+# ---------------------------------------------------------------- where jobs find their data
+
+
+def test_data_root_npz_is_used_without_a_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job names only the dataset: NAME.npz in $FLEXRAY_DATA_ROOT (or data.root) supplies it."""
+    root = tmp_path / "root"
+    root.mkdir()
+    _write_npz(root / "cifar10.npz", seed=3)
+    monkeypatch.setenv("FLEXRAY_DATA_ROOT", str(root))
+    from_env = load_dataset(DataConfig(name="cifar10"))
+    monkeypatch.delenv("FLEXRAY_DATA_ROOT")
+    from_root = load_dataset(DataConfig(name="cifar10", root=str(root)))
+    from_path = load_dataset(DataConfig(name="cifar10", path=str(root / "cifar10.npz")))
+    for ds in (from_env, from_root):
+        assert np.array_equal(ds.x_train, from_path.x_train) and np.array_equal(ds.y_test, from_path.y_test)
+
+
+def test_default_data_root_is_under_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from flexray.data.datasets import data_root
+
+    monkeypatch.delenv("FLEXRAY_DATA_ROOT", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert data_root(DataConfig(name="mnist")) == tmp_path / ".flexray" / "data"
+    assert DataConfig(name="mnist").download is True  # jobs get their data the way users do
+
+
+def test_offline_download_is_one_line_naming_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No internet (here: every request goes to a proxy on a closed local port): one line that
+    says the download failed and how to point at local files, no traceback."""
+    pytest.importorskip("torchvision")
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    root = tmp_path / "data"
+    monkeypatch.setenv("FLEXRAY_DATA_ROOT", str(root))
+    with pytest.raises(FlexrayError) as info:
+        load_dataset(DataConfig(name="mnist"))
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("data error: data.root: could not download mnist"), msg
+    assert "without internet" in msg and str(root) in msg and "data.path" in msg

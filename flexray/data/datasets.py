@@ -1,7 +1,10 @@
 """Datasets as plain uint8 NCHW arrays, so actors can hold them once and slice cheaply.
 
-Three sources: scikit-learn digits (always offline), an ``.npz`` laid out like
-``shared/data`` (cached decompressed, memory-mapped), and torchvision (download or local root).
+Three sources: scikit-learn digits (always offline), an ``.npz`` with ``x_train, y_train,
+x_test, y_test`` (cached decompressed, memory-mapped), and torchvision, which downloads into the
+data root (``~/.flexray/data`` unless ``data.root`` or ``$FLEXRAY_DATA_ROOT`` says otherwise).
+An ``NAME.npz`` in the data root wins over torchvision: that is how a machine without internet
+(and the test suite) supplies the data without editing a job.
 Every user mistake becomes a one-line :class:`~flexray.errors.FlexrayError` naming the field.
 """
 
@@ -80,39 +83,44 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     """Load ``cfg.name`` from the source ``cfg.source`` resolves to."""
     if cfg.name not in DATASETS:
         raise FlexrayError(f"data error: data.name: unknown dataset {cfg.name!r}; use one of {', '.join(DATASETS)}")
-    source = _resolve_source(cfg)
+    source, where = _resolve_source(cfg)
     if source == "sklearn":
         arrays = _load_digits()
     elif source == "npz":
-        arrays = _load_npz(cfg)
+        assert where is not None
+        arrays = _load_npz(cfg.name, where)
     else:
-        arrays = _load_torchvision(cfg)
+        assert where is not None
+        arrays = _load_torchvision(cfg, where)
     return _build(cfg, arrays)
 
 
-def _resolve_source(cfg: DataConfig) -> str:
+def data_root(cfg: DataConfig) -> Path:
+    """Where datasets live: ``data.root``, else ``$FLEXRAY_DATA_ROOT``, else ``~/.flexray/data``."""
+    return Path(cfg.root or os.environ.get("FLEXRAY_DATA_ROOT") or "~/.flexray/data").expanduser()
+
+
+def _resolve_source(cfg: DataConfig) -> tuple[str, Path | None]:
+    """(source, file or folder): ``auto`` prefers an explicit ``data.path``, then ``NAME.npz`` in
+    the data root (how offline machines and the tests supply data), then torchvision there."""
     src = cfg.source
     if src == "auto":
         if cfg.name == "digits":
-            return "sklearn"
+            return "sklearn", None
         if cfg.path:
-            return "npz"
-        if cfg.root:
-            return "torchvision"
-        raise FlexrayError(
-            f"data error: data.path: {cfg.name} needs a source; set data.path to an .npz "
-            f"(like shared/data/{cfg.name}.npz) or data.root to a torchvision dataset folder"
-        )
+            return "npz", Path(cfg.path)
+        npz = data_root(cfg) / f"{cfg.name}.npz"
+        return ("npz", npz) if npz.is_file() else ("torchvision", data_root(cfg))
     if (src == "sklearn") != (cfg.name == "digits"):
         raise FlexrayError(
             f"data error: data.source: {src} cannot provide {cfg.name}; "
             "digits comes from sklearn, other datasets from npz or torchvision (or use source=auto)"
         )
     if src == "npz" and not cfg.path:
-        raise FlexrayError("data error: data.path: required for source=npz (an .npz like shared/data/mnist.npz)")
-    if src == "torchvision" and not cfg.root:
-        raise FlexrayError("data error: data.root: required for source=torchvision (a folder for the dataset)")
-    return src
+        raise FlexrayError("data error: data.path: required for source=npz (an .npz with x_train, y_train, x_test, y_test)")
+    if src == "npz":
+        return "npz", Path(cfg.path or "")
+    return src, (data_root(cfg) if src == "torchvision" else None)
 
 
 def _build(cfg: DataConfig, arrays: dict[str, np.ndarray]) -> Dataset:
@@ -232,21 +240,19 @@ def _write_cache(d: Path, arrays: dict[str, np.ndarray]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_npz(cfg: DataConfig) -> dict[str, np.ndarray]:
-    assert cfg.path is not None
-    src = Path(cfg.path).expanduser().resolve()
+def _load_npz(name: str, path: Path) -> dict[str, np.ndarray]:
+    src = path.expanduser().resolve()
     if not src.is_file():
         what = "is a directory" if src.is_dir() else "does not exist"
         raise FlexrayError(
-            f"data error: data.path: {cfg.path} {what}; point it at an .npz with {', '.join(ARRAYS)} "
-            f"(like shared/data/{cfg.name}.npz)"
+            f"data error: data.path: {path} {what}; point it at an .npz of {name} with {', '.join(ARRAYS)}"
         )
     cdir = _cache_dir(src)
     cached = _read_cache(cdir)
     if cached is not None:
         return cached
     unreadable = FlexrayError(
-        f"data error: data.path: cannot read {cfg.path} as .npz; give a file written by np.savez or np.savez_compressed"
+        f"data error: data.path: cannot read {path} as .npz; give a file written by np.savez or np.savez_compressed"
     )
     try:
         z = np.load(src, allow_pickle=False)
@@ -258,7 +264,7 @@ def _load_npz(cfg: DataConfig) -> dict[str, np.ndarray]:
         missing = [k for k in ARRAYS if k not in z.files]
         if missing:
             raise FlexrayError(
-                f"data error: data.path: {cfg.path} has no array {missing[0]!r}; "
+                f"data error: data.path: {path} has no array {missing[0]!r}; "
                 f"the .npz needs {', '.join(ARRAYS)} (it has {', '.join(z.files) or 'none'})"
             )
         try:
@@ -280,8 +286,7 @@ def _load_npz(cfg: DataConfig) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------- torchvision
 
 
-def _load_torchvision(cfg: DataConfig) -> dict[str, np.ndarray]:
-    assert cfg.root is not None
+def _load_torchvision(cfg: DataConfig, root: Path) -> dict[str, np.ndarray]:
     try:
         import torchvision.datasets as tvd  # lazy: only this branch needs torchvision
     except ImportError:
@@ -292,18 +297,21 @@ def _load_torchvision(cfg: DataConfig) -> dict[str, np.ndarray]:
     cls = {"mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[
         cfg.name
     ]
-    root = str(Path(cfg.root).expanduser())
+    offline_fix = (f"on a machine without internet, put {cfg.name}.npz (x_train, y_train, x_test, y_test) or "
+                   f"torchvision's {cfg.name} files in {root}, or set data.path to an .npz")
     out: dict[str, np.ndarray] = {}
     for split in ("train", "test"):
         try:
-            ds = cls(root=root, train=split == "train", download=cfg.download)
+            ds = cls(root=str(root), train=split == "train", download=cfg.download)
         except Exception as err:  # torchvision raises RuntimeError, URLError, OSError, ...
             if cfg.download:
-                fix = f"could not download {cfg.name} ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
-                raise FlexrayError(f"data error: data.root: {fix}; check network access or fill {root} by hand") from None
+                why = f"{type(err).__name__}: {str(err).splitlines()[0][:100]}" if str(err) else type(err).__name__
+                raise FlexrayError(
+                    f"data error: data.root: could not download {cfg.name} into {root} ({why}); {offline_fix}"
+                ) from None
             raise FlexrayError(
-                f"data error: data.root: no {cfg.name} data under {root}; "
-                "set data.download=true, fix data.root, or use data.path with an .npz"
+                f"data error: data.root: no {cfg.name} data under {root} and data.download is false; "
+                f"set data.download=true, or {offline_fix}"
             ) from None
         out[f"x_{split}"] = np.asarray(ds.data)  # MNIST: uint8 tensor NHW; CIFAR: uint8 ndarray NHWC
         out[f"y_{split}"] = np.asarray(ds.targets, dtype=np.int64)
