@@ -116,6 +116,13 @@ def test_readme_has_no_lab_notes() -> None:
     assert not json_lines, f"raw JSON result lines in README.md (they belong in benchmarks/results/): {json_lines}"
 
 
+def test_user_docs_name_no_development_folder() -> None:
+    """Users clone the repository only: no page may send them to the team's folders beside it."""
+    for page in [README, *sorted(DOCS.glob("*.md"))]:
+        hits = [ln.strip()[:80] for ln in page.read_text().splitlines() if "shared/" in ln or "../shared" in ln]
+        assert not hits, f"{page.name} names a folder outside the repository: {hits}"
+
+
 def test_readme_links_every_docs_page() -> None:
     targets = {t.partition("#")[0] for t in links(README.read_text())}
     missing = [p.name for p in sorted(DOCS.glob("*.md")) if f"docs/{p.name}" not in targets]
