@@ -1,34 +1,58 @@
-"""Training methods, one per file; the driver finds them here by config name only."""
+"""Training methods, one per file; the driver finds them here by config name only.
+
+The registry maps names to ``module:Class`` paths and imports a method's module only when it is
+asked for: a run pays for its own method's imports (SplitFed's SciPy, DISTREAL's pymoo), not
+for every method's, on the driver and in every device actor.
+"""
 
 from __future__ import annotations
 
-from flexray.errors import FlexrayError
-from flexray.methods.base import Method
-from flexray.methods.distreal import Distreal
-from flexray.methods.fedasync import FedAsync
-from flexray.methods.fedavg import FedAvg
-from flexray.methods.fedbuff import FedBuff
-from flexray.methods.fedclass import FedClass
-from flexray.methods.fedprox import FedProx
-from flexray.methods.fedrolex import FedRolex
-from flexray.methods.fjord import FjORD
-from flexray.methods.flextrain import FlexTrain
-from flexray.methods.heterofl import HeteroFL
-from flexray.methods.reft import Reft
-from flexray.methods.splitfed import SplitFed
-from flexray.methods.tiled import Tiled
-from flexray.methods.uniform_dropout import UniformDropout
+import importlib
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
-METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (
-        FedAvg, FedProx, FedAsync, FedBuff, HeteroFL, FjORD, FedRolex, FlexTrain, FedClass, Distreal, UniformDropout,
-        Reft, SplitFed, Tiled,
-    )
+from flexray.errors import FlexrayError
+
+if TYPE_CHECKING:
+    from flexray.methods.base import Method
+
+_PATHS: dict[str, str] = {
+    "fedavg": "flexray.methods.fedavg:FedAvg",
+    "fedprox": "flexray.methods.fedprox:FedProx",
+    "fedasync": "flexray.methods.fedasync:FedAsync",
+    "fedbuff": "flexray.methods.fedbuff:FedBuff",
+    "heterofl": "flexray.methods.heterofl:HeteroFL",
+    "fjord": "flexray.methods.fjord:FjORD",
+    "fedrolex": "flexray.methods.fedrolex:FedRolex",
+    "flextrain": "flexray.methods.flextrain:FlexTrain",
+    "fedclass": "flexray.methods.fedclass:FedClass",
+    "distreal": "flexray.methods.distreal:Distreal",
+    "uniform_dropout": "flexray.methods.uniform_dropout:UniformDropout",
+    "reft": "flexray.methods.reft:Reft",
+    "splitfed": "flexray.methods.splitfed:SplitFed",
+    "tiled": "flexray.methods.tiled:Tiled",
 }
 
 
+class _Registry(Mapping[str, "type[Method]"]):
+    """name -> Method class, imported on first use."""
+
+    def __getitem__(self, name: str) -> type[Method]:
+        module, _, attr = _PATHS[name].partition(":")
+        cls: type[Method] = getattr(importlib.import_module(module), attr)
+        return cls
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_PATHS)
+
+    def __len__(self) -> int:
+        return len(_PATHS)
+
+
+METHODS: Mapping[str, type[Method]] = _Registry()
+
+
 def method_class(name: str) -> type[Method]:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise FlexrayError(f"config error: method.name: unknown method {name!r}; use one of {', '.join(METHODS)}") from None
+    if name not in _PATHS:
+        raise FlexrayError(f"config error: method.name: unknown method {name!r}; use one of {', '.join(_PATHS)}")
+    return METHODS[name]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,6 +16,7 @@ import ray
 import torch
 from tqdm import tqdm
 
+from flexray import phases
 from flexray.config import JobConfig, flatten
 from flexray.data.datasets import Dataset, load_dataset, to_tensor
 from flexray.errors import FlexrayError
@@ -103,20 +104,29 @@ def run_job(cfg: JobConfig, resume: str | None = None) -> JobResult:
     ).check()
     devices = build_fleet(cfg, dataset.y_train)
     engine = engine_for(cfg, devices, dataset)  # the method names its engine; rounds unless it says otherwise
+    phases.mark("data_and_fleet")
     with ThreadPoolExecutor(1) as pool:
         # MLflow's store set-up is Python work; Ray's start-up is mostly waiting: overlap them.
         tracker_future = pool.submit(Tracker, cfg, resume)
         driving = False
         try:
             with ray_session(cfg):
+                phases.mark("ray_init")
                 actors, _data_ref = engine.start()
                 try:
                     tracker = tracker_future.result()
+                    phases.mark("tracker_ready")
                     driving = True
-                    return _drive(cfg, resume, tracker, dataset, engine, actors, wall0)
+                    result, finish = _drive(cfg, resume, tracker, dataset, engine, actors, wall0)
+                    # The files need no cluster: write them while Ray shuts down.
+                    finishing = pool.submit(finish)
                 finally:
                     for _, handle in actors:
                         ray.kill(handle.actor if isinstance(handle, DeviceActorHandle) else handle)
+            phases.mark("ray_shutdown")
+            finishing.result()
+            phases.mark("artifacts")
+            return result
         except BaseException:
             if not driving and tracker_future.exception() is None:
                 tracker_future.result().set_terminated("FAILED")  # e.g. the fleet could not be placed
@@ -126,7 +136,9 @@ def run_job(cfg: JobConfig, resume: str | None = None) -> JobResult:
 def _drive(
     cfg: JobConfig, resume: str | None, tracker: Tracker, dataset: Dataset, engine: Engine,
     actors: list[tuple[ActorSpec, Any]], wall0: float,
-) -> JobResult:
+) -> tuple[JobResult, Callable[[], None]]:
+    """Run the rounds; returns the result and the step that writes the run's files and closes
+    the MLflow run (it needs no Ray, so the caller overlaps it with Ray's shutdown)."""
     def model_fn() -> torch.nn.Module:
         return build_model(cfg.model, dataset.input_shape, dataset.num_classes)
 
@@ -144,7 +156,6 @@ def _drive(
     start, clock, energy, wall_before = 0, 0.0, 0.0, 0.0
     rows: list[dict[str, Any]] = []
     history: list[dict[str, float]] = []
-    status = "FAILED"
     try:
         if resume:
             ck = tracker.load_checkpoint()
@@ -160,6 +171,7 @@ def _drive(
             for path in method.setup(ServerData(dataset, held_out), tracker.workdir):
                 tracker.log_file(path, "method")
         wait_ready(actors)
+        phases.mark("actors_ready")
         split_server = _start_split_server(cfg, method, dataset, server)
         rounds = engine.rounds(method, actors, server, model_profile, split_server)
         if resume:
@@ -185,14 +197,25 @@ def _drive(
                     "method": method.state_dict(), "engine": rounds.state_dict(), "events": rows, "history": history,
                     "config": cfg.model_dump(mode="json"),
                 })
+        phases.mark("rounds")
         final = method.device_model(state, eval_model, None)
-        _finish(tracker, cfg, rows, history, final, test.x[:2].numpy())
-        status = "FINISHED"
+        example = test.x[:2].numpy()
+    except BaseException:
+        tracker.set_terminated("FAILED")
+        raise
     finally:
-        tracker.set_terminated(status)
         if split_server is not None:
             ray.kill(split_server)
-    return JobResult(tracker.run_id, tracker.uri, history)
+
+    def finish() -> None:
+        status = "FAILED"
+        try:
+            _finish(tracker, cfg, rows, history, final, example)
+            status = "FINISHED"
+        finally:
+            tracker.set_terminated(status)
+
+    return JobResult(tracker.run_id, tracker.uri, history), finish
 
 
 def _start_split_server(cfg: JobConfig, method: Method, dataset: Dataset, server: Any) -> Any:
