@@ -105,6 +105,11 @@ SPECS: dict[str, list[Table]] = {
         ("accuracy plain / flexray", lambda r: f"{percent(r['plain_accuracy'])} / {percent(r['flexray_accuracy'])}"),
         ("peak RSS MB plain / flexray", lambda r: f"{r['plain_peak_rss_mb']} / {r['flexray_peak_rss_mb']}"),
         ("cpus", val("cpus"))])],
+    "startup": [Table([
+        ("code", val("code")), ("quickstart wall s", val("quickstart_wall_s")), ("bare Ray s", val("bare_ray_wall_s")),
+        ("ratio", times("ratio_vs_bare_ray")),
+        ("phases s", lambda r: ", ".join(f"{k} {v}" for k, v in r["phases_s"].items())),
+        ("accuracy", pct("accuracy")), ("repeats", val("repeats"))])],
     "async_vs_sync": [Table([
         ("method", val("method")), ("client updates", val("client_updates")), ("final acc", pct("final_accuracy")),
         ("target", pct("target_accuracy")), ("sim s to target", val("sim_time_to_target_s")),

@@ -112,7 +112,7 @@ def test_killed_device_actor_loses_its_round_then_restarts(ray_cluster, mlflow_u
             runs = client.search_runs([exp.experiment_id]) if exp else []
             if runs and client.get_metric_history(runs[0].info.run_id, "round_sim_s"):
                 alive = list_actors(address=ray_cluster.dashboard, detail=True,
-                                    filters=[("class_name", "=", "DeviceHost"), ("state", "=", "ALIVE")])
+                                    filters=[("class_name", "=", "DeviceActor"), ("state", "=", "ALIVE")])
                 slow = [a for a in alive if "rpi3-0" in (a.repr_name or "")]
                 if slow:  # rpi3-0 trains ~2 s a round: a kill now lands mid-task
                     os.kill(slow[0].pid, signal.SIGKILL)

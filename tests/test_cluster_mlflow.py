@@ -65,7 +65,7 @@ def _tree(uri: str, experiment: str = "remote") -> dict:
 def _device_actors(dashboard: str) -> int:
     from ray.util.state import list_actors
 
-    found = list_actors(address=dashboard, filters=[("class_name", "=", "DeviceHost")], limit=10000,
+    found = list_actors(address=dashboard, filters=[("class_name", "=", "DeviceActor")], limit=10000,
                         raise_on_missing_output=False)
     return len(found)
 

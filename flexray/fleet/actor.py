@@ -187,8 +187,8 @@ class DeviceActor:
     Ray does not resolve them per call); a fresh or restarted actor loads them once.
     """
 
-    def __init__(self, cfg: JobConfig, spec: ActorSpec) -> None:
-        self.cfg, self.spec = cfg, spec
+    def __init__(self, cfg: JobConfig, spec: ActorSpec, names: tuple[str, ...]) -> None:
+        self.cfg, self.spec, self.names = cfg, spec, names
         self.host: DeviceHost | None = None
 
     def _host(self, inputs: ActorInputs) -> DeviceHost:
@@ -198,7 +198,7 @@ class DeviceActor:
         return self.host
 
     def __repr__(self) -> str:  # Ray shows it in logs, the dashboard and the state API
-        return repr(self.host) if self.host is not None else f"DeviceActor({self.spec.label})"
+        return f"DeviceActor({self.spec.label}: {','.join(self.names)[:200]})"
 
     def info(self, inputs: ActorInputs) -> dict[str, object]:
         return self._host(inputs).info()

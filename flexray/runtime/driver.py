@@ -77,8 +77,10 @@ def start_actors(
     data_ref = ray.put(dataset)  # once; actors on this node read it zero-copy
     actors = []
     for s in specs:
-        inputs = ActorInputs(ray.put([devices[i] for i in s.devices]), data_ref)
-        handle = DeviceActor.options(**placement.actor_options(s), max_restarts=3).remote(cfg, s)
+        hosted = [devices[i] for i in s.devices]
+        inputs = ActorInputs(ray.put(hosted), data_ref)
+        handle = DeviceActor.options(**placement.actor_options(s), max_restarts=3).remote(
+            cfg, s, tuple(d.name for d in hosted))
         actors.append((s, DeviceActorHandle(handle, inputs)))
         actors[-1][1].info()  # start loading now; wait_ready's call queues behind it
     return actors, data_ref  # the handles hold their refs for the job: a restarted actor reloads from them
