@@ -312,3 +312,28 @@ def test_plan_shows_each_devices_sub_model(mode: str) -> None:
     if mode == "minmax":  # the slowest device runs its smallest prefix; nobody is slower than it
         assert slowest_class.startswith("rpi4") and k["rpi4"] == 1
         assert max(total) == pytest.approx(max(float(r["total_s"]) for r in rows if r["device"].startswith("rpi4")))
+
+
+# ---------------------------------------------------------------- every method on models it may not fit
+
+
+PLAN_MODELS = ["cnn", "resnet20", "torchvision:mobilenet_v2", "torchvision:regnet_x_400mf"]
+
+
+@pytest.mark.parametrize("model", PLAN_MODELS)
+def test_plan_plans_or_refuses_every_method_in_one_line(model: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each method on each model either plans or is refused with one line naming the field
+    (``config error: FIELD: ...``) and exit 2; never a traceback, and never a started Ray."""
+    from flexray.methods import METHODS
+
+    for name in METHODS:
+        sets = ["--set", f"method.name={name}", "--set", f"model.name={model}"]
+        if name in ("fedasync", "fedbuff"):
+            sets += ["--set", "rounds.mode=async"]
+        with contextlib.redirect_stdout(io.StringIO()):
+            rc = main(["plan", QUICKSTART, *sets])
+        err = capsys.readouterr().err
+        assert rc in (0, 2), (name, err)
+        if rc == 2:
+            assert re.fullmatch(r"flexray: error: config error: [a-z_.0-9]+: [^\n]+\n", err), (name, err)
+    assert not ray_started()

@@ -48,7 +48,8 @@ def block_names(model: nn.Module) -> list[str]:
     named = stages(model)
     middle = named[1:-1]
     if len(named) < 3 or not all(isinstance(m, _BLOCKS) for _, m in middle):
-        raise FlexrayError("depth configurations need a residual model (resnet8/20/56, preresnet18)")
+        raise FlexrayError("config error: model.name: depth prefixes (flextrain, fedclass) need a residual model; "
+                           "use resnet8, resnet20, resnet56 or preresnet18")
     return [n for n, _ in middle]
 
 

@@ -77,14 +77,19 @@ def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, bool, bool, int]]:
     for name, m in model.named_modules():
         own = list(m.parameters(recurse=False)) + [b for b in m.buffers(recurse=False)]
         if own and not isinstance(m, (nn.Conv2d, nn.Linear, *_BN)):
-            raise FlexrayError(f"width scaling does not support layer {name or 'model'} ({type(m).__name__})")
+            raise FlexrayError(f"config error: model.name: width scaling (heterofl, fjord, fedrolex) does not support "
+                               f"layer {name or 'model'} ({type(m).__name__}); use a model of Conv2d, Linear and "
+                               "BatchNorm layers (cnn, vgg, resnet20, torchvision:resnet18)")
         if isinstance(m, nn.Conv2d) and m.groups != 1:
-            raise FlexrayError(f"width scaling does not support grouped convolution {name}")
+            raise FlexrayError(f"config error: model.name: width scaling (heterofl, fjord, fedrolex) does not support "
+                               f"grouped convolution {name}; use a model without grouped or depthwise convolutions "
+                               "(cnn, vgg, resnet20, torchvision:resnet18)")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, *_BN))]
     weighted = [n for n, m in layers if isinstance(m, (nn.Conv2d, nn.Linear))]
     linears = [n for n, m in layers if isinstance(m, nn.Linear)]
     if not weighted:
-        raise FlexrayError("width scaling needs a model with Conv2d or Linear layers")
+        raise FlexrayError("config error: model.name: width scaling needs a model with Conv2d or Linear layers; "
+                           "use cnn, vgg or resnet20")
     first, last = weighted[0], (linears[-1] if linears else None)
     prev = 0
     for name, m in layers:

@@ -47,14 +47,16 @@ def chain(model: nn.Module) -> list[Layer]:
     for name, m in model.named_modules():
         if list(m.children()) and not isinstance(m, nn.Sequential):
             raise FlexrayError(
-                f"filter dropout/pruning needs a plain chain model (e.g. cnn, lenet); {name or 'model'} "
-                f"({type(m).__name__}) has branches"
+                f"config error: model.name: filter dropout/pruning (distreal, uniform_dropout, reft) needs a plain "
+                f"chain model; {name or 'model'} ({type(m).__name__}) has branches; use cnn, lenet or vgg"
             )
         if isinstance(m, nn.Conv2d) and m.groups != 1:
-            raise FlexrayError(f"filter dropout/pruning does not support grouped convolution {name}")
+            raise FlexrayError(f"config error: model.name: filter dropout/pruning (distreal, uniform_dropout, reft) does not "
+                               f"support grouped convolution {name}; use cnn, lenet or vgg")
     weighted = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if not weighted:
-        raise FlexrayError("filter dropout/pruning needs a model with Conv2d or Linear layers")
+        raise FlexrayError("config error: model.name: filter dropout/pruning needs a model with Conv2d or Linear layers; "
+                           "use cnn, lenet or vgg")
     out: list[Layer] = []
     prev: Layer | None = None
     for i, (name, m) in enumerate(weighted):
