@@ -85,6 +85,13 @@ def quickstart() -> tuple[float, dict[str, float], float]:
     return t1 - t0, phases, acc
 
 
+def git_commit() -> str:
+    """The commit measured (``-dirty`` with uncommitted changes), so before/after lines say which code."""
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "flexray"], cwd=REPO, capture_output=True, text=True).stdout
+    return rev + ("-dirty" if dirty.strip() else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -102,7 +109,7 @@ def main() -> None:
         "benchmark": "startup", "date": date.today().isoformat(),
         "machine": f"{os.cpu_count()} cores {platform.machine()}, no GPU",
         "command": "python benchmarks/startup.py" + (f" --repeats {args.repeats}" if args.repeats != 3 else ""),
-        "repeats": args.repeats, "quickstart_wall_s": round(wall, 2), "bare_ray_wall_s": round(floor, 2),
+        "code": git_commit(), "repeats": args.repeats, "quickstart_wall_s": round(wall, 2), "bare_ray_wall_s": round(floor, 2),
         "ratio_vs_bare_ray": round(wall / floor, 2), "phases_s": median_phases,
         "quickstart_walls_s": [round(w, 2) for w in walls], "bare_ray_walls_s": [round(b, 2) for b in bare],
         "accuracy": accs[0], "same_accuracy_every_run": len(set(accs)) == 1,

@@ -18,6 +18,10 @@ import pytest
 # The head creates ~/.ray/auth_token when missing; every client here reads it.
 os.environ["RAY_AUTH_MODE"] = "token"
 
+# Console scripts (flexray, ray, mlflow) of the interpreter running the tests come first on PATH,
+# as in an activated venv: Ray's job entrypoints and the subprocess tests find them there.
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 RAY = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray"

@@ -87,7 +87,12 @@ def start_actors(
 
 
 def wait_ready(actors: list[tuple[ActorSpec, Any]]) -> list[dict[str, Any]]:
-    return ray.get([h.info() for _, h in actors])
+    """Every actor's ``info`` (device actors load their inputs first; tile actors have none)."""
+    return ray.get([h.info() if isinstance(h, DeviceActorHandle) else h.info.remote() for _, h in actors])
+
+
+def _ray_actor(handle: Any) -> Any:
+    return handle.actor if isinstance(handle, DeviceActorHandle) else handle
 
 
 def _check_resume(cfg: JobConfig, saved: dict[str, Any]) -> None:
@@ -124,7 +129,7 @@ def run_job(cfg: JobConfig, resume: str | None = None) -> JobResult:
                     finishing = pool.submit(finish)
                 finally:
                     for _, handle in actors:
-                        ray.kill(handle.actor if isinstance(handle, DeviceActorHandle) else handle)
+                        ray.kill(_ray_actor(handle))
             phases.mark("ray_shutdown")
             finishing.result()
             phases.mark("artifacts")
