@@ -109,8 +109,9 @@ def _resolve_source(cfg: DataConfig) -> tuple[str, Path | None]:
             return "sklearn", None
         if cfg.path:
             return "npz", Path(cfg.path)
-        npz = data_root(cfg) / f"{cfg.name}.npz"
-        return ("npz", npz) if npz.is_file() else ("torchvision", data_root(cfg))
+        root = data_root(cfg)
+        npz = root / f"{cfg.name}.npz"
+        return ("npz", npz) if npz.is_file() else ("torchvision", root)
     if (src == "sklearn") != (cfg.name == "digits"):
         raise FlexrayError(
             f"data error: data.source: {src} cannot provide {cfg.name}; "

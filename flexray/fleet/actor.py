@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 import torch
