@@ -145,6 +145,17 @@ class RoundsConfig(_Frozen):
     concurrency: int | None = Field(None, ge=1, description="async: devices training at once (default: all)")
     idle_step_s: float = Field(60.0, gt=0, description="clock step while no device is available")
     eval_every: int = Field(1, ge=1)
+    # async: how an arriving update changes the model, for any method (flexray/methods/policy.py)
+    async_policy: Literal["fedasync", "fedbuff"] = Field(
+        "fedasync", description="async: fedasync mixes each arrival in; fedbuff steps once per buffer_size arrivals")
+    alpha: float = Field(0.6, gt=0, le=1, description="fedasync: mixing weight of a fresh update")
+    staleness: Literal["constant", "polynomial", "hinge"] = Field(
+        "polynomial", description="async: how a stale update is down-weighted, s(t)")
+    staleness_a: float = Field(0.5, ge=0, description="polynomial exponent / hinge slope of s(t)")
+    staleness_b: int = Field(4, ge=0, description="hinge: staleness tolerated at full weight")
+    buffer_size: int = Field(10, ge=1, description="fedbuff: arrivals per server step")
+    server_lr: float = Field(1.0, gt=0, description="fedbuff: server step size")
+    max_staleness: int | None = Field(None, ge=0, description="async: discard staler updates; null = keep all")
 
 
 class FaultsConfig(_Frozen):

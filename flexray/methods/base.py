@@ -143,15 +143,14 @@ class Method(ABC):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     linear: ClassVar[bool] = False
     """True when aggregation is a weighted mean, so an actor may pre-sum its devices' updates."""
-    supports_async: ClassVar[bool] = False
-    """True when ``aggregate`` can take updates one at a time, computed on stale models."""
+    supports_async: ClassVar[bool] = True
+    """False when the method's work has no independent updates to land one at a time (tiles)."""
     engine: ClassVar[str] = "rounds"
     """Which runtime engine runs the method (``flexray.runtime.engines``): federated rounds by default."""
 
-    def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module], asynchronous: bool = False) -> None:
+    def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module]) -> None:
         self.cfg = cfg
         self.model_fn = model_fn
-        self.asynchronous = asynchronous  # updates arrive one at a time (rounds.mode: async)
         self.deployed: dict[int, Any] = {}
         """Device -> the knob value it last trained, i.e. the sub-model it would deploy (checkpointed)."""
 

@@ -77,8 +77,8 @@ class FilterDropout(Method):
     Config: ClassVar[type[MethodConfig]] = DropoutConfig
     linear = False
 
-    def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module], asynchronous: bool = False) -> None:
-        super().__init__(cfg, model_fn, asynchronous)
+    def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module]) -> None:
+        super().__init__(cfg, model_fn)
         self.points: list[list[float]] | None = None  # per point: rates..., flops/sample, convergence
         self.layers: list[str] = []
         self._bytes: int | None = None

@@ -1,16 +1,17 @@
-"""FedAsync (Xie et al., 2019, arXiv 1903.03934): the server mixes each arriving model into the
-global one, w <- (1 - a_t) w + a_t w_k, with a_t = alpha * s(staleness) so stale work counts less."""
+"""FedAsync (Xie et al., 2019, arXiv 1903.03934): FedAvg whose updates are mixed into the global
+model one at a time, w <- (1 - a_t) w + a_t w_k, with a_t = alpha * s(staleness) so stale work
+counts less. The mixing is the ``fedasync`` policy of ``flexray.methods.policy``, which any method
+can use under ``rounds.mode: async``; this name keeps the method's own options for it."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import Field
 
 from flexray.config import MethodConfig
-from flexray.methods.base import State, Update, cast_like, weighted_mean
 from flexray.methods.fedavg import FedAvg
+from flexray.methods.policy import AsyncPolicy
 
 
 class FedAsyncConfig(MethodConfig):
@@ -23,24 +24,12 @@ class FedAsyncConfig(MethodConfig):
 class FedAsync(FedAvg):
     name = "fedasync"
     Config = FedAsyncConfig
-    linear = False
-    supports_async = True
+    cfg: FedAsyncConfig
+
+    def policy(self) -> AsyncPolicy:
+        c = self.cfg
+        return AsyncPolicy("fedasync", alpha=c.alpha, staleness=c.staleness_fn, a=c.a, b=c.b)
 
     def weight(self, staleness: int) -> float:
-        cfg: FedAsyncConfig = self.cfg  # type: ignore[assignment]
-        if cfg.staleness_fn == "polynomial":
-            s = (staleness + 1) ** (-cfg.a)
-        elif cfg.staleness_fn == "hinge":
-            s = 1.0 if staleness <= cfg.b else 1.0 / (cfg.a * (staleness - cfg.b) + 1.0)
-        else:
-            s = 1.0
-        return cfg.alpha * s
-
-    def aggregate(self, rnd: int, state: State, updates: Sequence[Update]) -> State:
-        if not updates:
-            return state
-        # Sync mode hands over a whole round at once: mix its mean as one fresh update.
-        mixed = weighted_mean(updates)
-        a = self.weight(max(u.staleness for u in updates))
-        new = {k: (1 - a) * state[k].double() + a * mixed[k] for k in state}
-        return cast_like(new, state)
+        """The mixing weight a_t of an update ``staleness`` versions old."""
+        return self.cfg.alpha * self.policy().scale(staleness)

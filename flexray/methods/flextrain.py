@@ -126,8 +126,8 @@ class FlexTrain(Method):
     Config: ClassVar[type[MethodConfig]] = FlexTrainConfig
     linear = False
 
-    def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module], asynchronous: bool = False) -> None:
-        super().__init__(cfg, model_fn, asynchronous)
+    def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module]) -> None:
+        super().__init__(cfg, model_fn)
         self._residual_checked = False
         self._profiles: dict[tuple[int, tuple[int, ...]], ModelProfile] = {}
         self._keys: dict[int, list[str]] = {}

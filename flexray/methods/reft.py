@@ -74,8 +74,8 @@ class Reft(Method):
     Config = ReftConfig
     linear = False
 
-    def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module], asynchronous: bool = False) -> None:
-        super().__init__(cfg, model_fn, asynchronous)
+    def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module]) -> None:
+        super().__init__(cfg, model_fn)
         self.proxy: torch.Tensor | None = None
         self.input_shape: tuple[int, ...] | None = None
         self._models: dict[float, nn.Module] = {}

@@ -61,6 +61,7 @@ class Tiled(Method):
     name = "tiled"
     engine = "tiled"
     Config = TiledConfig
+    supports_async = False  # the tiles of one step are one update: nothing lands on its own
 
     def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
         """The round's steps on one device alone, in the order ``batches`` gives."""

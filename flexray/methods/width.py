@@ -100,8 +100,8 @@ class WidthMethod(Method):
     Config: ClassVar[type[MethodConfig]] = WidthConfig
     linear = False
 
-    def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module], asynchronous: bool = False) -> None:
-        super().__init__(cfg, model_fn, asynchronous)
+    def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module]) -> None:
+        super().__init__(cfg, model_fn)
         self._layout: elastic.Layout | None = None
         self._index: dict[tuple[float, int | None], elastic.Index] = {}
         self._profiles: dict[tuple[float, tuple[int, ...]], ModelProfile] = {}

@@ -5,6 +5,11 @@ With ``virtual`` throttling, arrivals are ordered by *simulated* completion time
 the predicted finish of every in-flight task is exact, so the run does not depend on how fast the
 host is and the same seed gives the same metrics. With ``sleep``/``none`` throttling, arrivals
 are taken as the actors really finish (``ray.wait``), which is what a real deployment sees.
+
+Every method runs here: a launching device gets its sub-model (width, depth, dropout vector,
+pruning ratio, or cut and server share) from the min-max scheduler for the devices available at
+that moment, and its landing update is applied by the run's aggregation policy
+(``flexray.methods.policy``) against the model version it started from.
 """
 
 from __future__ import annotations
@@ -17,12 +22,13 @@ from typing import Any
 import numpy as np
 import ray
 
-from flexray.config import JobConfig
+from flexray.config import JobConfig, RoundsConfig
 from flexray.errors import FlexrayError
 from flexray.fleet.energy import predict_times
 from flexray.fleet.fleet import ActorSpec, Device, derive_seed
 from flexray.fleet.report import DeviceReport, RoundRequest
-from flexray.methods.base import DeviceView, Method, State, Update
+from flexray.methods.base import DeviceView, Method, State, Task, Update
+from flexray.methods.policy import Arrivals, AsyncPolicy, HasPolicy
 from flexray.models.profile import ModelProfile
 from flexray.runtime.rounds import RoundOutcome, SyncRounds
 
@@ -39,14 +45,24 @@ class Flight:
     future: Any = field(compare=False, default=None)
 
 
+def policy_for(rounds: RoundsConfig, method: Method) -> AsyncPolicy:
+    """The method's own policy (``fedasync``, ``fedbuff``), else the one ``rounds`` configures."""
+    if isinstance(method, HasPolicy):
+        return method.policy()
+    return AsyncPolicy(rounds.async_policy, alpha=rounds.alpha, staleness=rounds.staleness, a=rounds.staleness_a,
+                       b=rounds.staleness_b, buffer_size=rounds.buffer_size, server_lr=rounds.server_lr,
+                       max_staleness=rounds.max_staleness)
+
+
 class AsyncRounds(SyncRounds):
     """``step`` runs until the server's model changes once (one "round" = one model version)."""
 
     def __init__(
         self, cfg: JobConfig, devices: Sequence[Device], actors: Sequence[tuple[ActorSpec, object]],
-        method: Method, server: Any, model_profile: ModelProfile,
+        method: Method, server: Any, model_profile: ModelProfile, split_server: Any = None,
     ) -> None:
-        super().__init__(cfg, devices, actors, method, server, model_profile)
+        super().__init__(cfg, devices, actors, method, server, model_profile, split_server)
+        self.arrivals = Arrivals(policy_for(cfg.rounds, method), method)
         self.concurrency = cfg.rounds.concurrency or len(self.devices)
         self.virtual = cfg.fleet.throttle == "virtual"
         self.flights: list[Flight] = []
@@ -69,15 +85,16 @@ class AsyncRounds(SyncRounds):
                 continue
             flight, reps, ups = self._land()
             clock = max(clock, max((r.end_s for r in reps), default=flight.end_s))
+            staleness = rnd - flight.version
             for r in reps:
-                r.metrics["staleness"] = float(rnd - flight.version)
+                r.metrics["staleness"] = float(staleness)
             for u in ups:
-                u.staleness = rnd - flight.version
+                u.staleness = staleness
             reports.extend(reps)
             ups = self.screen(reps, ups, state)
-            new = self.method.aggregate(rnd, state, ups) if ups else state
+            new = self.arrivals.arrive(flight.version, self.states[flight.version], state, ups, staleness)
             self._forget_unused(rnd)
-            if new is not state:
+            if new is not None:
                 return new, RoundOutcome(reports, ups, clock - start, 0.0)
 
     def _fill(self, version: int, clock: float) -> None:
@@ -93,30 +110,38 @@ class AsyncRounds(SyncRounds):
     def _launch(self, f: Flight) -> None:
         dev = self.devices[f.device]
         state = self.states[f.version]
-        view = self._choose(DeviceView(dev.id, dev.profile, dev.trace.speed(f.start_s), len(dev.indices)), f.start_s)
-        task = self.method.plan(f.version, [view], state)[0]
+        view = DeviceView(dev.id, dev.profile, dev.trace.speed(f.start_s), len(dev.indices))
+        task, view = self._plan(f.version, view, f.start_s, state)
         cost = self.method.cost(task, view, self.profile)
         predicted = sum(predict_times(dev.profile, view.speed, cost.flops, cost.bytes_down, cost.bytes_up))
-        f.end_s = f.start_s + predicted
+        f.end_s = f.start_s + predicted + cost.server_s
         if f.version not in self.refs:
             self.refs[f.version] = ray.put(state)  # once per version, shared by every flight on it
-        req = RoundRequest(f.version, f.start_s, None, False, (task,), presum=False, draw=f.seq)
+        if self.split_server is not None:
+            ray.get(self.split_server.begin.remote(f.device, self.refs[f.version], task))
+        req = RoundRequest(f.version, f.start_s, None, False, (task,), presum=False, draw=f.seq,
+                           server=self.split_server)
         f.future = self.actors[self.actor_of[f.device]][1].run_round(req, self.refs[f.version])
         heapq.heappush(self.flights, f)
 
-    def _choose(self, view: DeviceView, t: float) -> DeviceView:
-        """A sub-model for a launching device: with no round to balance, the min-max target is the
-        one of every device available now, which keeps the slow devices' staleness bounded."""
-        if not self.scheduler.options:
-            return view
+    def _plan(self, version: int, view: DeviceView, t: float, state: State) -> tuple[Task, DeviceView]:
+        """A launching device's task. With no round to balance, the min-max target is the one of
+        every device available now, which keeps the slow devices' staleness bounded; a method
+        with a split server plans the whole pool, so the device's server share is its share
+        among them."""
         pool = [view] + [
             DeviceView(d.id, d.profile, d.trace.speed(t), len(d.indices))
             for d in self.devices.values() if d.id != view.id and d.trace.available(t) and self.usable(d.id)
         ]
-        chosen = {v.id: v for v in self.scheduler.assign(pool).views}
-        if view.id not in chosen:
-            raise FlexrayError(f"device {view.id} ({view.profile.name}): no sub-model fits its memory")
-        return chosen[view.id]
+        if self.scheduler.options:
+            chosen = {v.id: v for v in self.scheduler.assign(pool).views}
+            if view.id not in chosen:
+                raise FlexrayError(f"device {view.id} ({view.profile.name}): no sub-model fits its memory")
+            view = chosen[view.id]
+        if self.split_server is None:
+            return self.method.plan(version, [view], state)[0], view
+        tasks = self.method.plan(version, pool, state)
+        return next(tk for tk in tasks if tk.device == view.id), view
 
     def _land(self) -> tuple[Flight, list[DeviceReport], list[Update]]:
         if self.virtual:
@@ -131,6 +156,9 @@ class AsyncRounds(SyncRounds):
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
             self._actor_failed(f.device, err)
             reps, ups = [self.failed(f.version, f.start_s, f.device, type(err).__name__)], []
+        if self.split_server is not None:  # the device's server part, when its work counts
+            keep = any(r.status in ("ok", "late") for r in reps)
+            ups = ups + list(ray.get(self.split_server.finish.remote(f.device, keep)))
         return f, reps, ups
 
     def _forget_unused(self, current: int) -> None:
@@ -142,13 +170,14 @@ class AsyncRounds(SyncRounds):
     # ---- checkpoints: in-flight work is re-launched from the same inputs on resume
     def state_dict(self) -> dict[str, Any]:
         return {
-            "seq": self.seq,
+            "seq": self.seq, "policy": self.arrivals.state_dict(),
             "flights": [[f.seq, f.device, f.version, f.start_s] for f in sorted(self.flights)],
             "states": {str(v): s for v, s in self.states.items()},
         }
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.seq = int(saved["seq"])
+        self.arrivals.load_state_dict(saved.get("policy", {}))
         self.states = {int(v): s for v, s in saved["states"].items()}
         for seq, device, version, start_s in saved["flights"]:
             self._launch(Flight(0.0, int(seq), int(device), int(version), float(start_s)))

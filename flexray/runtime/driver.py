@@ -150,8 +150,7 @@ def _drive(
         return build_model(cfg.model, dataset.input_shape, dataset.num_classes)
 
     torch.manual_seed(cfg.seed)
-    asynchronous = cfg.rounds.mode == "async"
-    method: Method = method_class(cfg.method.name)(cfg.method, model_fn, asynchronous)
+    method: Method = method_class(cfg.method.name)(cfg.method, model_fn)
     eval_model = model_fn()
     state = method.init(eval_model)
     server = resolve_profile(cfg.fleet.server_profile, cfg.fleet.profiles)

@@ -51,7 +51,7 @@ class RoundsEngine:
         from flexray.runtime.rounds import SyncRounds
 
         if self.cfg.rounds.mode == "async":
-            return AsyncRounds(self.cfg, self.devices, actors, method, server, profile)
+            return AsyncRounds(self.cfg, self.devices, actors, method, server, profile, split_server)
         return SyncRounds(self.cfg, self.devices, actors, method, server, profile, split_server)
 
 

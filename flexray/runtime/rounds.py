@@ -17,6 +17,7 @@ from flexray.fleet.fleet import ActorSpec, Device, derive_seed
 from flexray.fleet.profiles import DeviceProfile
 from flexray.fleet.report import DeviceReport, RoundRequest
 from flexray.methods.base import DeviceView, Method, State, Update
+from flexray.methods.policy import Arrivals, HasPolicy
 from flexray.models.profile import ModelProfile
 from flexray.schedule.minmax import SubModelScheduler
 
@@ -63,6 +64,7 @@ class SyncRounds:
         self.actor_of = {dev: i for i, (spec, _) in enumerate(self.actors) for dev in spec.devices}
         self.down: set[int] = set()  # actors that died mid-task and are being restarted by Ray
         self.dead: set[int] = set()  # actors out of restarts: their devices are gone for good
+        self.own_policy = Arrivals(method.policy(), method) if isinstance(method, HasPolicy) else None
 
     def _actor_failed(self, device: int, err: Exception) -> None:
         self.down.add(self.actor_of[device])  # await_recovery's probe tells restarting from dead
@@ -91,6 +93,8 @@ class SyncRounds:
 
     def step(self, rnd: int, clock_s: float, state: State) -> tuple[State, RoundOutcome]:
         out = self.run(rnd, clock_s, state)
+        if self.own_policy is not None:  # fedasync / fedbuff: their policy over a round of fresh updates
+            return self.own_policy.round(rnd, state, out.updates), out
         return self.method.aggregate(rnd, state, out.updates), out
 
     def state_dict(self) -> dict[str, Any]:
@@ -117,7 +121,7 @@ class SyncRounds:
             per_actor[self.actor_of[t.device]].append(t)
         rounds = self.cfg.rounds
         drop = rounds.stragglers == "drop" and rounds.deadline_s is not None
-        presum = len(chosen) <= target
+        presum = len(chosen) <= target and self.own_policy is None  # a policy weighs every update itself
         calls = [
             (ts, self.actors[a][1].run_round(
                 RoundRequest(rnd, clock_s, rounds.deadline_s, drop, tuple(ts), presum, server=self.split_server), state_ref

@@ -72,6 +72,40 @@ class SplitServerHost:
                 self.served[d] = [0.0, 0.0, 0.0]
         return len(self.assign)
 
+    def begin(self, device: int, state: State, task: Task) -> bool:
+        """Async rounds: a server part for one launching client, from the version it trained on
+        (V1: its own copy; V2: the shared model, created once and trained on by every client)."""
+        cut, theta = task.spec.get("cut"), float(task.spec.get("theta", 0.0))
+        if cut is None or theta <= 0:
+            return False
+        with self.lock:
+            self.assign[device] = (int(cut), theta)
+            self.served[device] = [0.0, 0.0, 0.0]
+            key = -1 if self.spec.shared else device
+            if key not in self.models:
+                self.models[key], self.opts[key] = self._new_model(state)
+                self.locks[key] = threading.Lock()
+        return True
+
+    def finish(self, device: int, keep: bool) -> list[Update]:
+        """Async rounds: the landing client's server part (V1: its copy, then dropped; V2: the
+        shared model's stages from the client's cut), or nothing when its work does not count."""
+        with self.lock:
+            if device not in self.assign:
+                return []
+            cut, _ = self.assign.pop(device)
+            samples = int(self.served.pop(device)[0])
+            key = -1 if self.spec.shared else device
+            model = self.models[key]
+            if not self.spec.shared or not self.assign:  # V2: re-read the global model once idle
+                self.models.pop(key)
+                self.opts.pop(key)
+                self.locks.pop(key)
+            if not keep or samples == 0:
+                return []
+            names = stage_names(model)[cut:]
+            return [Update(self._tensors(model, names), weight=samples, samples=samples, device=device)]
+
     def step(self, device: int, smashed: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float, float]:
         """Server forward/backward/step on one batch: (activation gradient, loss, simulated s)."""
         if device not in self.assign:

@@ -1,0 +1,55 @@
+"""Behaviour kept: the final metrics of three seeded sync jobs, to compare across a redesign.
+
+Runs the quickstart, a scaled FlexTrain job and a scaled SplitFed/TLMP job (all seed 0, sync) and
+prints one JSON line per job with its final metrics and the commit it ran on. Two runs on
+different commits that print the same metrics show the redesign kept the behaviour.
+
+    FLEXRAY_DATA_ROOT=../shared/data python benchmarks/seeded_metrics.py
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from flexray.config import load_config  # noqa: E402
+from flexray.runtime.driver import run_job  # noqa: E402
+
+QUIET = ["tracking.progress=false", "tracking.plots=false", "tracking.log_model=false", "tracking.checkpoint_every=0"]
+JOBS = {
+    "quickstart": ("jobs/quickstart.yaml", []),
+    "flextrain": ("jobs/cifar10_flextrain.yaml", ["data.samples_per_device=40", "data.test_samples=300", "rounds.num=2",
+                                                  "rounds.eval_every=1"]),
+    "splitfed": ("jobs/mnist_sfl_efficientnet.yaml", ["data.samples_per_device=32", "data.test_samples=200",
+                                                      "rounds.num=2"]),
+}
+KEYS = ("accuracy", "loss", "sim_time_s", "energy_j", "bytes_up", "bytes_down", "train_loss", "mean_device_acc")
+
+
+def main() -> None:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (path, extra) in JOBS.items():
+            cfg = load_config(REPO / path, [*QUIET, f"tracking.uri=sqlite:///{tmp}/mlflow.db", *extra])
+            t0 = time.perf_counter()
+            final = run_job(cfg).final
+            print(json.dumps({
+                "bench": "seeded_metrics", "job": name, "commit": commit, "date": date.today().isoformat(),
+                "machine": f"{platform.node()} {platform.machine()}", "command": "python benchmarks/seeded_metrics.py",
+                "wall_s": round(time.perf_counter() - t0, 1),
+                "final": {k: round(float(final[k]), 6) for k in KEYS if k in final},
+            }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
