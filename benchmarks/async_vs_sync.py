@@ -1,14 +1,21 @@
-"""Sync FedAvg vs FedAsync vs FedBuff on CIFAR-10 with a fleet whose speeds differ 33x.
+"""Async vs sync rounds on CIFAR-10 with a fleet whose speeds differ 33x.
 
-Same fleet, data and number of client updates for every method; virtual throttling, so the
-simulated times are exact and reproducible. Sync FedAvg waits for the slowest device every
-round; the async methods let fast devices keep going. Reported per method: final accuracy,
-simulated time to a common target accuracy (the lowest final accuracy of the three, times 0.95),
-energy and wall time.
+Part 1 (``--part fedavg``): sync FedAvg vs the FedAsync and FedBuff policies on FedAvg.
+Part 2 (``--part hetero``, the default): the heterogeneous methods, each in sync rounds and in
+async rounds (``rounds.mode: async``, FedAsync policy), with the min-max scheduler choosing every
+device's sub-model at round start (sync) or at each launch (async): HeteroFL (width), FlexTrain
+(depth, CIFAR ResNet-8), DISTREAL (per-layer dropout picked by each device), and SplitFed with
+TLMP (cut and server share; async re-plans them at every launch), beside sync SplitFed with one
+fixed cut.
 
-    python benchmarks/async_vs_sync.py [--data ../shared/data/cifar10.npz] [--rounds 30]
+Same fleet, data split and number of client updates for each pair; virtual throttling, so the
+simulated times are exact and reproducible. Reported per variant, over ``--seeds``: final accuracy,
+simulated time to a common target (0.95 x the lower of the pair's best accuracies, per seed) and
+the async/sync ratio of those times.
 
-Prints one JSON line per method.
+    python benchmarks/async_vs_sync.py [--part hetero|fedavg] [--seeds 0,1,2] [--rounds 20]
+
+Prints one JSON line per variant.
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import ray
-from common import job_tree, time_to  # benchmarks/common.py
+from common import job_tree, mean, time_to  # benchmarks/common.py
 
 from flexray.config import parse_config
 from flexray.runtime.driver import run_job
@@ -28,56 +36,102 @@ from flexray.runtime.driver import run_job
 REPO = Path(__file__).resolve().parents[1]
 DEVICES = 20
 FLEET = [("rpi4", 10), ("phone_mid", 5), ("laptop_cpu", 5)]  # 3, 10, 100 GFLOP/s: 33x apart
+DSE = {"pop_size": 8, "generations": 3, "proxy_samples": 500, "proxy_steps": 20}
+
+# name: (method, model, sync-or-async, family it is compared within)
+HETERO: dict[str, tuple[dict[str, Any], str, str, str]] = {
+    "heterofl_sync": ({"name": "heterofl"}, "lenet", "sync", "heterofl"),
+    "heterofl_async": ({"name": "heterofl"}, "lenet", "async", "heterofl"),
+    "flextrain_sync": ({"name": "flextrain", "beta": 0.2}, "resnet8", "sync", "flextrain"),
+    "flextrain_async": ({"name": "flextrain", "beta": 0.2}, "resnet8", "async", "flextrain"),
+    "distreal_sync": ({"name": "distreal", "dse": DSE}, "lenet", "sync", "distreal"),
+    "distreal_async": ({"name": "distreal", "dse": DSE}, "lenet", "async", "distreal"),
+    "splitfed_tlmp_sync": ({"name": "splitfed", "scheduler": "tlmp"}, "lenet", "sync", "splitfed"),
+    "splitfed_fixed_sync": ({"name": "splitfed", "scheduler": "fixed", "cut": 1}, "lenet", "sync", "splitfed"),
+    "splitfed_tlmp_async": ({"name": "splitfed", "scheduler": "tlmp"}, "lenet", "async", "splitfed"),
+}
+FEDAVG: dict[str, tuple[dict[str, Any], str, str, str]] = {
+    "fedavg_sync": ({"name": "fedavg"}, "lenet", "sync", "fedavg"),
+    "fedasync": ({"name": "fedasync", "alpha": 0.6, "staleness_fn": "polynomial", "a": 0.5}, "lenet", "async", "fedavg"),
+    "fedbuff": ({"name": "fedbuff", "buffer_size": 5, "server_lr": 1.0}, "lenet", "buffered", "fedavg"),
+}
 
 
-def job(data: Path, uri: str, method: dict, rounds: dict) -> dict:
+def job(args: argparse.Namespace, uri: str, name: str, method: dict, model: str, mode: str, seed: int) -> dict:
+    updates = args.rounds * DEVICES
+    if mode == "sync":
+        rounds = {"num": args.rounds, "eval_every": 1}
+    elif mode == "buffered":  # FedBuff: one model version per buffer of 5 arrivals
+        rounds = {"num": updates // 5, "mode": "async", "eval_every": DEVICES // 5}
+    else:
+        rounds = {"num": updates, "mode": "async", "eval_every": DEVICES}
     return job_tree(
-        "async_vs_sync", method["name"], uri,
-        data={"name": "cifar10", "path": str(data), "samples_per_device": 250, "partition": {"kind": "dirichlet", "alpha": 1.0}},
-        model={"name": "lenet"}, groups=[{"profile": p, "count": n} for p, n in FLEET],
-        method={"lr": 0.02, "momentum": 0.9, **method}, rounds=rounds)
+        "async_vs_sync", f"{name}-s{seed}", uri,
+        data={"name": "cifar10", "path": str(args.data), "samples_per_device": args.samples,
+              "test_samples": args.test_samples, "partition": {"kind": "dirichlet", "alpha": 1.0}},
+        model={"name": model, "width": 16}, groups=[{"profile": p, "count": n} for p, n in FLEET],
+        method={"lr": 0.02, "momentum": 0.9, **method}, rounds=rounds, seed=seed)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "cifar10.npz")
-    ap.add_argument("--rounds", type=int, default=30, help="sync rounds; async methods get as many client updates")
+    ap.add_argument("--part", choices=("hetero", "fedavg"), default="hetero")
+    ap.add_argument("--rounds", type=int, default=20, help="sync rounds; async runs get as many client updates")
+    ap.add_argument("--samples", type=int, default=200, help="training images per device")
+    ap.add_argument("--test-samples", type=int, default=1000)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--only", default="", help="comma-separated variant names")
     args = ap.parse_args()
     if not args.data.is_file():
         raise SystemExit(f"CIFAR-10 not found at {args.data}; pass --data path/to/cifar10.npz")
-    updates = args.rounds * DEVICES
-    k = 5
-    variants = {
-        "fedavg_sync": ({"name": "fedavg"}, {"num": args.rounds, "eval_every": 1}),
-        "fedasync": ({"name": "fedasync", "alpha": 0.6, "staleness_fn": "polynomial", "a": 0.5},
-                     {"num": updates, "mode": "async", "eval_every": DEVICES}),
-        "fedbuff": ({"name": "fedbuff", "buffer_size": k, "server_lr": 1.0},
-                    {"num": updates // k, "mode": "async", "eval_every": DEVICES // k}),
-    }
-    results = {}
+    variants = HETERO if args.part == "hetero" else FEDAVG
+    if args.only:
+        variants = {k: v for k, v in variants.items() if k in args.only.split(",")}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs: dict[tuple[str, int], tuple[list[dict[str, float]], float]] = {}
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         with tempfile.TemporaryDirectory() as tmp:
             uri = f"sqlite:///{tmp}/mlflow.db"
-            for name, (method, rounds) in variants.items():
-                t0 = time.perf_counter()
-                res = run_job(parse_config(job(args.data, uri, method, rounds)))
-                results[name] = (res.history, time.perf_counter() - t0)
+            for seed in seeds:
+                for name, (method, model, mode, _) in variants.items():
+                    t0 = time.perf_counter()
+                    res = run_job(parse_config(job(args, uri, name, method, model, mode, seed)))
+                    runs[name, seed] = (res.history, time.perf_counter() - t0)
     finally:
         ray.shutdown()
-    target = 0.95 * min(max(h.get("accuracy", 0.0) for h in hist) for hist, _ in results.values())
-    sync_t = time_to(results["fedavg_sync"][0], target)
-    for name, (hist, wall) in results.items():
-        evals = [h for h in hist if "accuracy" in h]
-        t = time_to(hist, target)
+    report(args, variants, seeds, runs)
+
+
+def report(args: argparse.Namespace, variants: dict, seeds: list[int],
+           runs: dict[tuple[str, int], tuple[list[dict[str, float]], float]]) -> None:
+    """One line per variant: means over seeds; each seed's target is shared by its family."""
+    for name, (_, model, mode, family) in variants.items():
+        sync_name = next(n for n, v in variants.items() if v[3] == family and v[2] == "sync")
+        finals, times, ratios, totals, walls = [], [], [], [], []
+        for seed in seeds:
+            hist, wall = runs[name, seed]
+            family_best = [max(h.get("accuracy", 0.0) for h in runs[n, seed][0])
+                           for n, v in variants.items() if v[3] == family]
+            target = 0.95 * min(family_best)
+            t, t_sync = time_to(hist, target), time_to(runs[sync_name, seed][0], target)
+            finals.append([h for h in hist if "accuracy" in h][-1]["accuracy"])
+            times.append(t)
+            ratios.append(t / t_sync if t is not None and t_sync else None)
+            totals.append(hist[-1]["sim_time_s"])
+            walls.append(wall)
+        reached = [t for t in times if t is not None]
+        ok_ratios = [r for r in ratios if r is not None]
         print(json.dumps({
-            "benchmark": "async_vs_sync", "method": name, "client_updates": updates,
-            "final_accuracy": round(evals[-1]["accuracy"], 4), "target_accuracy": round(target, 4),
-            "sim_time_to_target_s": None if t is None else round(t, 3),
-            "time_ratio_vs_sync": None if t is None or not sync_t else round(t / sync_t, 3),
-            "sim_time_total_s": round(hist[-1]["sim_time_s"], 3), "energy_j": round(hist[-1]["energy_j"], 1),
-            "wall_s": round(wall, 1), "speed_spread": 33.3,
-        }))
+            "benchmark": "async_vs_sync", "variant": name, "method": variants[name][0]["name"], "model": model,
+            "mode": "async" if mode != "sync" else "sync", "seeds": seeds, "client_updates": args.rounds * DEVICES,
+            "final_accuracy": round(mean(finals), 4), "final_accuracy_per_seed": [round(f, 4) for f in finals],
+            "sim_time_to_target_s": round(mean(reached), 3) if len(reached) == len(seeds) else None,
+            "time_ratio_vs_sync": round(mean(ok_ratios), 3) if len(ok_ratios) == len(seeds) else None,
+            "time_ratio_per_seed": [None if r is None else round(r, 3) for r in ratios],
+            "sim_time_total_s": round(mean(totals), 3), "wall_s": round(sum(walls), 1), "speed_spread": 33.3,
+        }), flush=True)
 
 
 if __name__ == "__main__":
