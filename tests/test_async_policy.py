@@ -10,6 +10,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from flexray.config import ModelConfig
+from flexray.errors import FlexrayError
+from flexray.methods import method_class
 from flexray.methods.base import Update
 from flexray.methods.fedasync import FedAsync, FedAsyncConfig
 from flexray.methods.fedbuff import FedBuff, FedBuffConfig
@@ -126,3 +128,22 @@ def test_splitfed_clients_run_async_against_the_split_server(ray_cluster, mlflow
     assert all(json.loads(e["spec"])["cut"] == 1 for e in ev)
     assert all(e["server_s"] > 0 for e in ev if e["status"] == "ok")  # every client was served
     assert res.history[-1]["accuracy"] > res.history[0]["accuracy"] or res.history[-1]["accuracy"] > 0.3
+
+
+# ---------------------------------------------------------------- methods from outside flexray
+
+
+def test_a_method_named_by_import_path_is_refused_in_one_line_when_wrong() -> None:
+    assert method_class("tests.plugin_method:HalfStepAvg").name == "half_step_avg"
+    for path, why in (("tests.nowhere:X", "cannot import"), ("tests.plugin_method:NotAMethod", "not a flexray Method")):
+        with pytest.raises(FlexrayError, match=f"config error: method.name: .*{why}") as err:
+            method_class(path)
+        assert "\n" not in str(err.value)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_users_own_method_runs_sync_and_async(ray_cluster, mlflow_uri, mode) -> None:
+    res = _run(ray_cluster, mlflow_uri, method__name="tests.plugin_method:HalfStepAvg", rounds__mode=mode,
+               rounds__num=3)
+    assert len(res.history) == 3 and res.history[-1]["accuracy"] > 0.1
