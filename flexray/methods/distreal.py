@@ -76,6 +76,7 @@ class FilterDropout(Method):
 
     Config: ClassVar[type[MethodConfig]] = DropoutConfig
     linear = False
+    cfg: DropoutConfig
 
     def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module]) -> None:
         super().__init__(cfg, model_fn)
@@ -85,7 +86,7 @@ class FilterDropout(Method):
 
     @property
     def dcfg(self) -> DropoutConfig:
-        return self.cfg  # type: ignore[return-value]
+        return self.cfg
 
     def candidates(self, data: ServerData, workdir: Path) -> tuple[list[str], list[list[float]], list[Path]]:
         raise NotImplementedError
@@ -164,7 +165,7 @@ class FilterDropout(Method):
         trainer = filters.DropoutSGD(full, width, sub=ctx.model(key, build))
         cfg, n = self.cfg, len(data)
         seen, loss_sum = 0, 0.0
-        for idx in local_batches(n, cfg, ctx.generator):  # type: ignore[arg-type]
+        for idx in local_batches(n, cfg, ctx.generator):
             loss = trainer.step(data.x[idx], data.y[idx], ctx.generator, cfg.lr, cfg.momentum, cfg.weight_decay)
             seen += len(idx)
             loss_sum += loss * len(idx)
@@ -178,9 +179,10 @@ class FilterDropout(Method):
 class Distreal(FilterDropout):
     name = "distreal"
     Config = DistrealConfig
+    cfg: DistrealConfig
 
     def candidates(self, data: ServerData, workdir: Path) -> tuple[list[str], list[list[float]], list[Path]]:
-        cfg: DistrealConfig = self.cfg  # type: ignore[assignment]
+        cfg = self.cfg
         proxy = data.take(cfg.dse.proxy_samples, "method.dse.proxy_samples")
         front = dse.explore(self.model_fn, proxy, cfg.dse.model_copy(update={"scaler": cfg.scaler}),
                             data.dataset.input_shape)

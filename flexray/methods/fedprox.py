@@ -21,9 +21,10 @@ class FedProxConfig(MethodConfig):
 class FedProx(FedAvg):
     name = "fedprox"
     Config = FedProxConfig
+    cfg: FedProxConfig
 
     def extra_loss(self, state: State) -> Callable[[nn.Module], torch.Tensor]:
-        mu = self.cfg.mu  # type: ignore[attr-defined]
+        mu = self.cfg.mu
         anchors: dict[str, torch.Tensor] = {}
 
         def prox(model: nn.Module) -> torch.Tensor:

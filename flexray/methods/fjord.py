@@ -86,6 +86,7 @@ class OrderedDropout(nn.Module):
 class FjORD(WidthMethod):
     name = "fjord"
     Config = FjORDConfig
+    cfg: FjORDConfig
 
     def allowed(self, p_max: float) -> list[float]:
         return sorted(p for p in self.wcfg.rates if p <= p_max)
@@ -94,14 +95,14 @@ class FjORD(WidthMethod):
         """Expected per-sample FLOPs: p is uniform over the allowed rates (teacher forward if distilling)."""
         rates = self.allowed(rate)
         train = sum(self.sub_profile(p, input_shape).train_flops_per_sample for p in rates) / len(rates)
-        cfg: FjORDConfig = self.cfg  # type: ignore[assignment]
+        cfg = self.cfg
         if cfg.distill:
             teacher = self.sub_profile(rate, input_shape).fwd_flops_per_sample
             train += teacher * sum(p < rate for p in rates) / len(rates)  # steps that ran a narrower width
         return train
 
     def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
-        cfg: FjORDConfig = self.cfg  # type: ignore[assignment]
+        cfg = self.cfg
         p_max = float(task.spec["rate"])
         rates = self.allowed(p_max)
         sub = elastic.extract(state, self.index(p_max, task.round))

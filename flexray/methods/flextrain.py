@@ -123,6 +123,7 @@ class FlexTrainConfig(MethodConfig):
 
 class FlexTrain(Method):
     name = "flextrain"
+    cfg: FlexTrainConfig
     Config: ClassVar[type[MethodConfig]] = FlexTrainConfig
     linear = False
 
@@ -135,7 +136,7 @@ class FlexTrain(Method):
 
     @property
     def fcfg(self) -> FlexTrainConfig:
-        return self.cfg  # type: ignore[return-value]
+        return self.cfg
 
     # ---- shared pieces
     @property

@@ -72,6 +72,7 @@ class ReftConfig(MethodConfig):
 class Reft(Method):
     name = "reft"
     Config = ReftConfig
+    cfg: ReftConfig
     linear = False
 
     def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module]) -> None:
@@ -86,7 +87,7 @@ class Reft(Method):
 
     @property
     def rcfg(self) -> ReftConfig:
-        return self.cfg  # type: ignore[return-value]
+        return self.cfg
 
     def setup(self, data: ServerData, workdir: Path) -> list[Path]:
         self.input_shape = data.dataset.input_shape

@@ -61,6 +61,7 @@ class Tiled(Method):
     name = "tiled"
     engine = "tiled"
     Config = TiledConfig
+    cfg: TiledConfig
     supports_async = False  # the tiles of one step are one update: nothing lands on its own
 
     def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
@@ -71,7 +72,7 @@ class Tiled(Method):
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         loss_sum = 0.0
-        steps = batches(len(data), cfg.batch_size, cfg.steps_per_round, ctx.generator)  # type: ignore[attr-defined]
+        steps = batches(len(data), cfg.batch_size, cfg.steps_per_round, ctx.generator)
         for idx in steps:
             opt.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(model(data.x[idx]), data.y[idx])

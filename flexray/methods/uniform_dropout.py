@@ -35,9 +35,10 @@ class UniformDropoutConfig(DropoutConfig):
 class UniformDropout(FilterDropout):
     name = "uniform_dropout"
     Config = UniformDropoutConfig
+    cfg: UniformDropoutConfig
 
     def candidates(self, data: ServerData, workdir: Path) -> tuple[list[str], list[list[float]], list[Path]]:
-        cfg: UniformDropoutConfig = self.cfg  # type: ignore[assignment]
+        cfg = self.cfg
         layers = filters.droppable(self.full)
         rates = [cfg.rate] if cfg.rate is not None else cfg.rates
         points = []

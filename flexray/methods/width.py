@@ -99,6 +99,7 @@ class WidthMethod(Method):
 
     Config: ClassVar[type[MethodConfig]] = WidthConfig
     linear = False
+    cfg: WidthConfig
 
     def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module]) -> None:
         super().__init__(cfg, model_fn)
@@ -111,7 +112,7 @@ class WidthMethod(Method):
 
     @property
     def wcfg(self) -> WidthConfig:
-        return self.cfg  # type: ignore[return-value]
+        return self.cfg
 
     # ---- shared pieces
     @property
