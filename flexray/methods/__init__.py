@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
 
 from flexray.errors import FlexrayError
-
-if TYPE_CHECKING:
-    from flexray.methods.base import Method
+from flexray.methods.base import Method
 
 _PATHS: dict[str, str] = {
     "fedavg": "flexray.methods.fedavg:FedAvg",
