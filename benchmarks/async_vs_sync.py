@@ -31,7 +31,7 @@ from typing import Any
 import ray
 from common import job_tree, mean, time_to  # benchmarks/common.py
 
-from flexray.config import parse_config
+from flexray.runtime.assembly import parse_config
 from flexray.runtime.driver import run_job
 
 REPO = Path(__file__).resolve().parents[1]

@@ -39,8 +39,9 @@ import ray
 from common import job_tree, mean, time_to  # benchmarks/common.py
 from mlflow.tracking import MlflowClient
 
-from flexray.config import ModelConfig, parse_config
+from flexray.config import ModelConfig
 from flexray.models import build_model, profile_model
+from flexray.runtime.assembly import parse_config
 from flexray.runtime.driver import run_job
 
 REPO = Path(__file__).resolve().parents[1]

@@ -36,10 +36,11 @@ from pathlib import Path
 import ray
 from common import job_tree, mean, time_to  # benchmarks/common.py
 
-from flexray.config import ModelConfig, parse_config
-from flexray.fleet.energy import predict_times
+from flexray.config import ModelConfig
 from flexray.fleet.profiles import CATALOG
 from flexray.models import build_model, profile_model
+from flexray.protocol import predict_times
+from flexray.runtime.assembly import parse_config
 from flexray.runtime.driver import run_job
 
 REPO = Path(__file__).resolve().parents[1]

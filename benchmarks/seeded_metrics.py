@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from flexray.config import load_config  # noqa: E402
+from flexray.runtime.assembly import load_config  # noqa: E402
 from flexray.runtime.driver import run_job  # noqa: E402
 
 QUIET = ["tracking.progress=false", "tracking.plots=false", "tracking.log_model=false", "tracking.checkpoint_every=0"]

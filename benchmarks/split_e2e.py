@@ -33,7 +33,7 @@ import ray
 from common import job_tree  # benchmarks/common.py
 from mlflow.tracking import MlflowClient
 
-from flexray.config import parse_config
+from flexray.runtime.assembly import parse_config
 from flexray.runtime.driver import run_job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def best_fixed_cut(tree: dict) -> int:
     from flexray.fleet.fleet import build_fleet
     from flexray.fleet.profiles import resolve_profile
     from flexray.methods import method_class
-    from flexray.methods.base import DeviceView
+    from flexray.protocol import DeviceView
     from flexray.models import build_model, profile_model
 
     cfg = parse_config({**tree, "method": {**tree["method"], "scheduler": "fixed", "cut": 1}})

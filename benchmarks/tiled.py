@@ -43,10 +43,11 @@ import torch
 from torch import nn
 
 from flexray.data.datasets import Dataset
-from flexray.fleet.profiles import CATALOG, DeviceProfile
+from flexray.fleet.profiles import CATALOG
 from flexray.models.profile import profile_model
 from flexray.models.zoo import vgg
-from flexray.runtime.tiled import TileActor, TiledStep, TileHost, fused_stack
+from flexray.protocol import DeviceProfile
+from flexray.runtime.tiled import TileActor, TileHost, TiledStep, fused_stack
 from flexray.schedule.tiling import TilingPlan, choose_plan
 
 OPT = {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0}

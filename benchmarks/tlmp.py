@@ -31,9 +31,10 @@ import torch
 
 from flexray.config import ModelConfig
 from flexray.fleet.profiles import CATALOG
+from flexray.fleet.synthetic import random_clients
 from flexray.models import build_model, profile_model
 from flexray.models.split import SplitPoint, split_points
-from flexray.schedule.tlmp import baselines, brute_force, exact_minmax, random_clients, tlmp
+from flexray.schedule.tlmp import baselines, brute_force, exact_minmax, tlmp
 
 SERVER = CATALOG["edge_gpu_server"]
 MODELS = {

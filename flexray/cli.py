@@ -7,10 +7,31 @@ import atexit
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+import torch
+from mlflow.tracking import MlflowClient
+
 from flexray import phases
+from flexray.data.datasets import load_dataset
+from flexray.errors import FlexrayError
+from flexray.fleet.fleet import assign_actors, build_fleet
+from flexray.fleet.latency import predict, round_time
+from flexray.fleet.placement import connected_placement
+from flexray.fleet.probe import default_name, measure, nearest_class, profile_line
+from flexray.fleet.profiles import CATALOG, resolve_profile
+from flexray.methods import method_class
+from flexray.methods.base import ServerData
+from flexray.models import build_model, profile_model
+from flexray.protocol import DeviceView
+from flexray.runtime.assembly import load_config
+from flexray.runtime.driver import run_job, use_ray_auth_mode
+from flexray.runtime.engines import engine_for
+from flexray.schedule.minmax import SubModelScheduler
+from flexray.tracking.mlflow_logger import check_access, resolve_uri
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -21,16 +42,10 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flexray.config import load_config
-
-    cfg = load_config(args.config, args.set)  # validate before importing Ray: bad configs fail fast
+    cfg = load_config(args.config, args.set)  # validate before starting Ray: bad configs fail fast
     phases.mark("config")
-    from flexray.tracking.mlflow_logger import check_access, resolve_uri
-
     check_access(resolve_uri(cfg.tracking.uri), cfg.tracking.experiment)  # bad credentials fail before Ray starts
-    _say_ray_auth_mode(cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
-    from flexray.runtime.driver import run_job
-
+    use_ray_auth_mode(cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
     result = run_job(cfg, resume=args.resume)
     final = result.final
     acc = f"{final['accuracy']:.4f}" if "accuracy" in final else "n/a"
@@ -42,40 +57,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _say_ray_auth_mode(address: str | None) -> None:
-    """Choose Ray's token authentication the way Ray >= 2.52 would, but say so explicitly.
-
-    Left unset, Ray picks the same mode and logs a WARNING about its choice on every run; set
-    before Ray is imported, the choice is silent. A local Ray (no address) always uses a token;
-    a cluster does when this machine holds its token file. An explicit RAY_AUTH_MODE wins.
-    """
-    if "RAY_AUTH_MODE" in os.environ:
-        return
-    if not address or (Path.home() / ".ray" / "auth_token").is_file() or os.environ.get("RAY_AUTH_TOKEN"):
-        os.environ["RAY_AUTH_MODE"] = "token"
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
-    import tempfile
-
-    import numpy as np
-    import torch
-
-    from flexray.config import load_config
-    from flexray.data.datasets import load_dataset
-    from flexray.fleet.fleet import assign_actors, build_fleet
-    from flexray.fleet.profiles import resolve_profile
-    from flexray.methods import method_class
-    from flexray.methods.base import DeviceView, ServerData
-    from flexray.models import build_model, profile_model
-    from flexray.schedule.latency import predict, round_time
-    from flexray.schedule.minmax import SubModelScheduler
-
     cfg = load_config(args.config, args.set)
     ds = load_dataset(cfg.data)
     devices = build_fleet(cfg, ds.y_train)
-    from flexray.runtime.engines import engine_for
-
     engine = engine_for(cfg, devices, ds)
     if hasattr(engine, "describe"):  # an engine with its own planner (e.g. tiled) prints its plan
         print(engine.describe())
@@ -84,8 +69,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     actor_of = {d: s.label for s in specs for d in s.devices}
     node_of: dict[int, str] = {}
     if args.address:
-        from flexray.fleet.placement import connected_placement
-
         placement = connected_placement(args.address, specs)
         node_of = {d: placement.describe(s.index) for s in specs for d in s.devices}
 
@@ -136,14 +119,8 @@ def _knobs(spec: dict) -> str:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from flexray.errors import FlexrayError
-    from flexray.fleet.probe import default_name, measure, nearest_class, profile_line
-    from flexray.fleet.profiles import CATALOG
-
     model, width, data, batch = args.model, args.width, args.data, args.batch_size
     if args.config:
-        from flexray.config import load_config
-
         cfg = load_config(args.config, [])
         model, width, data, batch = cfg.model.name, cfg.model.width, cfg.data.name, cfg.method.batch_size
     if args.like and args.like not in CATALOG:
@@ -161,8 +138,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from flexray.fleet.profiles import CATALOG
-
     rows = [(p.name, p.flops / 1e9, p.memory_bytes / 2**30, p.uplink_bps / 1e6, p.downlink_bps / 1e6,
              p.power_active_w, p.power_idle_w, p.power_radio_w) for p in CATALOG.values()]
     print(_table(["class", "GFLOP/s", "mem_GiB", "up_Mbit/s", "down_Mbit/s", "active_W", "idle_W", "radio_W"], rows))
@@ -170,11 +145,6 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from mlflow.tracking import MlflowClient
-
-    from flexray.errors import FlexrayError
-    from flexray.tracking.mlflow_logger import resolve_uri
-
     uri = resolve_uri(args.uri)
     client = MlflowClient(uri)
     try:
@@ -224,8 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from flexray.errors import FlexrayError
-
     # MLflow announces every new sqlite store at INFO ("Creating initial MLflow database tables");
     # a healthy run shows only the progress bar and the result. Its warnings still print.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)

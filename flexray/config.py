@@ -1,8 +1,9 @@
 """Typed job configuration: YAML in, frozen pydantic models out, errors as one line.
 
 Every section is validated here, at the edge, so a typo fails before Ray starts and before
-any training is done. Method-specific options are validated by the method's own ``Config``
-class (see ``flexray.methods``), still before training.
+any training is done. This module is pure schema and imports nothing of flexray's but its
+errors: method-specific options (the method's own ``Config`` class) and the names of methods
+and device classes are checked by ``flexray.runtime.assembly.load_config``, still before training.
 """
 
 from __future__ import annotations
@@ -273,62 +274,21 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
-def parse_config(tree: dict[str, Any]) -> JobConfig:
-    """Validate a config tree (already overridden) into a JobConfig, or raise FlexrayError."""
+def parse_schema(tree: dict[str, Any]) -> JobConfig:
+    """Validate a config tree (already overridden) against the schema, or raise FlexrayError.
+
+    Schema only: the method's own options and the names of methods and device classes are
+    resolved a layer up (``flexray.runtime.assembly.parse_config``)."""
     if not isinstance(tree, dict):
         raise FlexrayError("config error: the file must hold a YAML mapping (key: value)")
     try:
-        cfg = JobConfig.model_validate(tree)
+        return JobConfig.model_validate(tree)
     except ValidationError as err:
         raise FlexrayError(format_validation_error(err, JobConfig)) from None
-    from flexray.methods import method_class  # lazy: methods import torch
-
-    cls = method_class(cfg.method.name)
-    try:
-        method_cfg = cls.Config.model_validate(cfg.method.model_dump())
-    except ValidationError as err:
-        raise FlexrayError(format_validation_error(err, cls.Config, prefix="method.")) from None
-    if method_cfg.model_extra:  # the method's Config inherits extra="allow": reject typos here
-        bad = next(iter(method_cfg.model_extra))
-        raise FlexrayError(
-            f"config error: method.{bad}: unknown option for method {cfg.method.name!r}; "
-            f"allowed here: {', '.join(cls.Config.model_fields)}"
-        )
-    cfg = cfg.model_copy(update={"method": method_cfg})
-    _check_cross_fields(cfg)
-    return cfg
 
 
-def _check_cross_fields(cfg: JobConfig) -> None:
-    from flexray.fleet.profiles import CATALOG
-    from flexray.methods import method_class
-
-    for i, g in enumerate(cfg.fleet.groups):
-        if g.profile not in CATALOG and g.profile not in cfg.fleet.profiles:
-            raise FlexrayError(
-                f"config error: fleet.groups.{i}.profile: unknown device class {g.profile!r}; "
-                f"use one of {', '.join(CATALOG)} or define it under fleet.profiles"
-            )
-        if g.trace.kind == "replay" and not g.trace.path:
-            raise FlexrayError(f"config error: fleet.groups.{i}.trace.path: required for kind=replay")
-        if g.trace.min_speed > g.trace.max_speed:
-            raise FlexrayError(f"config error: fleet.groups.{i}.trace.min_speed: must be <= max_speed")
-    if cfg.fleet.server_profile not in CATALOG and cfg.fleet.server_profile not in cfg.fleet.profiles:
-        raise FlexrayError(f"config error: fleet.server_profile: unknown device class {cfg.fleet.server_profile!r}")
-    if cfg.data.source == "npz" and not cfg.data.path:
-        raise FlexrayError("config error: data.path: required for source=npz (an .npz with x_train, y_train, x_test, y_test)")
-    if cfg.rounds.mode == "async" and not method_class(cfg.method.name).supports_async:
-        from flexray.methods import METHODS
-
-        able = ", ".join(n for n, m in METHODS.items() if m.supports_async)
-        raise FlexrayError(f"config error: rounds.mode: method {cfg.method.name!r} cannot run async; use one of {able}")
-    if cfg.rounds.mode == "async" and cfg.rounds.overcommit > 1:
-        raise FlexrayError("config error: rounds.overcommit: only for sync rounds (async keeps every device busy)")
-    if cfg.data.name == "digits" and cfg.data.source in ("npz", "torchvision"):
-        raise FlexrayError("config error: data.source: digits comes from scikit-learn; use source=auto or sklearn")
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+def read_tree(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The YAML mapping in ``path`` with ``--set`` overrides applied, or a one-line FlexrayError."""
     p = Path(path)
     if not p.is_file():
         raise FlexrayError(f"config file not found: {p} (give the path to a job YAML, e.g. jobs/quickstart.yaml)")
@@ -343,7 +303,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         raise FlexrayError(f"config error: cannot read {p}: {err.strerror or err}") from None
     if not isinstance(tree, dict):
         raise FlexrayError(f"config error: {p} must hold a YAML mapping (key: value)")
-    return parse_config(apply_overrides(tree, overrides or []))
+    return apply_overrides(tree, overrides or [])
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -199,13 +199,13 @@ def stop_process_group(proc: subprocess.Popen) -> None:
 def host_round(overrides: list[str]) -> tuple:
     """One round of the quickstart's first 4 devices through the actor's own code path
     (``DeviceHost.run_round``) without starting Ray: (method, state, tasks, reports, updates)."""
-    from flexray.config import load_config
+    from flexray.runtime.assembly import load_config
     from flexray.data import load_dataset
-    from flexray.fleet.actor import DeviceHost
     from flexray.fleet.fleet import assign_actors, build_fleet
     from flexray.fleet.report import RoundRequest
     from flexray.methods import method_class
-    from flexray.methods.base import DeviceView
+    from flexray.protocol import DeviceView
+    from flexray.runtime.actor import DeviceHost
 
     cfg = load_config(REPO / "jobs" / "quickstart.yaml", [*overrides, "fleet.actors=1"])
     ds = load_dataset(cfg.data)

@@ -7,14 +7,14 @@ import time
 import pytest
 import torch
 
-from flexray.config import parse_config
 from flexray.data import load_dataset
-from flexray.fleet.actor import DeviceHost
-from flexray.fleet.energy import energy_j
 from flexray.fleet.fleet import ActorSpec, build_fleet
 from flexray.fleet.report import RoundRequest
-from flexray.methods.base import Task, weighted_mean
+from flexray.methods.base import weighted_mean
 from flexray.models import state_bytes
+from flexray.protocol import Task, energy_j
+from flexray.runtime.actor import DeviceHost
+from flexray.runtime.assembly import parse_config
 from tests.conftest import job_tree
 
 SLOW = {"flops": 5.0e6, "memory_bytes": 1e9, "uplink_bps": 1e6, "downlink_bps": 2e6,

@@ -79,7 +79,7 @@ def test_join_device_advertises_resource_and_label(tmp_path):
 
 def test_probe_prints_a_profile_line_that_validates(capsys):
     from flexray.cli import main
-    from flexray.config import parse_config
+    from flexray.runtime.assembly import parse_config
 
     assert main(["probe", "--seconds", "0.3", "--name", "lab_pi", "--data", "digits", "--width", "8", "--like", "rpi4"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
@@ -112,7 +112,7 @@ def test_selector_semantics_match_ray():
 
 
 def test_node_labels_flow_from_config_to_actor_options():
-    from flexray.config import parse_config
+    from flexray.runtime.assembly import parse_config
     from flexray.data.datasets import load_dataset
     from flexray.fleet.fleet import assign_actors, build_fleet
 

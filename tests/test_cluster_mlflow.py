@@ -73,7 +73,7 @@ def _device_actors(dashboard: str) -> int:
 def test_job_logs_to_the_server_with_the_right_credentials(ray_cluster, mlflow_server, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from flexray.config import parse_config
+    from flexray.runtime.assembly import parse_config
     from flexray.runtime.driver import run_job
 
     _login(monkeypatch, mlflow_server.admin, mlflow_server.password)
@@ -120,7 +120,7 @@ def test_tracker_maps_refusals_to_one_line(mlflow_server, monkeypatch):
     from mlflow.server.auth.client import AuthServiceClient
     from mlflow.tracking import MlflowClient
 
-    from flexray.config import parse_config
+    from flexray.runtime.assembly import parse_config
     from flexray.errors import FlexrayError
     from flexray.tracking.mlflow_logger import Tracker
 

@@ -200,7 +200,7 @@ def test_unplaceable_fleets_fail_fast_with_one_line(ray_cluster, node_b, tmp_pat
     reason="driver hook pending: DeviceActor.options(**actor_options(s), ...) in start_actors",
 )
 def test_job_pins_devices_by_node_label(ray_cluster, node_b, head_id, tmp_path):
-    from flexray.config import parse_config
+    from flexray.runtime.assembly import parse_config
     from flexray.runtime.driver import run_job
 
     groups = [{"profile": "rpi3", "count": 1, "node_labels": {"flexray.io/device": "b"}},

@@ -10,17 +10,9 @@ import pydantic
 import pytest
 import yaml
 
-from flexray.config import (
-    DataConfig,
-    DeviceGroup,
-    JobConfig,
-    TraceConfig,
-    apply_overrides,
-    flatten,
-    load_config,
-    parse_config,
-)
+from flexray.config import DataConfig, DeviceGroup, JobConfig, TraceConfig, apply_overrides, flatten
 from flexray.errors import FlexrayError
+from flexray.runtime.assembly import load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "jobs" / "quickstart.yaml"

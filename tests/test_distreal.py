@@ -9,14 +9,15 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from flexray.config import parse_config
 from flexray.data.datasets import to_tensor
 from flexray.fleet.profiles import CATALOG
-from flexray.methods.base import DeviceContext, DeviceView, LocalData, Task, Update
+from flexray.methods.base import DeviceContext
 from flexray.methods.distreal import Distreal, DistrealConfig
 from flexray.models import elastic, filters
 from flexray.models.profile import profile_model, state_bytes
 from flexray.models.zoo import cnn, lenet
+from flexray.protocol import DeviceView, LocalData, Task, Update
+from flexray.runtime.assembly import parse_config
 from flexray.runtime.driver import run_job
 from flexray.schedule import dse
 from tests.conftest import job_tree

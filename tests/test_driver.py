@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from flexray.config import parse_config
+from flexray.runtime.assembly import parse_config
 from flexray.runtime.driver import run_job
 from tests.conftest import job_tree
 

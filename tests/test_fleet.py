@@ -12,9 +12,9 @@ import pytest
 
 from flexray.config import ProfileConfig, TraceConfig
 from flexray.errors import FlexrayError
-from flexray.fleet.energy import energy_j, predict_times
-from flexray.fleet.profiles import CATALOG, DeviceProfile, resolve_profile
+from flexray.fleet.profiles import CATALOG, resolve_profile
 from flexray.fleet.traces import RandomWalkTrace, ReplayTrace, build_trace
+from flexray.protocol import DeviceProfile, energy_j, predict_times
 
 REQUIRED = (
     "rpi3", "rpi4", "jetson_nano", "jetson_orin_nano", "phone_mid", "phone_high", "laptop_cpu", "edge_gpu_server"

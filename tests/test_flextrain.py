@@ -10,14 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from flexray.config import DataConfig, ModelConfig, parse_config
+from flexray.config import DataConfig, ModelConfig
 from flexray.data.datasets import load_dataset, to_tensor
 from flexray.errors import FlexrayError
 from flexray.fleet.profiles import CATALOG
 from flexray.methods import METHODS, flextrain
-from flexray.methods.base import DeviceContext, DeviceView, LocalData, Task, Update
+from flexray.methods.base import DeviceContext
 from flexray.methods.flextrain import FlexTrain
 from flexray.models import build_model, depth, profile_model, state_bytes
+from flexray.protocol import DeviceView, LocalData, Task, Update
+from flexray.runtime.assembly import parse_config
 from tests.conftest import host_round
 
 REPO = Path(__file__).resolve().parents[1]

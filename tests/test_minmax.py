@@ -12,10 +12,10 @@ from torch import nn
 
 from flexray.config import ModelConfig, ScheduleConfig
 from flexray.fleet.profiles import CATALOG
-from flexray.methods.base import DeviceView
 from flexray.methods.flextrain import FlexTrain
 from flexray.methods.heterofl import HeteroFL
 from flexray.models import build_model, profile_model
+from flexray.protocol import DeviceView
 from flexray.schedule.minmax import SubModelScheduler, minmax_choice, static_choice
 
 SHAPE = (3, 32, 32)

@@ -9,18 +9,19 @@ import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
-from flexray.config import DataConfig, parse_config
+from flexray.config import DataConfig
 from flexray.data import load_dataset
 from flexray.data.datasets import to_tensor
 from flexray.errors import FlexrayError
-from flexray.fleet.energy import predict_times
 from flexray.fleet.profiles import CATALOG
-from flexray.methods.base import DeviceContext, DeviceView, LocalData, ServerData, Task
+from flexray.methods.base import DeviceContext, ServerData
 from flexray.methods.reft import Reft, ReftConfig
 from flexray.methods.uniform_dropout import UniformDropout, UniformDropoutConfig
 from flexray.models import elastic, filters
 from flexray.models.profile import state_bytes
 from flexray.models.zoo import cnn
+from flexray.protocol import DeviceView, LocalData, Task, predict_times
+from flexray.runtime.assembly import parse_config
 from flexray.runtime.driver import run_job
 from tests.conftest import job_tree
 

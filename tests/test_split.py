@@ -9,11 +9,12 @@ from torch import nn
 
 from flexray.config import JobConfig, ModelConfig
 from flexray.fleet.profiles import CATALOG
-from flexray.methods.base import ServerSpec, Task
+from flexray.fleet.synthetic import random_clients
 from flexray.models import build_model, profile_model
 from flexray.models.split import split_model, split_points
+from flexray.protocol import ServerSpec, Task
 from flexray.runtime.split_server import LocalPort, SplitServerHost
-from flexray.schedule.tlmp import Clients, baselines, brute_force, fit_cuts, random_clients, terms, tlmp
+from flexray.schedule.tlmp import Clients, baselines, brute_force, fit_cuts, terms, tlmp
 
 SERVER = CATALOG["edge_gpu_server"]
 MODELS = [("cnn", (1, 8, 8)), ("resnet8", (3, 16, 16)), ("torchvision:mobilenet_v2", (3, 32, 32))]

@@ -9,9 +9,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from flexray.config import load_config, parse_config
 from flexray.errors import FlexrayError
 from flexray.fleet.report import RoundRequest
+from flexray.runtime.assembly import load_config, parse_config
 from tests.conftest import REPO, job_tree
 
 # Two devices so slow that splitting pays (2 MFLOP/s), beside ordinary ones that train whole.
@@ -23,11 +23,11 @@ def _split_round(overrides: list[str], rnd: int = 0):
     """One round of the quickstart's 8 devices through ``DeviceHost.run_round`` with an in-process
     split server: (method, state, tasks, reports, device updates, server updates)."""
     from flexray.data import load_dataset
-    from flexray.fleet.actor import DeviceHost
     from flexray.fleet.fleet import assign_actors, build_fleet
     from flexray.fleet.profiles import resolve_profile
     from flexray.methods import method_class
-    from flexray.methods.base import DeviceView
+    from flexray.protocol import DeviceView
+    from flexray.runtime.actor import DeviceHost
     from flexray.runtime.split_server import SplitServerHost
 
     cfg = load_config(REPO / "jobs" / "quickstart.yaml", ["method.name=splitfed", "fleet.actors=1", *overrides])

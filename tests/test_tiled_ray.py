@@ -7,15 +7,16 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from flexray.config import parse_config
 from flexray.data import load_dataset
 from flexray.data.datasets import to_tensor
 from flexray.errors import FlexrayError
 from flexray.fleet.fleet import build_fleet, derive_seed
 from flexray.fleet.profiles import CATALOG
 from flexray.methods import method_class
-from flexray.methods.base import DeviceContext, LocalData, Task
+from flexray.methods.base import DeviceContext
 from flexray.models import build_model, profile_model
+from flexray.protocol import LocalData, Task
+from flexray.runtime.assembly import parse_config
 from flexray.runtime.driver import run_job
 from flexray.runtime.tiled_rounds import TiledEngine
 from tests.conftest import job_tree

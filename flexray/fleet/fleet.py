@@ -8,9 +8,12 @@ import numpy as np
 
 from flexray.config import JobConfig
 from flexray.data.partition import partition
-from flexray.fleet.placement import check_selector
-from flexray.fleet.profiles import DeviceProfile, resolve_profile
+from flexray.fleet.placement import ActorSpec, check_selector
+from flexray.fleet.profiles import resolve_profile
 from flexray.fleet.traces import Trace, build_trace
+from flexray.protocol import DeviceProfile
+
+__all__ = ["ActorSpec", "Device", "assign_actors", "build_fleet", "derive_seed"]
 
 
 def derive_seed(*parts: int) -> int:
@@ -27,26 +30,6 @@ class Device:
     indices: np.ndarray  # rows of the training set this device holds
     resources: dict[str, float] = field(default_factory=dict)
     node_labels: dict[str, str] = field(default_factory=dict)  # Ray label selector, e.g. {"flexray.io/device": "rpi4"}
-
-
-@dataclass(frozen=True)
-class ActorSpec:
-    """One Ray actor: which devices it hosts and what it asks the scheduler for."""
-
-    index: int
-    devices: tuple[int, ...]
-    num_cpus: float
-    resources: dict[str, float]
-    labels: dict[str, str] = field(default_factory=dict)  # node label selector (see fleet/placement.py)
-
-    @property
-    def label(self) -> str:
-        pinned = ",".join([*self.resources, *(f"{k}={v}" for k, v in self.labels.items())]) or "sim"
-        return f"actor{self.index}[{pinned}]"
-
-    @property
-    def pinned(self) -> bool:
-        return bool(self.resources or self.labels)
 
 
 def build_fleet(cfg: JobConfig, labels: np.ndarray) -> list[Device]:

@@ -11,12 +11,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flexray.errors import FlexrayError
-
-if TYPE_CHECKING:
-    from flexray.fleet.fleet import ActorSpec
 
 # Ray's label syntax (Kubernetes style): a value, "!value", "in(a,b)" or "!in(a,b)".
 _NAME = r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?"
@@ -24,6 +21,26 @@ _KEY = re.compile(rf"^({_NAME}(\.{_NAME})*/)?{_NAME}$")
 _SELECTOR = re.compile(rf"^!?(in\(\s*{_NAME}(\s*,\s*{_NAME})*\s*\)|{_NAME})$")
 _EPS = 1e-9
 LABEL_RESOURCE_AMOUNT = 0.001  # old-Ray fallback: a node advertising 1 hosts up to 1000 actors
+
+
+@dataclass(frozen=True)
+class ActorSpec:
+    """One Ray actor: which devices it hosts and what it asks the scheduler for."""
+
+    index: int
+    devices: tuple[int, ...]
+    num_cpus: float
+    resources: dict[str, float]
+    labels: dict[str, str] = field(default_factory=dict)  # node label selector (see check_selector)
+
+    @property
+    def label(self) -> str:
+        pinned = ",".join([*self.resources, *(f"{k}={v}" for k, v in self.labels.items())]) or "sim"
+        return f"actor{self.index}[{pinned}]"
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self.resources or self.labels)
 
 
 def check_selector(labels: Mapping[str, str], where: str) -> None:

@@ -15,7 +15,13 @@ import socket
 import time
 from dataclasses import dataclass
 
-from flexray.fleet.profiles import CATALOG, DeviceProfile
+import torch
+import torch.nn.functional as F
+
+from flexray.config import ModelConfig
+from flexray.fleet.profiles import CATALOG
+from flexray.models import build_model, train_flops_per_sample
+from flexray.protocol import DeviceProfile
 
 # (C, H, W) of each dataset the zoo trains on; probing needs the shape, not the data.
 INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
@@ -52,12 +58,6 @@ def measure(
     seconds: float = 10.0, min_steps: int = 3, warmup: int = 2, threads: int | None = None,
 ) -> ProbeResult:
     """Train on random batches of the dataset's shape for ``seconds`` and count the FLOPs."""
-    import torch
-    import torch.nn.functional as F
-
-    from flexray.config import ModelConfig
-    from flexray.models import build_model, train_flops_per_sample
-
     if threads:
         torch.set_num_threads(threads)
     shape, classes = INPUT_SHAPES[data], NUM_CLASSES[data]

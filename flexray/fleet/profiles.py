@@ -10,29 +10,16 @@ Users who have measured their own hardware should override them under ``fleet.pr
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from flexray.config import ProfileConfig
 from flexray.errors import FlexrayError
+from flexray.protocol import DeviceProfile
 
-if TYPE_CHECKING:
-    from flexray.config import ProfileConfig
+__all__ = ["CATALOG", "DeviceProfile", "GFLOP", "GiB", "MBIT", "resolve_profile"]
 
 GiB = 1024**3
 MBIT = 1e6
 GFLOP = 1e9
-
-
-@dataclass(frozen=True)
-class DeviceProfile:
-    name: str
-    flops: float  # sustained TRAINING FLOP/s (not peak) on this device with PyTorch
-    memory_bytes: int  # memory usable for training
-    uplink_bps: float  # bits per second
-    downlink_bps: float
-    power_active_w: float  # while computing
-    power_idle_w: float
-    power_radio_w: float  # extra power while transmitting/receiving
 
 
 CATALOG: dict[str, DeviceProfile] = {

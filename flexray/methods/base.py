@@ -3,13 +3,16 @@
 A method decides *what* each device does (``plan``), *how* a device trains (``local_update``)
 and *how* updates are merged (``aggregate``). It never touches Ray, MLflow or the clock, so the
 same method runs in sync, async, simulated or real mode. Shaped after Flower's ``Strategy``.
+
+The records a method exchanges with the runtime (``Task``, ``Update``, ``DeviceView``, ...) live
+in ``flexray.protocol``; they are re-exported here for the methods' convenience.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -17,78 +20,11 @@ import torch
 from torch import nn
 
 from flexray.config import MethodConfig
-from flexray.fleet.profiles import DeviceProfile
+from flexray.data.datasets import to_tensor
+from flexray.errors import FlexrayError
+from flexray.models.evaluate import evaluate_model
 from flexray.models.profile import ModelProfile, profile_model, state_bytes, training_memory_bytes
-
-State = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class DeviceView:
-    """What the server knows about a device when planning a round."""
-
-    id: int
-    profile: DeviceProfile
-    speed: float
-    num_samples: int
-    deadline_s: float | None = None  # the round's deadline, so a device can size its own work
-    choice: Mapping[str, Any] | None = None
-    """The sub-model the scheduler picked (e.g. ``{"k": 3}``); None: the method's own rule."""
-
-
-@dataclass(frozen=True)
-class Task:
-    """One device's work for one round; ``spec`` holds the method's knobs (logged as JSON)."""
-
-    device: int
-    round: int
-    spec: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Cost:
-    """Predicted work of a task, the input of the latency/energy model."""
-
-    flops: float
-    bytes_down: int
-    bytes_up: int
-    server_s: float = 0.0  # simulated time the device waits on a split server
-
-
-@dataclass(frozen=True)
-class ServerSpec:
-    """A split-learning server a method needs the runtime to host (``flexray/runtime/split_server.py``)."""
-
-    shared: bool  # one server model for all clients (SplitFed-V2) or a copy per client (V1)
-    server_flops: tuple[float, ...]  # server training FLOPs per sample, indexed by cut - 1
-    lr: float
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    num_cpus: float = 1.0
-    max_clients: int = 64  # clients served concurrently
-
-
-@dataclass
-class Update:
-    """What a device sends back. ``weight`` is its aggregation weight (usually samples)."""
-
-    tensors: dict[str, torch.Tensor]
-    weight: float
-    samples: int
-    flops: float | None = None  # None: the actor counts samples x counted per-sample FLOPs
-    bytes_down: int | None = None  # None: bytes of the global state that was shipped
-    metrics: dict[str, float] = field(default_factory=dict)
-    device: int = -1  # set by the actor; -1 for an actor's pre-summed update
-    staleness: int = 0  # set by the async driver: server versions since the device's copy
-
-
-@dataclass
-class LocalData:
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.y)
+from flexray.protocol import Cost, DeviceProfile, DeviceView, LocalData, ServerSpec, State, Task, Update
 
 
 @dataclass(frozen=True)
@@ -101,9 +37,6 @@ class ServerData:
 
     def take(self, count: int, field: str) -> LocalData:
         """The first ``count`` held-out samples as tensors, or a FlexrayError naming ``field``."""
-        from flexray.data.datasets import to_tensor
-        from flexray.errors import FlexrayError
-
         if len(self.held_out) < count:
             raise FlexrayError(
                 f"config error: {field}: needs {count} held-out training samples but devices leave "
@@ -340,25 +273,11 @@ def sgd_train(
     return seen, loss_sum / max(seen, 1)
 
 
-@torch.no_grad()
-def evaluate_model(model: nn.Module, data: LocalData, batch_size: int = 512) -> dict[str, float]:
-    model.eval()
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    correct, loss = 0, 0.0
-    for start in range(0, len(data), batch_size):
-        xb, yb = data.x[start : start + batch_size], data.y[start : start + batch_size]
-        out = model(xb)
-        loss += float(loss_fn(out, yb))
-        correct += int((out.argmax(1) == yb).sum())
-    n = max(len(data), 1)
-    return {"accuracy": correct / n, "loss": loss / n}
-
-
 def copy_state(model: nn.Module) -> State:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 __all__ = [
-    "Cost", "DeviceContext", "DeviceView", "LocalData", "Method", "ServerData", "ServerSpec", "State", "Task", "Update",
+    "Cost", "DeviceContext", "DeviceProfile", "DeviceView", "LocalData", "Method", "ServerData", "ServerSpec", "State", "Task", "Update",
     "cast_like", "check_tensors", "copy_state", "evaluate_model", "sgd_train", "state_bytes", "weighted_mean",
 ]

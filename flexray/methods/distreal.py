@@ -38,23 +38,10 @@ from torch import nn
 
 from flexray.config import MethodConfig
 from flexray.errors import FlexrayError
-from flexray.fleet.energy import predict_times
-from flexray.methods.base import (
-    Cost,
-    DeviceContext,
-    DeviceView,
-    LocalData,
-    Method,
-    ServerData,
-    State,
-    Task,
-    Update,
-    cast_like,
-    copy_state,
-    local_batches,
-)
+from flexray.methods.base import DeviceContext, Method, ServerData, cast_like, copy_state, local_batches
 from flexray.models import filters
 from flexray.models.profile import ModelProfile, state_bytes
+from flexray.protocol import Cost, DeviceView, LocalData, State, Task, Update, predict_times
 from flexray.schedule import dse
 from flexray.schedule.dse import DSEConfig
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flexray.methods.base import (
-    DeviceContext, LocalData, Method, State, Task, Update, cast_like, copy_state, sgd_train, weighted_mean,
-)
+from flexray.methods.base import DeviceContext, Method, cast_like, copy_state, sgd_train, weighted_mean
+from flexray.protocol import LocalData, State, Task, Update
 
 
 class FedAvg(Method):

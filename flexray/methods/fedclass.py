@@ -17,9 +17,10 @@ from typing import Any, Literal
 from pydantic import Field
 from torch import nn
 
-from flexray.methods.base import DeviceContext, LocalData, State, Task, Update, cast_like, evaluate_model, weighted_mean
+from flexray.methods.base import DeviceContext, cast_like, evaluate_model, weighted_mean
 from flexray.methods.flextrain import FlexTrain, FlexTrainConfig
 from flexray.models import depth
+from flexray.protocol import LocalData, State, Task, Update
 
 
 class FedClassConfig(FlexTrainConfig):

@@ -10,8 +10,8 @@ from pydantic import Field
 from torch import nn
 
 from flexray.config import MethodConfig
-from flexray.methods.base import State
 from flexray.methods.fedavg import FedAvg
+from flexray.protocol import State
 
 
 class FedProxConfig(MethodConfig):

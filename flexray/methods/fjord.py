@@ -21,10 +21,11 @@ from pydantic import Field
 from torch import nn
 from torch.func import functional_call
 
-from flexray.methods.base import DeviceContext, LocalData, State, Task, Update, sgd_train
+from flexray.methods.base import DeviceContext, sgd_train
 from flexray.methods.width import WidthConfig, WidthMethod
 from flexray.models import elastic
 from flexray.models.profile import state_bytes
+from flexray.protocol import LocalData, State, Task, Update
 
 
 class FjORDConfig(WidthConfig):

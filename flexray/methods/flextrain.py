@@ -57,16 +57,9 @@ from torch import nn
 
 from flexray.config import MethodConfig
 from flexray.errors import FlexrayError
-from flexray.fleet.profiles import DeviceProfile
 from flexray.methods.base import (
-    Cost,
     DeviceContext,
-    DeviceView,
-    LocalData,
     Method,
-    State,
-    Task,
-    Update,
     cast_like,
     check_tensors,
     evaluate_model,
@@ -76,6 +69,7 @@ from flexray.methods.base import (
 )
 from flexray.models import depth, elastic
 from flexray.models.profile import ModelProfile, profile_model, training_memory_bytes
+from flexray.protocol import Cost, DeviceProfile, DeviceView, LocalData, State, Task, Update
 
 PROBE_HW = (32, 32)
 """Spatial size the planning FLOPs are profiled at (see module doc)."""

@@ -31,24 +31,10 @@ from torch import nn
 
 from flexray.config import MethodConfig, fractions
 from flexray.errors import FlexrayError
-from flexray.fleet.energy import predict_times
-from flexray.methods.base import (
-    Cost,
-    DeviceContext,
-    DeviceView,
-    LocalData,
-    Method,
-    ServerData,
-    State,
-    Task,
-    Update,
-    cast_like,
-    check_tensors,
-    copy_state,
-    sgd_train,
-)
+from flexray.methods.base import DeviceContext, Method, ServerData, cast_like, check_tensors, copy_state, sgd_train
 from flexray.models import elastic, filters
 from flexray.models.profile import ModelProfile, profile_model, state_bytes
+from flexray.protocol import Cost, DeviceView, LocalData, State, Task, Update, predict_times
 
 
 class ReftConfig(MethodConfig):

@@ -22,24 +22,10 @@ from torch import nn
 
 from flexray.config import MethodConfig
 from flexray.errors import FlexrayError
-from flexray.fleet.profiles import DeviceProfile
-from flexray.methods.base import (
-    Cost,
-    DeviceContext,
-    DeviceView,
-    LocalData,
-    Method,
-    ServerSpec,
-    State,
-    Task,
-    Update,
-    cast_like,
-    copy_state,
-    local_batches,
-    sgd_train,
-)
+from flexray.methods.base import DeviceContext, Method, cast_like, copy_state, local_batches, sgd_train
 from flexray.models.profile import ModelProfile
 from flexray.models.split import SplitPoint, keys_of_stages, split_model, split_points, stage_names
+from flexray.protocol import Cost, DeviceProfile, DeviceView, LocalData, ServerSpec, State, Task, Update
 from flexray.schedule.tlmp import Clients, exact_minmax, fit_cuts, solve_shares, terms, tlmp
 
 log = logging.getLogger("flexray")

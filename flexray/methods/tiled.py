@@ -17,7 +17,8 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from flexray.config import MethodConfig
-from flexray.methods.base import DeviceContext, LocalData, Method, State, Task, Update, cast_like, copy_state
+from flexray.methods.base import DeviceContext, Method, cast_like, copy_state
+from flexray.protocol import LocalData, State, Task, Update
 from flexray.schedule.tiling import MESSAGE_S
 
 

@@ -21,24 +21,10 @@ from torch import nn
 
 from flexray.config import MethodConfig
 from flexray.errors import FlexrayError
-from flexray.fleet.profiles import DeviceProfile
-from flexray.methods.base import (
-    Cost,
-    DeviceContext,
-    DeviceView,
-    LocalData,
-    Method,
-    State,
-    Task,
-    Update,
-    cast_like,
-    check_tensors,
-    copy_state,
-    evaluate_model,
-    sgd_train,
-)
+from flexray.methods.base import DeviceContext, Method, cast_like, check_tensors, copy_state, evaluate_model, sgd_train
 from flexray.models import elastic
 from flexray.models.profile import ModelProfile, profile_model, state_bytes, training_memory_bytes
+from flexray.protocol import Cost, DeviceProfile, DeviceView, LocalData, State, Task, Update
 
 RATES = (1.0, 0.5, 0.25, 0.125, 0.0625)
 LABELS = "_labels"

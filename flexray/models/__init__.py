@@ -4,8 +4,9 @@ Stages are what split learning cuts between and what the scheduler costs, so eve
 zoo builds is a flat sequence of them ending in the classifier.
 """
 
+from flexray.models.blocks import run_stages, stages
 from flexray.models.profile import LayerProfile, ModelProfile, profile_model, state_bytes, train_flops_per_sample
-from flexray.models.zoo import build_model, run_stages, stages
+from flexray.models.zoo import build_model
 
 __all__ = [
     "LayerProfile",

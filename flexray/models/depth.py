@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from flexray.errors import FlexrayError
+from flexray.models.blocks import Head, stages
 from flexray.models.resnet_cifar import BasicBlock, PreActBlock, ShortcutA
-from flexray.models.zoo import Head, stages
 
 HEAD_RULE = "zero_pad"
 """The default way a shallow prefix meets the classifier: skipped blocks' shortcuts zero-pad channels."""

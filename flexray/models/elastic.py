@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from flexray.errors import FlexrayError
+from flexray.models.resnet_cifar import BasicBlock, ShortcutA
 
 State = dict[str, torch.Tensor]
 Index = dict[str, tuple[torch.Tensor | None, ...]]
@@ -148,8 +149,6 @@ def narrow(model: nn.Module, rate: float) -> nn.Module:
     for name, m, first, classifier, prev in list(_walk(out)):
         parent_name, _, attr = name.rpartition(".")
         setattr(out.get_submodule(parent_name), attr, _narrow_module(m, first, classifier, prev, rate))
-    from flexray.models.resnet_cifar import BasicBlock, ShortcutA
-
     for block in out.modules():  # parameter-free shortcuts pad to the narrowed widths
         if isinstance(block, BasicBlock) and isinstance(block.shortcut, ShortcutA):
             block.shortcut.extra = block.conv1.out_channels - block.conv1.in_channels

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
-from flexray.models.zoo import stages
+from flexray.models.blocks import stages
 
 _BATCH = 2  # > 1 so BatchNorm in train mode works; results are divided back to per sample
 _FLOAT32_BYTES = 4

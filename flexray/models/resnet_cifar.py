@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flexray.models.zoo import Head, Shape
+from flexray.models.blocks import Head, Shape
 
 
 class Stem(nn.Sequential):

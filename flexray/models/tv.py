@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from flexray.errors import FlexrayError
-from flexray.models.zoo import Head, Shape
+from flexray.models.blocks import Head, Shape
 
 LIST_HINT = "python -c 'import torchvision; print(torchvision.models.list_models(module=torchvision.models))'"
 

@@ -10,26 +10,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import torch
 from torch import nn
 
 from flexray.config import ModelConfig
 from flexray.errors import FlexrayError
+from flexray.models import resnet_cifar
+from flexray.models.blocks import ConvBlock, FCBlock, Head, Shape, run_stages, stages
+from flexray.models.depth import with_stage_heads
+from flexray.models.tv import torchvision_model
 
-Shape = tuple[int, int, int]
-
-
-class ConvBlock(nn.Sequential):
-    """conv - relu - (max)pool: one cut point per resolution."""
-
-
-class FCBlock(nn.Sequential):
-    """(flatten -) linear - relu: a fully-connected stage in front of the classifier."""
-
-
-class Head(nn.Sequential):
-    """Pooling / flatten / final linear: the classifier stage, always last."""
-
+__all__ = ["ConvBlock", "FCBlock", "Head", "Shape", "build_model", "cnn", "he_init", "lenet", "run_stages", "stages", "vgg"]
 
 def _pool(size: tuple[int, int]) -> tuple[nn.Module, tuple[int, int]]:
     """2x2 max-pool along each dim that still has >= 2 pixels, so tiny inputs never hit 0."""
@@ -128,8 +118,6 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes
     _check_shape(input_shape, num_classes)
     model = _build(cfg, input_shape, num_classes)
     if cfg.stage_heads:
-        from flexray.models.depth import with_stage_heads
-
         model = with_stage_heads(model)
     return model
 
@@ -143,27 +131,7 @@ def _build(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int
     if name == "vgg":
         return vgg(input_shape, num_classes, width=cfg.width)
     if name in ("resnet8", "resnet20", "resnet56", "preresnet18"):
-        from flexray.models import resnet_cifar
-
         return getattr(resnet_cifar, name)(input_shape, num_classes)
     if name.startswith("torchvision:"):
-        from flexray.models.tv import torchvision_model
-
         return torchvision_model(name.removeprefix("torchvision:"), input_shape, num_classes)
     raise FlexrayError(f"model.name: unknown model {name!r}")
-
-
-def stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The (name, module) stages of a model; a non-Sequential model is a single stage."""
-    if isinstance(model, nn.Sequential):
-        return list(model.named_children())
-    return [(type(model).__name__.lower(), model)]
-
-
-def run_stages(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """Each stage's output in order, for checking cuts and measuring activations."""
-    outs = []
-    for _, stage in stages(model):
-        x = stage(x)
-        outs.append(x)
-    return outs

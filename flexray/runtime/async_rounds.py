@@ -24,12 +24,12 @@ import ray
 
 from flexray.config import JobConfig, RoundsConfig
 from flexray.errors import FlexrayError
-from flexray.fleet.energy import predict_times
 from flexray.fleet.fleet import ActorSpec, Device, derive_seed
 from flexray.fleet.report import DeviceReport, RoundRequest
-from flexray.methods.base import DeviceView, Method, State, Task, Update
+from flexray.methods.base import Method
 from flexray.methods.policy import Arrivals, AsyncPolicy, HasPolicy
 from flexray.models.profile import ModelProfile
+from flexray.protocol import DeviceView, State, Task, Update, predict_times
 from flexray.runtime.rounds import RoundOutcome, SyncRounds
 
 _GIVE_UP_S = 365 * 86400.0  # a simulated year with no device online is a config problem

@@ -9,10 +9,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
+import ray._raylet
 import torch
 from tqdm import tqdm
 
@@ -20,15 +22,16 @@ from flexray import phases
 from flexray.config import JobConfig, flatten
 from flexray.data.datasets import Dataset, load_dataset, to_tensor
 from flexray.errors import FlexrayError
-from flexray.fleet import placement
-from flexray.fleet.actor import ActorInputs, DeviceActor, DeviceActorHandle
-from flexray.fleet.fleet import ActorSpec, Device, build_fleet
+from flexray.fleet.fleet import ActorSpec, build_fleet
 from flexray.fleet.profiles import resolve_profile
 from flexray.methods import method_class
-from flexray.methods.base import LocalData, Method, ServerData
+from flexray.methods.base import Method, ServerData
 from flexray.models import build_model, profile_model
+from flexray.protocol import LocalData
+from flexray.runtime.actor import DeviceActorHandle, wait_ready
 from flexray.runtime.engines import Engine, engine_for
 from flexray.runtime.rounds import RoundOutcome
+from flexray.runtime.split_server import start_split_server
 from flexray.tracking import plots
 from flexray.tracking.events import write_events
 from flexray.tracking.mlflow_logger import Tracker
@@ -51,6 +54,24 @@ class JobResult:
         return self.history[-1] if self.history else {}
 
 
+def use_ray_auth_mode(address: str | None) -> None:
+    """Choose Ray's token authentication the way Ray >= 2.52 would, but say so explicitly.
+
+    Left unset, Ray picks the same mode and logs a WARNING about its choice on every run; set
+    explicitly, the choice is silent. A local Ray (no address) always uses a token; a cluster
+    does when this machine holds its token file. An explicit RAY_AUTH_MODE wins. Ray's core
+    caches its config when ``ray`` is imported, so it is re-read after the variable is set (the
+    call Ray makes itself when it turns token mode on).
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    if not address or (Path.home() / ".ray" / "auth_token").is_file() or os.environ.get("RAY_AUTH_TOKEN"):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        refresh = getattr(getattr(ray._raylet, "Config", None), "initialize", None)
+        if refresh is not None:
+            refresh("")
+
+
 @contextmanager
 def ray_session(cfg: JobConfig) -> Iterator[None]:
     """Join the configured cluster ($RAY_ADDRESS under ``ray job submit``) or start a local one."""
@@ -66,29 +87,6 @@ def ray_session(cfg: JobConfig) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
-
-
-def start_actors(
-    cfg: JobConfig, specs: list[ActorSpec], devices: list[Device], dataset: Dataset
-) -> tuple[list[tuple[ActorSpec, Any]], Any]:
-    """Create the actors without waiting: they import torch and load data while the driver
-    sets up MLflow. ``wait_ready`` surfaces their start-up errors before the first round."""
-    placement.check_placement(specs)  # fail fast, naming the fix, instead of waiting forever
-    data_ref = ray.put(dataset)  # once; actors on this node read it zero-copy
-    actors = []
-    for s in specs:
-        hosted = [devices[i] for i in s.devices]
-        inputs = ActorInputs(ray.put(hosted), data_ref)
-        handle = DeviceActor.options(**placement.actor_options(s), max_restarts=3).remote(
-            cfg, s, tuple(d.name for d in hosted))
-        actors.append((s, DeviceActorHandle(handle, inputs)))
-        actors[-1][1].info()  # start loading now; wait_ready's call queues behind it
-    return actors, data_ref  # the handles hold their refs for the job: a restarted actor reloads from them
-
-
-def wait_ready(actors: list[tuple[ActorSpec, Any]]) -> list[dict[str, Any]]:
-    """Every actor's ``info`` (device actors load their inputs first; tile actors have none)."""
-    return ray.get([h.info() if isinstance(h, DeviceActorHandle) else h.info.remote() for _, h in actors])
 
 
 def _ray_actor(handle: Any) -> Any:
@@ -229,8 +227,6 @@ def _start_split_server(cfg: JobConfig, method: Method, dataset: Dataset, server
     spec = method.server_spec()
     if spec is None:
         return None
-    from flexray.runtime.split_server import start_split_server
-
     handle = start_split_server(cfg, spec, dataset.input_shape, dataset.num_classes, server)
     try:
         ray.get(handle.info.remote(), timeout=120)

@@ -13,10 +13,14 @@ from typing import Any, Protocol
 from flexray.config import JobConfig
 from flexray.data.datasets import Dataset
 from flexray.fleet.fleet import ActorSpec, Device, assign_actors
-from flexray.fleet.profiles import DeviceProfile
 from flexray.methods import method_class
 from flexray.methods.base import Method
 from flexray.models.profile import ModelProfile
+from flexray.protocol import DeviceProfile
+from flexray.runtime.actor import start_actors
+from flexray.runtime.async_rounds import AsyncRounds
+from flexray.runtime.rounds import SyncRounds
+from flexray.runtime.tiled_rounds import TiledEngine
 
 
 class Engine(Protocol):
@@ -39,24 +43,17 @@ class RoundsEngine:
         self.cfg, self.devices, self.dataset = cfg, devices, dataset
 
     def start(self) -> tuple[list[tuple[ActorSpec, Any]], Any]:
-        from flexray.runtime.driver import start_actors
-
         return start_actors(self.cfg, assign_actors(self.cfg, self.devices), self.devices, self.dataset)
 
     def rounds(
         self, method: Method, actors: list[tuple[ActorSpec, Any]], server: DeviceProfile, profile: ModelProfile,
         split_server: Any = None,
     ) -> Any:
-        from flexray.runtime.async_rounds import AsyncRounds
-        from flexray.runtime.rounds import SyncRounds
-
         if self.cfg.rounds.mode == "async":
             return AsyncRounds(self.cfg, self.devices, actors, method, server, profile, split_server)
         return SyncRounds(self.cfg, self.devices, actors, method, server, profile, split_server)
 
 
 def engine_for(cfg: JobConfig, devices: list[Device], dataset: Dataset) -> Engine:
-    from flexray.runtime.tiled_rounds import TiledEngine
-
     engines: dict[str, type] = {"rounds": RoundsEngine, "tiled": TiledEngine}
     return engines[method_class(cfg.method.name).engine](cfg, devices, dataset)

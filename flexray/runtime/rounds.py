@@ -14,11 +14,11 @@ import ray
 
 from flexray.config import JobConfig
 from flexray.fleet.fleet import ActorSpec, Device, derive_seed
-from flexray.fleet.profiles import DeviceProfile
 from flexray.fleet.report import DeviceReport, RoundRequest
-from flexray.methods.base import DeviceView, Method, State, Update
+from flexray.methods.base import Method
 from flexray.methods.policy import Arrivals, HasPolicy
 from flexray.models.profile import ModelProfile
+from flexray.protocol import DeviceProfile, DeviceView, State, Update
 from flexray.schedule.minmax import SubModelScheduler
 
 

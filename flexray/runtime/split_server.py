@@ -19,14 +19,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import ray
 import torch
 from torch import nn
 
 from flexray.config import JobConfig
-from flexray.fleet.profiles import DeviceProfile
-from flexray.methods.base import ServerSpec, State, Task, Update
 from flexray.models import build_model
 from flexray.models.split import keys_of_stages, split_model, stage_names
+from flexray.protocol import DeviceProfile, ServerSpec, State, Task, Update
 
 
 class SplitServerHost:
@@ -205,8 +205,6 @@ class RayPort(ServerPort):
         self.handle = handle
 
     def _step(self, smashed: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-        import ray
-
         return ray.get(self.handle.step.remote(self.device, smashed, labels))
 
 
@@ -217,8 +215,6 @@ def make_port(server: Any, device: int) -> ServerPort:
 def start_split_server(cfg: JobConfig, spec: ServerSpec, input_shape: tuple[int, int, int], num_classes: int,
                        server: DeviceProfile) -> Any:
     """The server actor with its own resources: a GPU when the cluster has one."""
-    import ray
-
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     actor = ray.remote(SplitServerHost).options(
         num_cpus=spec.num_cpus, num_gpus=gpus, max_concurrency=max(2, spec.max_clients), name=None,

@@ -29,9 +29,9 @@ from torch import nn
 
 from flexray.data.datasets import Dataset, to_tensor
 from flexray.errors import FlexrayError
+from flexray.models.blocks import stages
 from flexray.models.profile import profile_model
 from flexray.models.tiling import LayerGeom, Region, assemble, layer_geom, layer_stats, leaves, run_tile, scatter_add
-from flexray.models.zoo import stages
 from flexray.schedule.tiling import FusedStack, TilingPlan
 
 Batch = Any  # a float tensor holding the whole input batch, or row indices into the host's dataset

@@ -20,16 +20,15 @@ from flexray.config import JobConfig
 from flexray.data.datasets import Dataset
 from flexray.errors import FlexrayError
 from flexray.fleet import placement
-from flexray.fleet.energy import energy_j
 from flexray.fleet.fleet import ActorSpec, Device, derive_seed
-from flexray.fleet.profiles import DeviceProfile
 from flexray.fleet.report import DeviceReport
-from flexray.methods.base import Method, State
+from flexray.methods.base import Method
 from flexray.methods.tiled import TiledConfig, batches
 from flexray.models import build_model
+from flexray.models.blocks import stages
 from flexray.models.profile import ModelProfile
 from flexray.models.tiling import tileable_prefix
-from flexray.models.zoo import stages
+from flexray.protocol import DeviceProfile, State, energy_j
 from flexray.runtime.rounds import RoundOutcome
 from flexray.runtime.tiled import TileActor, TiledStep, fused_stack
 from flexray.schedule.tiling import TilingPlan, choose_plan, speed_order

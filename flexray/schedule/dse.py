@@ -27,9 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from flexray.config import fractions
-from flexray.methods.base import LocalData, evaluate_model
 from flexray.models import filters
+from flexray.models.evaluate import evaluate_model
 from flexray.models.profile import profile_model
+from flexray.protocol import LocalData
 
 
 class DSEConfig(BaseModel):
@@ -226,7 +227,10 @@ def select(points: Sequence[tuple[float, float]], flops_per_s: float, budget_s: 
 
 def plot(front: Front, path: Path) -> Path:
     """Cost vs convergence: every evaluated candidate and the front, both cost measures."""
-    from flexray.tracking.plots import plt
+    import matplotlib  # lazy: only a search that ran plots; Agg, as flexray.tracking.plots uses
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, (attr, label, scale) in zip(axes, (("flops", "predicted MFLOPs / sample", 1e-6),

@@ -26,9 +26,8 @@ from typing import Any
 import numpy as np
 
 from flexray.config import ScheduleConfig
-from flexray.fleet.energy import predict_times
-from flexray.methods.base import DeviceView, Method, Task
 from flexray.models.profile import ModelProfile
+from flexray.protocol import DeviceView, SubModelKnob, Task, predict_times
 
 
 def minmax_choice(latency: np.ndarray, fits: np.ndarray, slack: float = 1.0) -> tuple[np.ndarray, float]:
@@ -66,7 +65,7 @@ class Plan:
 class SubModelScheduler:
     """Chooses each device's sub-model every round; inert for methods without options."""
 
-    def __init__(self, cfg: ScheduleConfig, method: Method, profile: ModelProfile, batch_size: int) -> None:
+    def __init__(self, cfg: ScheduleConfig, method: SubModelKnob, profile: ModelProfile, batch_size: int) -> None:
         if profile.input_shape is None:
             raise ValueError("the scheduler needs a model profile with input_shape")
         self.cfg, self.method, self.profile, self.batch_size = cfg, method, profile, batch_size

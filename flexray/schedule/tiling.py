@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from flexray.errors import FlexrayError
-from flexray.fleet.profiles import DeviceProfile
 from flexray.models.tiling import LayerGeom, Pair, TileSpec, feature_sizes, plan_tiles
+from flexray.protocol import DeviceProfile
 
 BYTES = 4  # float32 activations and gradients
 BACKWARD = 2.0  # backward FLOPs per forward FLOP (input grad + weight grad)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.interpolate import PchipInterpolator
 
-from flexray.fleet.profiles import CATALOG
+from flexray.errors import FlexrayError
 from flexray.models.split import LABEL_BYTES, SplitPoint
 
 _STEPS = 2  # grid points per unit of cut in the continuous search
@@ -284,8 +284,6 @@ def exact_minmax(clients: Clients, points: Sequence[SplitPoint], server_flops: f
 
 
 def _check_feasible(feasible: np.ndarray) -> None:
-    from flexray.errors import FlexrayError
-
     bad = np.flatnonzero(~feasible.any(axis=1))
     if len(bad):
         raise FlexrayError(
@@ -359,20 +357,3 @@ def _grid_ok(a: np.ndarray, b: np.ndarray, target: np.ndarray, grid: int) -> np.
         units = np.where(b > 0, np.ceil(grid * b / (t - a) - 1e-9), 0.0)
     meets = np.where(b > 0, t > a, a <= t)
     return meets.all(axis=1) & (np.where(meets, units, 0).sum(axis=1) <= grid)
-
-
-def random_clients(n: int, rng: np.random.Generator, points: Sequence[SplitPoint], tight_share: float = 0.3) -> Clients:
-    """A random fleet for tests and benchmarks: catalog devices at 0.2-1.5x their speed and
-    0.3-1.5x their bandwidth; a ``tight_share`` of them has memory for only the first cuts."""
-    devs = [p for k, p in CATALOG.items() if k not in ("edge_gpu_server", "cloud_gpu")]
-    pick = [devs[i] for i in rng.integers(0, len(devs), n)]
-    mem = np.array([p.memory_bytes for p in pick], dtype=float)
-    tight = rng.random(n) < tight_share
-    mem[tight] = rng.uniform(points[0].client_memory_bytes, points[-1].client_memory_bytes, int(tight.sum()))
-    return Clients(
-        flops=np.array([p.flops for p in pick]) * rng.uniform(0.2, 1.5, n),
-        uplink_bps=np.array([p.uplink_bps for p in pick]) * rng.uniform(0.3, 1.5, n),
-        downlink_bps=np.array([p.downlink_bps for p in pick]) * rng.uniform(0.3, 1.5, n),
-        memory_bytes=mem,
-        samples=rng.integers(50, 1000, n).astype(float),
-    )

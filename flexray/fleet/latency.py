@@ -9,10 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from flexray.fleet.energy import energy_j, predict_times
 from flexray.fleet.fleet import Device
-from flexray.methods.base import DeviceView, Method, Task
 from flexray.models.profile import ModelProfile, training_memory_bytes
+from flexray.protocol import DeviceView, SubModelKnob, Task, energy_j, predict_times
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ class Prediction:
 
 
 def predict(
-    method: Method, tasks: Sequence[Task], devices: dict[int, Device], t: float, profile: ModelProfile, batch_size: int,
+    method: SubModelKnob, tasks: Sequence[Task], devices: dict[int, Device], t: float, profile: ModelProfile, batch_size: int,
     deadline_s: float | None = None,
 ) -> list[Prediction]:
     out = []

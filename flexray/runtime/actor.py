@@ -22,13 +22,14 @@ import torch
 
 from flexray.config import JobConfig
 from flexray.data.datasets import Dataset, to_tensor
-from flexray.fleet.energy import energy_j, predict_times
+from flexray.fleet import placement
 from flexray.fleet.fleet import ActorSpec, Device, derive_seed
 from flexray.fleet.profiles import resolve_profile
 from flexray.fleet.report import DeviceReport, RoundRequest
 from flexray.methods import method_class
-from flexray.methods.base import DeviceContext, DeviceView, LocalData, State, Task, Update
+from flexray.methods.base import DeviceContext
 from flexray.models import build_model, profile_model, state_bytes
+from flexray.protocol import DeviceView, LocalData, State, Task, Update, energy_j, predict_times
 from flexray.runtime.split_server import make_port
 
 
@@ -219,3 +220,26 @@ class DeviceActorHandle:
 
     def run_round(self, req: RoundRequest, state: ray.ObjectRef) -> ray.ObjectRef:
         return self.actor.run_round.remote(req, state, self.inputs)
+
+
+def start_actors(
+    cfg: JobConfig, specs: list[ActorSpec], devices: list[Device], dataset: Dataset
+) -> tuple[list[tuple[ActorSpec, Any]], Any]:
+    """Create the actors without waiting: they import torch and load data while the driver
+    sets up MLflow. ``wait_ready`` surfaces their start-up errors before the first round."""
+    placement.check_placement(specs)  # fail fast, naming the fix, instead of waiting forever
+    data_ref = ray.put(dataset)  # once; actors on this node read it zero-copy
+    actors = []
+    for s in specs:
+        hosted = [devices[i] for i in s.devices]
+        inputs = ActorInputs(ray.put(hosted), data_ref)
+        handle = DeviceActor.options(**placement.actor_options(s), max_restarts=3).remote(
+            cfg, s, tuple(d.name for d in hosted))
+        actors.append((s, DeviceActorHandle(handle, inputs)))
+        actors[-1][1].info()  # start loading now; wait_ready's call queues behind it
+    return actors, data_ref  # the handles hold their refs for the job: a restarted actor reloads from them
+
+
+def wait_ready(actors: list[tuple[ActorSpec, Any]]) -> list[dict[str, Any]]:
+    """Every actor's ``info`` (device actors load their inputs first; tile actors have none)."""
+    return ray.get([h.info() if isinstance(h, DeviceActorHandle) else h.info.remote() for _, h in actors])

@@ -1,0 +1,145 @@
+"""The protocol: typed records that cross layers, at the bottom of flexray's import stack.
+
+Methods, the scheduler, the fleet, the runtime and the CLI all speak in these types, so this
+module imports nothing of flexray's (see ``docs/architecture.md``, "Layers"). It also holds the
+latency and energy formulas (``predict_times``, ``energy_j``): methods, the scheduler and the
+actors' throttle price a task with the same two functions, so a prediction and a simulated round
+can never disagree about what a device costs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """A device class (``flexray.fleet.profiles.CATALOG`` lists the built-in ones)."""
+
+    name: str
+    flops: float  # sustained TRAINING FLOP/s (not peak) on this device with PyTorch
+    memory_bytes: int  # memory usable for training
+    uplink_bps: float  # bits per second
+    downlink_bps: float
+    power_active_w: float  # while computing
+    power_idle_w: float
+    power_radio_w: float  # extra power while transmitting/receiving
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    """What the server knows about a device when planning a round."""
+
+    id: int
+    profile: DeviceProfile
+    speed: float
+    num_samples: int
+    deadline_s: float | None = None  # the round's deadline, so a device can size its own work
+    choice: Mapping[str, Any] | None = None
+    """The sub-model the scheduler picked (e.g. ``{"k": 3}``); None: the method's own rule."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One device's work for one round; ``spec`` holds the method's knobs (logged as JSON)."""
+
+    device: int
+    round: int
+    spec: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Predicted work of a task, the input of the latency/energy model."""
+
+    flops: float
+    bytes_down: int
+    bytes_up: int
+    server_s: float = 0.0  # simulated time the device waits on a split server
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """A split-learning server a method needs the runtime to host (``flexray/runtime/split_server.py``)."""
+
+    shared: bool  # one server model for all clients (SplitFed-V2) or a copy per client (V1)
+    server_flops: tuple[float, ...]  # server training FLOPs per sample, indexed by cut - 1
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    num_cpus: float = 1.0
+    max_clients: int = 64  # clients served concurrently
+
+
+@dataclass
+class Update:
+    """What a device sends back. ``weight`` is its aggregation weight (usually samples)."""
+
+    tensors: dict[str, torch.Tensor]
+    weight: float
+    samples: int
+    flops: float | None = None  # None: the actor counts samples x counted per-sample FLOPs
+    bytes_down: int | None = None  # None: bytes of the global state that was shipped
+    metrics: dict[str, float] = field(default_factory=dict)
+    device: int = -1  # set by the actor; -1 for an actor's pre-summed update
+    staleness: int = 0  # set by the async driver: server versions since the device's copy
+
+
+@dataclass
+class LocalData:
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+class SubModelKnob(Protocol):
+    """The scheduler's view of a method that trains sub-models (``flexray.methods.base.Method``
+    implements it): the menu of options, the static tier, an option's memory and a task's cost.
+    ``flexray.schedule`` and ``flexray.fleet.latency`` see a method only through this."""
+
+    def options(self) -> list[dict[str, Any]]: ...
+
+    def static_option(self, device: DeviceProfile) -> dict[str, Any] | None: ...
+
+    def option_memory_bytes(self, option: Mapping[str, Any], input_shape: tuple[int, ...], batch_size: int) -> float: ...
+
+    def cost(self, task: Task, device: DeviceView, profile: Any) -> Cost: ...
+
+
+# ---------------------------------------------------------------- the latency and energy model
+
+
+def energy_j(profile: DeviceProfile, compute_s: float, comm_s: float, idle_s: float = 0.0) -> float:
+    """Joules a device spends on one task.
+
+    compute: ``power_active_w`` is whole-device power under full compute load, so it already
+    includes the baseline. communication: the device is otherwise idle, so it pays its idle
+    baseline plus the radio's extra ``power_radio_w`` (radios are measured as a delta over
+    idle). waiting (``idle_s``, e.g. for a straggler or the server): idle baseline only.
+    Compute and communication are treated as sequential, the conservative case for a
+    round-based protocol (download, train, upload).
+    """
+    return (
+        profile.power_active_w * compute_s
+        + profile.power_radio_w * comm_s
+        + profile.power_idle_w * (comm_s + idle_s)
+    )
+
+
+def predict_times(
+    profile: DeviceProfile, speed: float, flops: float, bytes_down: float, bytes_up: float
+) -> tuple[float, float, float]:
+    """(download_s, compute_s, upload_s) for ``flops`` of training at trace ``speed``,
+    with bandwidth in bits/s and payloads in bytes."""
+    download_s = 8.0 * bytes_down / profile.downlink_bps
+    compute_s = flops / (profile.flops * speed)
+    upload_s = 8.0 * bytes_up / profile.uplink_bps
+    return download_s, compute_s, upload_s
