@@ -26,7 +26,7 @@ from flexray.fleet.profiles import CATALOG, resolve_profile
 from flexray.methods import method_class
 from flexray.methods.base import ServerData
 from flexray.models import build_model, profile_model
-from flexray.protocol import DeviceView
+from flexray.protocol import DeviceView, PlanNotes, SubModel
 from flexray.runtime.assembly import load_config
 from flexray.runtime.driver import run_job, use_ray_auth_mode
 from flexray.runtime.engines import engine_for
@@ -103,18 +103,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"\nmodel {cfg.model.name}: {mprof.param_bytes / 1e6:.3f} MB, {mprof.train_flops_per_sample / 1e6:.3f} MFLOP/sample (train)")
     print(f"predicted round time: {round_time(preds, cfg.rounds.deadline_s, drop):.4g} s simulated "
           f"({len(preds)} of {len(devices)} devices available at t=0)")
-    shares = [float(t.spec["theta"]) for t in tasks if "theta" in t.spec]
-    if shares:
-        print(f"server shares: sum {sum(shares):.4f} over {sum(s > 0 for s in shares)} split clients "
-              f"(server {cfg.fleet.server_profile})")
-    fit = next((t.spec["fit_err"] for t in tasks if "fit_err" in t.spec), None)
-    if fit is not None:
-        print(f"cut regression: leave-one-out relative error {float(fit):.3g} (exact at the integer cuts)")
+    if isinstance(method, PlanNotes):  # e.g. SplitFed's server shares
+        for line in method.plan_notes(tasks):
+            print(line)
     return 0
 
 
-def _knobs(spec: dict) -> str:
-    shown = {k: v for k, v in spec.items() if k not in ("memory_bytes", "fit_err", "predicted_s")}
+def _knobs(spec: SubModel) -> str:
+    shown = {k: v for k, v in spec.log().items() if k not in ("memory_bytes", "predicted_s")}
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()) or "-"
 
 

@@ -9,9 +9,9 @@ can never disagree about what a device costs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -33,6 +33,48 @@ class DeviceProfile:
 
 
 @dataclass(frozen=True)
+class DesignPoint:
+    """One point of a dropout design front (DISTREAL): a rate per droppable layer, the training
+    FLOPs per sample it costs and the error it is predicted to reach."""
+
+    rates: tuple[float, ...]
+    flops: float
+    error: float
+
+
+@dataclass(frozen=True)
+class SubModel:
+    """What one device trains: the one typed description every method's knob fits in.
+
+    Schedulers choose sub-models, methods extract and aggregate them, the runtime only carries
+    them; a field a method does not use stays at its default. The event log's ``spec`` column
+    holds ``log()``.
+    """
+
+    rate: float | None = None  # width fraction p (HeteroFL, FjORD, FedRolex)
+    offset: int | None = None  # FedRolex: where the rolling width window starts
+    k: int | None = None  # depth prefix, in blocks (FlexTrain, FedClass)
+    mode: str | None = None  # FlexTrain: "centralised" trains the whole elastic model data-parallel
+    ratio: float | None = None  # structured pruning ratio (REFT)
+    cut: int | None = None  # SplitFed: stages the client trains (the last stage: no split)
+    theta: float | None = None  # SplitFed: the client's share of the split server
+    layers: tuple[str, ...] = ()  # DISTREAL: the droppable layers, in ``DesignPoint.rates`` order
+    points: tuple[DesignPoint, ...] = ()  # DISTREAL: the front a device picks its dropout from
+    memory_bytes: float | None = None  # training memory, when the method predicts it per task
+    predicted_s: float | None = None  # the method's own latency prediction
+
+    def log(self) -> dict[str, Any]:
+        """The fields in use, as JSON-ready values (the front by its size)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None or value == ():
+                continue
+            out[f.name] = len(value) if f.name == "points" else list(value) if isinstance(value, tuple) else value
+        return out
+
+
+@dataclass(frozen=True)
 class DeviceView:
     """What the server knows about a device when planning a round."""
 
@@ -41,17 +83,17 @@ class DeviceView:
     speed: float
     num_samples: int
     deadline_s: float | None = None  # the round's deadline, so a device can size its own work
-    choice: Mapping[str, Any] | None = None
-    """The sub-model the scheduler picked (e.g. ``{"k": 3}``); None: the method's own rule."""
+    choice: SubModel | None = None
+    """The sub-model the scheduler picked; None: the method's own rule."""
 
 
 @dataclass(frozen=True)
 class Task:
-    """One device's work for one round; ``spec`` holds the method's knobs (logged as JSON)."""
+    """One device's work for one round."""
 
     device: int
     round: int
-    spec: Mapping[str, Any] = field(default_factory=dict)
+    spec: SubModel = SubModel()
 
 
 @dataclass(frozen=True)
@@ -105,13 +147,20 @@ class SubModelKnob(Protocol):
     implements it): the menu of options, the static tier, an option's memory and a task's cost.
     ``flexray.schedule`` and ``flexray.fleet.latency`` see a method only through this."""
 
-    def options(self) -> list[dict[str, Any]]: ...
+    def options(self) -> list[SubModel]: ...
 
-    def static_option(self, device: DeviceProfile) -> dict[str, Any] | None: ...
+    def static_option(self, device: DeviceProfile) -> SubModel | None: ...
 
-    def option_memory_bytes(self, option: Mapping[str, Any], input_shape: tuple[int, ...], batch_size: int) -> float: ...
+    def option_memory_bytes(self, option: SubModel, input_shape: tuple[int, ...], batch_size: int) -> float: ...
 
     def cost(self, task: Task, device: DeviceView, profile: Any) -> Cost: ...
+
+
+@runtime_checkable
+class PlanNotes(Protocol):
+    """A method with something to say under ``flexray plan``'s table (SplitFed: server shares)."""
+
+    def plan_notes(self, tasks: Sequence[Task]) -> list[str]: ...
 
 
 # ---------------------------------------------------------------- the latency and energy model

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from flexray.data.datasets import to_tensor
 from flexray.fleet.profiles import CATALOG
 from flexray.methods.base import DeviceContext
-from flexray.methods.distreal import Distreal, DistrealConfig
+from flexray.methods.distreal import Distreal, DistrealConfig, front_spec
 from flexray.models import elastic, filters
 from flexray.models.profile import profile_model, state_bytes
 from flexray.models.zoo import cnn, lenet
@@ -111,7 +111,7 @@ def test_pareto_front_is_non_dominated_cached_and_reproducible(tmp_path):
 def test_device_whose_budget_drops_picks_a_cheaper_point():
     method = Distreal(DistrealConfig(name="distreal"), lambda: cnn((1, 8, 8), 10, 8))
     points = [[0.75, 0.75, 1e4, 2.6], [0.5, 0.25, 5e4, 2.2], [0.0, 0.0, 1.3e5, 1.8]]  # rates, flops, loss
-    spec = {"layers": ["conv1.0", "conv2.0"], "points": points}
+    spec = front_spec(["conv1.0", "conv2.0"], points)
     rpi3 = CATALOG["rpi3"]
     fast = DeviceView(0, rpi3, 1.0, 100, deadline_s=0.02)
     slow = DeviceView(0, rpi3, 0.4, 100, deadline_s=0.02)
@@ -130,7 +130,7 @@ def test_local_update_uses_its_pick_and_aggregation_ignores_dropped_entries():
     torch.manual_seed(0)
     method = Distreal(DistrealConfig(name="distreal", batch_size=8), lambda: cnn((1, 8, 8), 10, 8))
     state = method.init(cnn((1, 8, 8), 10, 8))
-    spec = {"layers": ["conv1.0", "conv2.0"], "points": [[0.5, 0.75, 1e4, 2.0], [0.0, 0.0, 1e5, 1.0]]}
+    spec = front_spec(["conv1.0", "conv2.0"], [[0.5, 0.75, 1e4, 2.0], [0.0, 0.0, 1e5, 1.0]])
     data = LocalData(torch.randn(8, 1, 8, 8), torch.arange(8) % 10)  # one mini-batch
     ctx = DeviceContext(lambda: cnn((1, 8, 8), 10, 8))
     ctx.seed(1)

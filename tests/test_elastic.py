@@ -19,7 +19,7 @@ from flexray.methods.base import DeviceContext
 from flexray.methods.fedavg import FedAvg
 from flexray.methods.width import LABELS, WidthMethod, tier_rate
 from flexray.models import build_model, elastic, profile_model, state_bytes
-from flexray.protocol import DeviceView, LocalData, Task, Update
+from flexray.protocol import DeviceView, LocalData, SubModel, Task, Update
 from flexray.runtime.assembly import parse_config
 from tests.conftest import host_round
 
@@ -206,8 +206,8 @@ def test_method_round_validates_and_aggregates(name: str, model: str, digits) ->
     method, state, model_fn = make(name, model, shape, **extra)
     devices = [view(0, "rpi3"), view(1, "laptop_cpu"), view(2, "phone_mid")]
     tasks = method.plan(3, devices, state)
-    assert [t.spec["rate"] for t in tasks] == [0.0625, 1.0, 0.25]
-    json.dumps([t.spec for t in tasks])  # lands in the event log
+    assert [t.spec.rate for t in tasks] == [0.0625, 1.0, 0.25]
+    json.dumps([t.spec.log() for t in tasks])  # lands in the event log
     prof = profile_model(model_fn(), shape)
     costs = [method.cost(t, d, prof) for t, d in zip(tasks, devices)]
     assert costs[0].flops < costs[2].flops < costs[1].flops and costs[0].bytes_down < costs[1].bytes_down
@@ -273,7 +273,7 @@ def test_static_bn_ships_no_running_stats_and_masked_classifier(digits) -> None:
 def test_fedrolex_window_moves_each_round(digits) -> None:  # noqa: ANN001
     local, _, shape = digits
     method, state, model_fn = make("fedrolex", "cnn", shape, rate=0.25)
-    assert method.plan(5, [view(0, "rpi4")], state)[0].spec == {"rate": 0.25, "offset": 5}
+    assert method.plan(5, [view(0, "rpi4")], state)[0].spec == SubModel(rate=0.25, offset=5)
     i5, i6 = method.index(0.25, 5), method.index(0.25, 6)
     assert i5["conv1.0.weight"][0].tolist() == [5, 6, 7, 8] and i6["conv1.0.weight"][0].tolist() == [6, 7, 8, 9]
     task = method.plan(15, [view(0, "rpi4")], state)[0]
@@ -286,7 +286,7 @@ def test_fjord_samples_nested_widths_and_updates_only_its_prefix(digits) -> None
     local, _, shape = digits
     method, state, model_fn = make("fjord", "cnn", shape)
     task = method.plan(0, [view(0, "phone_mid")], state)[0]
-    assert task.spec["rate"] == 0.25  # p_max
+    assert task.spec.rate == 0.25  # p_max
     u = train(method, task, state, local, model_fn)
     per = {p: method.sub_profile(p, shape).train_flops_per_sample for p in (0.0625, 0.125, 0.25)}
     assert min(per.values()) * u.samples < u.flops < max(per.values()) * u.samples  # mixed widths ran
@@ -337,7 +337,7 @@ def test_round_through_the_device_host_in_process(name: str) -> None:
     """The actor's own path (cost, local_update, byte counts, validate) without starting Ray."""
     method, state, tasks, reports, updates = host_round([f"method.name={name}"])
     assert [r.status for r in reports] == ["ok"] * 4 and len(updates) == 4  # never pre-summed
-    assert [r.spec["rate"] for r in reports] == [t.spec["rate"] for t in tasks]
+    assert [r.spec["rate"] for r in reports] == [t.spec.rate for t in tasks]
     assert all(method.validate(u, state) is None for u in updates)
     new = method.aggregate(0, state, updates)
     assert all(torch.isfinite(v.float()).all() and v.shape == state[k].shape for k, v in new.items())

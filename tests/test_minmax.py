@@ -15,7 +15,7 @@ from flexray.fleet.profiles import CATALOG
 from flexray.methods.flextrain import FlexTrain
 from flexray.methods.heterofl import HeteroFL
 from flexray.models import build_model, profile_model
-from flexray.protocol import DeviceView
+from flexray.protocol import DeviceView, SubModel
 from flexray.schedule.minmax import SubModelScheduler, minmax_choice, static_choice
 
 SHAPE = (3, 32, 32)
@@ -107,7 +107,7 @@ def test_scheduler_respects_memory_and_balances_the_round(kind: type) -> None:
     assert 4 not in got  # fits nothing: no task
     assert got[3] == sched.options[-1]
     for v in plan.views:
-        j = sched.options.index(dict(v.choice))
+        j = sched.options.index(v.choice)
         assert sched._memory[j] <= v.profile.memory_bytes
         assert plan.predicted_s[v.id] <= plan.target_s * (1 + 1e-9)
         larger = sched.options[:j]  # every larger option that fits would miss the target
@@ -127,8 +127,8 @@ def test_minmax_follows_the_traces() -> None:
     slow = [replace(views[0], speed=0.05), *views[1:]]  # the rpi4 throttles hard
     after = sched.assign(slow)
     assert after.target_s > before.target_s
-    rate = {v.id: v.choice["rate"] for v in before.views}
-    rate_after = {v.id: v.choice["rate"] for v in after.views}
+    rate = {v.id: v.choice.rate for v in before.views}
+    rate_after = {v.id: v.choice.rate for v in after.views}
     assert rate_after[1] >= rate[1] and rate_after[2] >= rate[2]
     assert rate_after != rate  # someone got a larger sub-model once the pace slowed
 
@@ -137,10 +137,10 @@ def test_static_mode_uses_the_methods_tiers() -> None:
     method, profile = _method(HeteroFL, tiers={"rpi3": 0.125, "laptop_cpu": 1.0})
     sched = SubModelScheduler(ScheduleConfig(mode="static"), method, profile, batch_size=32)
     plan = sched.assign(_views("rpi3", "laptop_cpu"))
-    assert [v.choice for v in plan.views] == [{"rate": 0.125}, {"rate": 1.0}]
+    assert [v.choice for v in plan.views] == [SubModel(rate=0.125), SubModel(rate=1.0)]
     tasks = method.plan(0, plan.views, method.init(method.full))
-    assert [t.spec["rate"] for t in tasks] == [0.125, 1.0]
-    assert plan.predicted_s[0] == pytest.approx(sched.latency(plan.views[0], {"rate": 0.125}))
+    assert [t.spec.rate for t in tasks] == [0.125, 1.0]
+    assert plan.predicted_s[0] == pytest.approx(sched.latency(plan.views[0], SubModel(rate=0.125)))
 
 
 def test_methods_without_a_knob_pass_through() -> None:

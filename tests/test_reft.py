@@ -16,11 +16,12 @@ from flexray.errors import FlexrayError
 from flexray.fleet.profiles import CATALOG
 from flexray.methods.base import DeviceContext, ServerData
 from flexray.methods.reft import Reft, ReftConfig
+from flexray.methods.distreal import front_spec
 from flexray.methods.uniform_dropout import UniformDropout, UniformDropoutConfig
 from flexray.models import elastic, filters
 from flexray.models.profile import state_bytes
 from flexray.models.zoo import cnn
-from flexray.protocol import DeviceView, LocalData, Task, predict_times
+from flexray.protocol import DeviceView, LocalData, SubModel, Task, predict_times
 from flexray.runtime.assembly import parse_config
 from flexray.runtime.driver import run_job
 from tests.conftest import job_tree
@@ -67,7 +68,7 @@ def test_pruning_ratio_follows_capability_and_fits_the_deadline(digits):
     m, state = _method(digits)
     rpi3 = CATALOG["rpi3"]
     views = [DeviceView(i, rpi3, s, 100, deadline_s=0.012) for i, s in enumerate([3.0, 1.0, 0.6, 0.01])]
-    ratios = [t.spec["ratio"] for t in m.plan(0, views, state)]
+    ratios = [t.spec.ratio for t in m.plan(0, views, state)]
     assert ratios == sorted(ratios) and ratios[0] < ratios[-1]  # slower device, more pruning
     assert ratios[-1] == max(m.rcfg.ratios)  # nothing fits: the smallest model
     for v, r in zip(views[:-1], ratios[:-1]):
@@ -87,7 +88,7 @@ def test_ensemble_distillation_pulls_the_global_model_to_the_teachers(digits):
     tasks = m.plan(0, [DeviceView(i, CATALOG["laptop_cpu"], 1.0, 100) for i in range(3)], state)
     ups = []
     for t, ratio in zip(tasks, (0.0, 0.4, 0.6)):
-        t = type(t)(t.device, 0, {"ratio": ratio})
+        t = type(t)(t.device, 0, SubModel(ratio=ratio))
         m._planned[t.device] = ratio
         ctx = DeviceContext(lambda: cnn(digits.input_shape, 10, 8))
         ctx.seed(t.device)
@@ -155,7 +156,7 @@ def test_filters_no_device_trained_feed_nothing_forward(digits):
 
 
 def _task(device, ratio):
-    return Task(device=device, round=0, spec={"ratio": ratio})
+    return Task(device=device, round=0, spec=SubModel(ratio=ratio))
 
 
 def test_uniform_dropout_picks_the_smallest_rate_that_fits(digits):
@@ -163,7 +164,7 @@ def test_uniform_dropout_picks_the_smallest_rate_that_fits(digits):
     m = UniformDropout(UniformDropoutConfig(name="uniform_dropout"), lambda: cnn(digits.input_shape, 10, 8))
     m.setup(ServerData(digits, np.arange(10)), None)  # type: ignore[arg-type]
     assert [p[0] == p[1] for p in m.points] == [True] * 4  # same rate in every layer
-    spec = {"layers": m.layers, "points": m.points}
+    spec = front_spec(m.layers, m.points)
     rpi3 = CATALOG["rpi3"]
     picks = [m.points[m.choose(spec, DeviceView(0, rpi3, s, 100, 0.012), 100)][0] for s in (3.0, 1.0, 0.5, 0.01)]
     assert picks == sorted(picks) and picks[0] == 0.0 and picks[-1] == 0.75

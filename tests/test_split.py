@@ -12,7 +12,7 @@ from flexray.fleet.profiles import CATALOG
 from flexray.fleet.synthetic import random_clients
 from flexray.models import build_model, profile_model
 from flexray.models.split import split_model, split_points
-from flexray.protocol import ServerSpec, Task
+from flexray.protocol import ServerSpec, SubModel, Task
 from flexray.runtime.split_server import LocalPort, SplitServerHost
 from flexray.schedule.tlmp import Clients, baselines, brute_force, fit_cuts, terms, tlmp
 
@@ -83,7 +83,7 @@ def test_split_training_gives_the_whole_models_gradients(one_torch_thread, name,
     for cut in cuts:
         spec = ServerSpec(shared=False, server_flops=(1.0,) * L, lr=0.1)
         host = SplitServerHost(cfg, spec, shape, 10, SERVER)
-        host.begin_round(0, state, [Task(0, 0, {"cut": cut, "theta": 1.0})])
+        host.begin_round(0, state, [Task(0, 0, SubModel(cut=cut, theta=1.0))])
         model = build_model(ModelConfig(name=name, width=8), shape, 10)
         model.load_state_dict(state)
         model.train()

@@ -50,10 +50,10 @@ def _split_round(overrides: list[str], rnd: int = 0):
 @pytest.mark.parametrize("variant", ["v1", "v2"])
 def test_hybrid_round_mixes_fl_and_split_devices_into_one_model(one_torch_thread, variant):
     method, state, tasks, reports, updates, server_updates = _split_round([*SLOW, f"method.variant={variant}"])
-    cuts = {t.device: t.spec["cut"] for t in tasks}
+    cuts = {t.device: t.spec.cut for t in tasks}
     L = len(method.points)
     assert {cuts[0], cuts[1]} != {L} and L in cuts.values()  # slow devices split, others train whole
-    assert sum(t.spec["theta"] for t in tasks) <= 1 + 1e-9
+    assert sum(t.spec.theta for t in tasks) <= 1 + 1e-9
     assert all(r.status == "ok" for r in reports)
     for r in reports:  # virtual time is exactly what the plan predicted, server wait included
         assert r.end_s - r.start_s == pytest.approx(r.predicted_s, rel=1e-9)

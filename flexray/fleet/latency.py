@@ -56,7 +56,7 @@ def predict(
 
 def _fits(task: Task, device: Device, full_model_bytes: float) -> bool:
     """A task that names its own memory need (e.g. a split client's part) is checked against that."""
-    need = task.spec.get("memory_bytes", full_model_bytes)
+    need = task.spec.memory_bytes if task.spec.memory_bytes is not None else full_model_bytes
     return float(need) <= device.profile.memory_bytes
 
 

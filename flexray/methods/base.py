@@ -24,7 +24,9 @@ from flexray.data.datasets import to_tensor
 from flexray.errors import FlexrayError
 from flexray.models.evaluate import evaluate_model
 from flexray.models.profile import ModelProfile, profile_model, state_bytes, training_memory_bytes
-from flexray.protocol import Cost, DeviceProfile, DeviceView, LocalData, ServerSpec, State, Task, Update
+from flexray.protocol import (
+    Cost, DesignPoint, DeviceProfile, DeviceView, LocalData, ServerSpec, State, SubModel, Task, Update,
+)
 
 
 @dataclass(frozen=True)
@@ -107,19 +109,19 @@ class Method(ABC):
         return {}
 
     # ---- the scheduler's knob (methods that train sub-models); see flexray.schedule.minmax
-    def options(self) -> list[dict[str, Any]]:
+    def options(self) -> list[SubModel]:
         """The sub-models a device may be given, largest first; empty when there is no knob."""
         return []
 
-    def static_option(self, device: DeviceProfile) -> dict[str, Any] | None:
+    def static_option(self, device: DeviceProfile) -> SubModel | None:
         """The device class's capability tier (``schedule.mode: static``)."""
         return None
 
-    def option_memory_bytes(self, option: Mapping[str, Any], input_shape: tuple[int, ...], batch_size: int) -> float:
+    def option_memory_bytes(self, option: SubModel, input_shape: tuple[int, ...], batch_size: int) -> float:
         """Training memory of one option on a device."""
         return training_memory_bytes(profile_model(self.full, input_shape), batch_size)
 
-    def device_model(self, state: State, model: nn.Module, option: Mapping[str, Any] | None) -> nn.Module:
+    def device_model(self, state: State, model: nn.Module, option: SubModel | None) -> nn.Module:
         """The model a device with ``option`` deploys after training (the full one by default)."""
         model.load_state_dict(state)
         return model
@@ -278,6 +280,7 @@ def copy_state(model: nn.Module) -> State:
 
 
 __all__ = [
-    "Cost", "DeviceContext", "DeviceProfile", "DeviceView", "LocalData", "Method", "ServerData", "ServerSpec", "State", "Task", "Update",
+    "Cost", "DesignPoint", "DeviceContext", "DeviceProfile", "DeviceView", "LocalData", "Method", "ServerData", "ServerSpec",
+    "State", "SubModel", "Task", "Update",
     "cast_like", "check_tensors", "copy_state", "evaluate_model", "sgd_train", "state_bytes", "weighted_mean",
 ]

@@ -41,7 +41,7 @@ from flexray.errors import FlexrayError
 from flexray.methods.base import DeviceContext, Method, ServerData, cast_like, copy_state, local_batches
 from flexray.models import filters
 from flexray.models.profile import ModelProfile, state_bytes
-from flexray.protocol import Cost, DeviceView, LocalData, State, Task, Update, predict_times
+from flexray.protocol import Cost, DesignPoint, DeviceView, LocalData, State, SubModel, Task, Update, predict_times
 from flexray.schedule import dse
 from flexray.schedule.dse import DSEConfig
 
@@ -71,6 +71,10 @@ class FilterDropout(Method):
         self.layers: list[str] = []
         self._bytes: int | None = None
 
+    def check(self) -> None:
+        """Refuse a model that is no plain chain of Conv2d/Linear layers, before Ray starts."""
+        filters.chain(self.full)
+
     @property
     def dcfg(self) -> DropoutConfig:
         return self.cfg
@@ -92,7 +96,7 @@ class FilterDropout(Method):
     def plan(self, rnd: int, devices: Sequence[DeviceView], state: State) -> list[Task]:
         if self.points is None:
             raise FlexrayError(f"method {self.name}: no design points; the driver calls setup() before planning")
-        spec = {"layers": self.layers, "points": self.points}
+        spec = front_spec(self.layers, self.points)
         return [Task(device=d.id, round=rnd, spec=spec) for d in devices]
 
     def model_bytes(self) -> int:
@@ -100,9 +104,9 @@ class FilterDropout(Method):
             self._bytes = state_bytes(self.full.state_dict())
         return self._bytes
 
-    def choose(self, spec: dict[str, Any], view: DeviceView | None, samples: int) -> int:
+    def choose(self, spec: SubModel, view: DeviceView | None, samples: int) -> int:
         """The device's own pick for its current budget (see ``dse.select``)."""
-        pts = [(p[-2], p[-1]) for p in spec["points"]]
+        pts = [(p.flops, p.error) for p in spec.points]
         if view is None:
             return dse.select(pts, 1.0, None, samples)
         deadline = view.deadline_s if view.deadline_s is not None else self.dcfg.deadline_s
@@ -114,8 +118,8 @@ class FilterDropout(Method):
 
     def cost(self, task: Task, device: DeviceView, profile: ModelProfile) -> Cost:
         samples = self.cfg.local_epochs * device.num_samples
-        point = task.spec["points"][self.choose(dict(task.spec), device, samples)]
-        return Cost(samples * point[-2], self.model_bytes(), self.model_bytes())
+        point = task.spec.points[self.choose(task.spec, device, samples)]
+        return Cost(samples * point.flops, self.model_bytes(), self.model_bytes())
 
     def aggregate(self, rnd: int, state: State, updates: Sequence[Update]) -> State:
         if not updates:
@@ -134,10 +138,10 @@ class FilterDropout(Method):
 
     # ---- device side
     def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
-        spec = dict(task.spec)
+        spec = task.spec
         samples_planned = self.cfg.local_epochs * len(data)
         i = self.choose(spec, ctx.device, samples_planned)
-        rates = dict(zip(spec["layers"], spec["points"][i][:-2]))
+        rates = dict(zip(spec.layers, spec.points[i].rates))
         full = ctx.model(f"{self.name}:full")
         full.load_state_dict(state)
         layers = filters.chain(full)
@@ -160,7 +164,7 @@ class FilterDropout(Method):
         metrics.update({f"drop.{k}": float(r) for k, r in rates.items()})
         if ctx.device is not None:
             metrics["budget_gflops"] = ctx.device.profile.flops * ctx.device.speed / 1e9
-        return Update(copy_state(full), weight=n, samples=seen, flops=seen * spec["points"][i][-2], metrics=metrics)
+        return Update(copy_state(full), weight=n, samples=seen, flops=seen * spec.points[i].flops, metrics=metrics)
 
 
 class Distreal(FilterDropout):
@@ -178,3 +182,10 @@ class Distreal(FilterDropout):
         paths = [json_path, dse.plot(front, workdir / "distreal_front.png")]
         points = [[*p.rates, p.flops, p.loss] for p in front.points]
         return list(front.layers), points, paths
+
+
+def front_spec(layers: Sequence[str], points: Sequence[Sequence[float]]) -> SubModel:
+    """The task of every device: the droppable layers and the front, each point stored (and
+    checkpointed) as ``[rate per layer..., FLOPs per sample, predicted error]``."""
+    front = tuple(DesignPoint(tuple(float(r) for r in p[:-2]), float(p[-2]), float(p[-1])) for p in points)
+    return SubModel(layers=tuple(layers), points=front)

@@ -10,17 +10,17 @@ class's model under the key prefix ``k{k}/``.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field
 from torch import nn
 
 from flexray.methods.base import DeviceContext, cast_like, evaluate_model, weighted_mean
-from flexray.methods.flextrain import FlexTrain, FlexTrainConfig
+from flexray.methods.flextrain import FlexTrain, FlexTrainConfig, depth_of
 from flexray.models import depth
-from flexray.protocol import LocalData, State, Task, Update
+from flexray.protocol import LocalData, State, SubModel, Task, Update
 
 
 class FedClassConfig(FlexTrainConfig):
@@ -48,8 +48,8 @@ class FedClass(FlexTrain):
         """The largest class any device trained so far (the deployable "global" model)."""
         return max(self.deployed.values(), default=self.max_k)
 
-    def device_model(self, state: State, model: nn.Module, option: Mapping[str, Any] | None) -> nn.Module:
-        k = self._trained() if option is None else int(option["k"])
+    def device_model(self, state: State, model: nn.Module, option: SubModel | None) -> nn.Module:
+        k = self._trained() if option is None else depth_of(option)
         model.load_state_dict(self.class_state(state, k), strict=False)
         return depth.depth_prefix(model, k)
 
@@ -82,5 +82,5 @@ class FedClass(FlexTrain):
         return metrics
 
     def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
-        update = super().local_update(task, self.class_state(state, int(task.spec["k"])), data, ctx)
+        update = super().local_update(task, self.class_state(state, depth_of(task.spec)), data, ctx)
         return replace(update, weight=float(len(data)))

@@ -22,7 +22,7 @@ from torch import nn
 from torch.func import functional_call
 
 from flexray.methods.base import DeviceContext, sgd_train
-from flexray.methods.width import WidthConfig, WidthMethod
+from flexray.methods.width import WidthConfig, WidthMethod, rate_of
 from flexray.models import elastic
 from flexray.models.profile import state_bytes
 from flexray.protocol import LocalData, State, Task, Update
@@ -104,7 +104,7 @@ class FjORD(WidthMethod):
 
     def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
         cfg = self.cfg
-        p_max = float(task.spec["rate"])
+        p_max = rate_of(task.spec)
         rates = self.allowed(p_max)
         sub = elastic.extract(state, self.index(p_max, task.round))
         base = ctx.model(f"{self.name}:{p_max}", lambda: self.build(p_max))

@@ -47,8 +47,8 @@ their running statistics too (as in the paper's shared-weight formulation).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from collections.abc import Callable, Sequence
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,7 @@ from flexray.methods.base import (
 )
 from flexray.models import depth, elastic
 from flexray.models.profile import ModelProfile, profile_model, training_memory_bytes
-from flexray.protocol import Cost, DeviceProfile, DeviceView, LocalData, State, Task, Update
+from flexray.protocol import Cost, DeviceProfile, DeviceView, LocalData, State, SubModel, Task, Update
 
 PROBE_HW = (32, 32)
 """Spatial size the planning FLOPs are profiled at (see module doc)."""
@@ -233,38 +233,38 @@ class FlexTrain(Method):
                 raise FlexrayError(f"config error: method.{name}: k={k} exceeds the model's {self.max_k} blocks")
 
     # ---- the scheduler's knob (federated mode)
-    def options(self) -> list[dict[str, Any]]:
+    def options(self) -> list[SubModel]:
         if self.centralised:
             return []
         ks = [self.fcfg.k] if self.fcfg.k is not None else list(reversed(self.configs))
-        return [{"k": k} for k in ks]
+        return [SubModel(k=k) for k in ks]
 
-    def static_option(self, device: DeviceProfile) -> dict[str, Any]:
-        return {"k": self.tier_depth(device)}
+    def static_option(self, device: DeviceProfile) -> SubModel:
+        return SubModel(k=self.tier_depth(device))
 
-    def option_memory_bytes(self, option: Mapping[str, Any], input_shape: tuple[int, ...], batch_size: int) -> float:
+    def option_memory_bytes(self, option: SubModel, input_shape: tuple[int, ...], batch_size: int) -> float:
         """The prefix's training memory plus the student's and anchor's activations (shared weights)."""
-        k = int(option["k"])
+        k = depth_of(option)
         mem = training_memory_bytes(self.prefix_profile(k, input_shape), batch_size)
         for c in self.trained_configs(k)[1:]:
             mem += batch_size * sum(layer.activation_bytes for layer in self.prefix_profile(c, input_shape).layers)
         return mem
 
-    def device_model(self, state: State, model: nn.Module, option: Mapping[str, Any] | None) -> nn.Module:
+    def device_model(self, state: State, model: nn.Module, option: SubModel | None) -> nn.Module:
         """The prefix a device deploys; with ``k`` forced (FedSmall) that prefix is the global model."""
         model.load_state_dict(state)
-        k = int(option["k"]) if option is not None else self.fcfg.k
+        k = depth_of(option) if option is not None else self.fcfg.k
         return model if k is None else depth.depth_prefix(model, k)
 
     # ---- server side
     def plan(self, rnd: int, devices: Sequence[DeviceView], state: State) -> list[Task]:
         if self.centralised:
-            return [Task(device=d.id, round=rnd, spec={"mode": "centralised"}) for d in devices]
+            return [Task(device=d.id, round=rnd, spec=SubModel(mode="centralised")) for d in devices]
         tasks = [
-            Task(device=d.id, round=rnd, spec={"k": int(d.choice["k"]) if d.choice else self.tier_depth(d.profile)})
+            Task(device=d.id, round=rnd, spec=SubModel(k=depth_of(d.choice) if d.choice is not None else self.tier_depth(d.profile)))
             for d in devices
         ]
-        self.deployed.update({t.device: int(t.spec["k"]) for t in tasks})
+        self.deployed.update({t.device: depth_of(t.spec) for t in tasks})
         return tasks
 
     def cost(self, task: Task, device: DeviceView, profile: ModelProfile) -> Cost:
@@ -274,7 +274,7 @@ class FlexTrain(Method):
         if self.centralised:
             per = sum(float(p) * self.centralised_flops(k, profile.input_shape) for k, p in zip(self.configs, self.pi))
             return Cost(samples * per, profile.param_bytes, profile.param_bytes)
-        k = int(task.spec["k"])
+        k = depth_of(task.spec)
         nbytes = self._prefix_bytes(k)
         return Cost(samples * self.flops_per_sample(k, profile.input_shape), nbytes, nbytes)
 
@@ -309,7 +309,7 @@ class FlexTrain(Method):
     def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
         if self.centralised:
             return self._centralised_update(state, data, ctx)
-        k = int(task.spec["k"])
+        k = depth_of(task.spec)
         if k not in self.configs:
             raise FlexrayError(f"method {self.name}: depth configuration k={k} out of range 1..{self.max_k}")
         model = ctx.model(self.name)
@@ -385,3 +385,9 @@ class FlexTrain(Method):
             tensors, weight=float(len(data)), samples=samples, flops=flops, bytes_down=state_bytes(state),
             metrics={"train_loss": mean_loss},
         )
+
+
+def depth_of(spec: SubModel) -> int:
+    if spec.k is None:
+        raise FlexrayError(f"depth method: a task without a depth k ({spec.log()}); the scheduler or plan sets it")
+    return int(spec.k)

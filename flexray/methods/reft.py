@@ -34,7 +34,7 @@ from flexray.errors import FlexrayError
 from flexray.methods.base import DeviceContext, Method, ServerData, cast_like, check_tensors, copy_state, sgd_train
 from flexray.models import elastic, filters
 from flexray.models.profile import ModelProfile, profile_model, state_bytes
-from flexray.protocol import Cost, DeviceView, LocalData, State, Task, Update, predict_times
+from flexray.protocol import Cost, DeviceView, LocalData, State, SubModel, Task, Update, predict_times
 
 
 class ReftConfig(MethodConfig):
@@ -70,6 +70,10 @@ class Reft(Method):
         self._planned: dict[int, float] = {}
         self._student: nn.Module | None = None
         self._trained: dict[str, torch.Tensor] = {}  # per droppable layer: filters some device has trained
+
+    def check(self) -> None:
+        """Refuse a model that is no plain chain of Conv2d/Linear layers, before Ray starts."""
+        filters.chain(self.full)
 
     @property
     def rcfg(self) -> ReftConfig:
@@ -125,12 +129,12 @@ class Reft(Method):
         return cfg.ratios[-1]
 
     def plan(self, rnd: int, devices: Sequence[DeviceView], state: State) -> list[Task]:
-        tasks = [Task(device=d.id, round=rnd, spec={"ratio": self.ratio_for(d)}) for d in devices]
-        self._planned = {t.device: float(t.spec["ratio"]) for t in tasks}
+        tasks = [Task(device=d.id, round=rnd, spec=SubModel(ratio=self.ratio_for(d))) for d in devices]
+        self._planned = {t.device: ratio_of(t.spec) for t in tasks}
         return tasks
 
     def cost(self, task: Task, device: DeviceView, profile: ModelProfile) -> Cost:
-        prof = self.profile(float(task.spec["ratio"]), profile.input_shape or self.input_shape or ())
+        prof = self.profile(ratio_of(task.spec), profile.input_shape or self.input_shape or ())
         flops = self.cfg.local_epochs * device.num_samples * prof.train_flops_per_sample
         return Cost(flops, prof.param_bytes, prof.param_bytes)
 
@@ -219,7 +223,7 @@ class Reft(Method):
 
     # ---- device side
     def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
-        ratio = float(task.spec["ratio"])
+        ratio = ratio_of(task.spec)
         sub_state = elastic.extract(state, self.keep_index(state, ratio))
         model = ctx.model(f"reft:{ratio}", lambda: copy.deepcopy(self.pruned(ratio)))
         model.load_state_dict(sub_state)
@@ -227,3 +231,9 @@ class Reft(Method):
         flops = samples * self.profile(ratio, tuple(data.x.shape[1:])).train_flops_per_sample
         return Update(copy_state(model), weight=len(data), samples=samples, flops=flops,
                       bytes_down=state_bytes(sub_state), metrics={"train_loss": loss, "ratio": ratio})
+
+
+def ratio_of(spec: SubModel) -> float:
+    if spec.ratio is None:
+        raise FlexrayError(f"reft: a task without a pruning ratio ({spec.log()}); plan sets it")
+    return float(spec.ratio)

@@ -25,7 +25,7 @@ from flexray.errors import FlexrayError
 from flexray.methods.base import DeviceContext, Method, cast_like, copy_state, local_batches, sgd_train
 from flexray.models.profile import ModelProfile
 from flexray.models.split import SplitPoint, keys_of_stages, split_model, split_points, stage_names
-from flexray.protocol import Cost, DeviceProfile, DeviceView, LocalData, ServerSpec, State, Task, Update
+from flexray.protocol import Cost, DeviceProfile, DeviceView, LocalData, ServerSpec, State, SubModel, Task, Update
 from flexray.schedule.tlmp import Clients, exact_minmax, fit_cuts, solve_shares, terms, tlmp
 
 log = logging.getLogger("flexray")
@@ -53,7 +53,7 @@ class SplitFed(Method):
 
     def attach(self, profile: ModelProfile, server: DeviceProfile) -> None:
         self.points: list[SplitPoint] = split_points(profile, self.cfg.batch_size)
-        self.server_flops = server.flops
+        self.server_flops, self.server_name = server.flops, server.name
         L = len(self.points)
         if self.cfg.cut is not None and self.cfg.cut > L:
             raise FlexrayError(f"config error: method.cut: the model has {L} stages; use 1..{L} ({L} = no split)")
@@ -120,15 +120,26 @@ class SplitFed(Method):
             theta = np.where(tm.B[rows, cuts - 1] > 0, theta, 0.0)
         latency = tm.latency(cuts, np.maximum(theta, 1e-300))
         return [
-            Task(d.id, rnd, {"cut": int(cuts[i]), "theta": float(theta[i]), "predicted_s": float(latency[i]),
-                             "memory_bytes": points[int(cuts[i]) - 1].client_memory_bytes, "fit_err": self.fit_error})
+            Task(d.id, rnd, SubModel(cut=int(cuts[i]), theta=float(theta[i]), predicted_s=float(latency[i]),
+                                     memory_bytes=points[int(cuts[i]) - 1].client_memory_bytes))
             for i, d in enumerate(devices)
         ]
 
+    def plan_notes(self, tasks: Sequence[Task]) -> list[str]:
+        """What ``flexray plan`` prints under the table: the server shares and the cut regression."""
+        shares = [t.spec.theta for t in tasks if t.spec.theta is not None]
+        notes = []
+        if shares:
+            notes.append(f"server shares: sum {sum(shares):.4f} over {sum(s > 0 for s in shares)} split clients "
+                         f"(server {self.server_name})")
+        if tasks:
+            notes.append(f"cut regression: leave-one-out relative error {self.fit_error:.3g} (exact at the integer cuts)")
+        return notes
+
     def cost(self, task: Task, device: DeviceView, profile: ModelProfile) -> Cost:
-        p = self._points()[int(task.spec["cut"]) - 1]
+        p = self._points()[cut_of(task.spec) - 1]
         d = self.cfg.local_epochs * device.num_samples
-        theta = float(task.spec.get("theta", 0.0))
+        theta = task.spec.theta or 0.0
         server_s = d * p.server_flops / (theta * self.server_flops) if p.split and theta > 0 else 0.0
         return Cost(d * p.client_flops, p.client_model_bytes + d * p.downlink_bytes_per_sample,
                     p.client_model_bytes + d * p.uplink_bytes_per_sample, server_s)
@@ -150,7 +161,7 @@ class SplitFed(Method):
     # ---- device side
     def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
         points = self._points()
-        cut = int(task.spec["cut"])
+        cut = cut_of(task.spec)
         p = points[cut - 1]
         model = ctx.model()
         model.load_state_dict(state)
@@ -185,3 +196,9 @@ def split_train(client: nn.Module, data: LocalData, cfg: MethodConfig, generator
         seen += len(idx)
         loss_sum += loss * len(idx)
     return seen, loss_sum / max(seen, 1)
+
+
+def cut_of(spec: SubModel) -> int:
+    if spec.cut is None:
+        raise FlexrayError(f"splitfed: a task without a cut ({spec.log()}); plan sets it")
+    return int(spec.cut)

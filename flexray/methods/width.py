@@ -12,8 +12,8 @@ Static rate assignment (the papers' capability tiers): ``rate`` forces one rate 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import torch
 from pydantic import Field, ValidationInfo, field_validator
@@ -24,7 +24,7 @@ from flexray.errors import FlexrayError
 from flexray.methods.base import DeviceContext, Method, cast_like, check_tensors, copy_state, evaluate_model, sgd_train
 from flexray.models import elastic
 from flexray.models.profile import ModelProfile, profile_model, state_bytes, training_memory_bytes
-from flexray.protocol import Cost, DeviceProfile, DeviceView, LocalData, State, Task, Update
+from flexray.protocol import Cost, DeviceProfile, DeviceView, LocalData, State, SubModel, Task, Update
 
 RATES = (1.0, 0.5, 0.25, 0.125, 0.0625)
 LABELS = "_labels"
@@ -170,18 +170,18 @@ class WidthMethod(Method):
         _ = self.layout  # every layer must be width-scalable
 
     # ---- the scheduler's knob
-    def options(self) -> list[dict[str, Any]]:
+    def options(self) -> list[SubModel]:
         rates = [self.wcfg.rate] if self.wcfg.rate is not None else self.wcfg.rates
-        return [{"rate": r} for r in rates]
+        return [SubModel(rate=r) for r in rates]
 
-    def static_option(self, device: DeviceProfile) -> dict[str, Any]:
-        return {"rate": tier_rate(self.wcfg, device)}
+    def static_option(self, device: DeviceProfile) -> SubModel:
+        return SubModel(rate=tier_rate(self.wcfg, device))
 
-    def option_memory_bytes(self, option: Mapping[str, Any], input_shape: tuple[int, ...], batch_size: int) -> float:
-        return training_memory_bytes(self.sub_profile(float(option["rate"]), input_shape), batch_size)
+    def option_memory_bytes(self, option: SubModel, input_shape: tuple[int, ...], batch_size: int) -> float:
+        return training_memory_bytes(self.sub_profile(rate_of(option), input_shape), batch_size)
 
-    def device_model(self, state: State, model: nn.Module, option: Mapping[str, Any] | None) -> nn.Module:
-        rate = 1.0 if option is None else float(option["rate"])
+    def device_model(self, state: State, model: nn.Module, option: SubModel | None) -> nn.Module:
+        rate = 1.0 if option is None else rate_of(option)
         if rate == 1:
             return super().device_model(state, model, option)
         sub = self.build(rate, scaler=False)
@@ -193,19 +193,18 @@ class WidthMethod(Method):
         """The scheduler's choice per device, else the static tier (see module doc)."""
         tasks = []
         for d in devices:
-            rate = float(d.choice["rate"]) if d.choice else tier_rate(self.wcfg, d.profile)
+            rate = rate_of(d.choice) if d.choice is not None else tier_rate(self.wcfg, d.profile)
             tasks.append(Task(device=d.id, round=rnd, spec=self.spec(rnd, rate)))
-        self._planned = {t.device: float(t.spec["rate"]) for t in tasks}
+        self._planned = {t.device: rate_of(t.spec) for t in tasks}
         self.deployed.update(self._planned)
         return tasks
 
-    def spec(self, rnd: int, rate: float) -> dict[str, Any]:
-        """What lands in the event log's ``spec`` column (JSON)."""
-        off = self.offset(rnd)
-        return {"rate": rate} if off is None else {"rate": rate, "offset": off}
+    def spec(self, rnd: int, rate: float) -> SubModel:
+        """The sub-model of a device at ``rate`` in round ``rnd`` (FedRolex: its window too)."""
+        return SubModel(rate=rate, offset=self.offset(rnd))
 
     def cost(self, task: Task, device: DeviceView, profile: ModelProfile) -> Cost:
-        rate = float(task.spec["rate"])
+        rate = rate_of(task.spec)
         sub = self.sub_profile(rate, self._input_shape(profile))
         flops = self.wcfg.local_epochs * device.num_samples * self.flops_per_sample(rate, sub.input_shape or ())
         return Cost(flops, sub.param_bytes, self._shipped_bytes(rate))
@@ -255,7 +254,7 @@ class WidthMethod(Method):
     # ---- device side
     def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
         """Train the task's sub-model with plain local SGD (HeteroFL, FedRolex)."""
-        rate = float(task.spec["rate"])
+        rate = rate_of(task.spec)
         sub = elastic.extract(state, self.index(rate, task.round))
         model = ctx.model(f"{self.name}:{rate}", lambda: self.build(rate))
         model.load_state_dict(sub)
@@ -277,3 +276,9 @@ class WidthMethod(Method):
             tensors, weight=weight, samples=samples,
             flops=flops, bytes_down=bytes_down, metrics={"train_loss": loss, "rate": rate},
         )
+
+
+def rate_of(spec: SubModel) -> float:
+    if spec.rate is None:
+        raise FlexrayError(f"width method: a task without a width rate ({spec.log()}); the scheduler or plan sets it")
+    return float(spec.rate)

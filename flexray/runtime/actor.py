@@ -161,7 +161,7 @@ class DeviceHost:
             node=self.node, status=status, samples=samples, flops=flops, speed=speed, wall_s=wall,
             download_s=dl, compute_s=comp, upload_s=ul, start_s=req.start_s, end_s=req.start_s + busy,
             energy_j=energy_j(dev.profile, comp, dl + ul, idle_s=server_s), bytes_down=bytes_down, bytes_up=bytes_up,
-            metrics=dict(metrics), spec=dict(task.spec), server_s=server_s,
+            metrics=dict(metrics), spec=task.spec.log(), server_s=server_s,
         )
 
 

@@ -59,8 +59,8 @@ class SplitServerHost:
         with self.lock:
             for table in (self.models, self.opts, self.locks, self.served):
                 table.clear()
-            self.assign = {t.device: (int(t.spec["cut"]), float(t.spec["theta"])) for t in tasks
-                           if t.spec.get("cut") is not None and float(t.spec.get("theta", 0.0)) > 0}
+            self.assign = {t.device: (t.spec.cut, t.spec.theta) for t in tasks
+                           if t.spec.cut is not None and t.spec.theta is not None and t.spec.theta > 0}
             if self.spec.shared:
                 keys = [-1] if self.assign else []
             else:
@@ -75,11 +75,11 @@ class SplitServerHost:
     def begin(self, device: int, state: State, task: Task) -> bool:
         """Async rounds: a server part for one launching client, from the version it trained on
         (V1: its own copy; V2: the shared model, created once and trained on by every client)."""
-        cut, theta = task.spec.get("cut"), float(task.spec.get("theta", 0.0))
-        if cut is None or theta <= 0:
+        cut, theta = task.spec.cut, task.spec.theta
+        if cut is None or theta is None or theta <= 0:
             return False
         with self.lock:
-            self.assign[device] = (int(cut), theta)
+            self.assign[device] = (cut, theta)
             self.served[device] = [0.0, 0.0, 0.0]
             key = -1 if self.spec.shared else device
             if key not in self.models:

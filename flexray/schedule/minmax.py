@@ -19,15 +19,14 @@ A device that fits no option in memory gets no task this round.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 import numpy as np
 
 from flexray.config import ScheduleConfig
 from flexray.models.profile import ModelProfile
-from flexray.protocol import DeviceView, SubModelKnob, Task, predict_times
+from flexray.protocol import DeviceView, SubModel, SubModelKnob, Task, predict_times
 
 
 def minmax_choice(latency: np.ndarray, fits: np.ndarray, slack: float = 1.0) -> tuple[np.ndarray, float]:
@@ -75,7 +74,7 @@ class SubModelScheduler:
         ]
         self._tiers: dict[str, int] = {}
 
-    def latency(self, view: DeviceView, spec: Mapping[str, Any], rnd: int = 0) -> float:
+    def latency(self, view: DeviceView, spec: SubModel, rnd: int = 0) -> float:
         cost = self.method.cost(Task(view.id, rnd, spec), view, self.profile)
         return sum(predict_times(view.profile, view.speed, cost.flops, cost.bytes_down, cost.bytes_up))
 
@@ -104,6 +103,6 @@ class SubModelScheduler:
             idx = static_choice(np.array([self._tier(v) for v in views]), fits)
             chosen = [lat[i, j] for i, j in enumerate(idx) if j >= 0]
             target = max(chosen, default=0.0)
-        out = [replace(v, choice=dict(self.options[j])) for v, j in zip(views, idx) if j >= 0]
+        out = [replace(v, choice=self.options[j]) for v, j in zip(views, idx) if j >= 0]
         pred = {v.id: float(lat[i, j]) for i, (v, j) in enumerate(zip(views, idx)) if j >= 0}
         return Plan(out, pred, target)
