@@ -4,7 +4,7 @@ Runs the quickstart, a scaled FlexTrain job and a scaled SplitFed/TLMP job (all 
 prints one JSON line per job with its final metrics and the commit it ran on. Two runs on
 different commits that print the same metrics show the redesign kept the behaviour.
 
-    FLEXRAY_DATA_ROOT=../shared/data python benchmarks/seeded_metrics.py
+    FLEXRAY_DATA_ROOT=../shared/data python benchmarks/seeded_metrics.py [quickstart,flextrain,splitfed]
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ JOBS = {
     "quickstart": ("jobs/quickstart.yaml", []),
     "flextrain": ("jobs/cifar10_flextrain.yaml", ["data.samples_per_device=40", "data.test_samples=300", "rounds.num=2",
                                                   "rounds.eval_every=1"]),
-    "splitfed": ("jobs/mnist_sfl_efficientnet.yaml", ["data.samples_per_device=32", "data.test_samples=200",
-                                                      "rounds.num=2"]),
+    # SplitFed/TLMP on the quickstart's fleet: the EfficientNet job (jobs/mnist_sfl_efficientnet.yaml) diverges at
+    # its scaled-down size, and a diverging run is not reproducible to the last bit, so it cannot show "unchanged".
+    "splitfed": ("jobs/quickstart.yaml", ["method.name=splitfed", "fleet.actors=1", "rounds.num=5",
+                                          "method.server_cpus=0.5"]),
 }
 KEYS = ("accuracy", "loss", "sim_time_s", "energy_j", "bytes_up", "bytes_down", "train_loss", "mean_device_acc")
 
@@ -39,7 +41,8 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (path, extra) in JOBS.items():
+        only = sys.argv[1].split(",") if len(sys.argv) > 1 else list(JOBS)
+        for name, (path, extra) in ((n, JOBS[n]) for n in only):
             cfg = load_config(REPO / path, [*QUIET, f"tracking.uri=sqlite:///{tmp}/mlflow.db", *extra])
             t0 = time.perf_counter()
             final = run_job(cfg).final
