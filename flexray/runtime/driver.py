@@ -34,7 +34,7 @@ from flexray.runtime.rounds import RoundOutcome
 from flexray.runtime.split_server import start_split_server
 from flexray.tracking import plots
 from flexray.tracking.events import write_events
-from flexray.tracking.mlflow_logger import Tracker
+from flexray.tracking.mlflow_logger import Checkpoint, Tracker
 
 log = logging.getLogger("flexray")
 
@@ -163,11 +163,11 @@ def _drive(
     try:
         if resume:
             ck = tracker.load_checkpoint()
-            _check_resume(cfg, ck["config"])
-            start, clock, energy, wall_before = ck["round"], ck["clock_s"], ck["energy_j"], ck["wall_s"]
-            state, rows, history = ck["state"], ck["events"], ck["history"]
-            method.load_state_dict(ck["method"])
-            engine_state = ck["engine"]
+            _check_resume(cfg, ck.config)
+            start, clock, energy, wall_before = ck.round, ck.clock_s, ck.energy_j, ck.wall_s
+            state, rows, history = ck.state, ck.events, ck.history
+            method.load_state_dict(ck.method)
+            engine_state = ck.engine
         else:
             tracker.log_config(cfg, method.derived_params())
         held_out = np.setdiff1d(np.arange(len(dataset.y_train)), np.concatenate([d.indices for d in engine.devices]))
@@ -195,12 +195,11 @@ def _drive(
             rows.extend(r.row() for r in out.reports)
             every = cfg.tracking.checkpoint_every
             if every and ((rnd + 1) % every == 0 or last):  # the last one lets a run be extended
-                tracker.save_checkpoint({
-                    "round": rnd + 1, "clock_s": clock, "energy_j": energy,
-                    "wall_s": wall_before + time.perf_counter() - wall0, "state": state,
-                    "method": method.state_dict(), "engine": rounds.state_dict(), "events": rows, "history": history,
-                    "config": cfg.model_dump(mode="json"),
-                })
+                tracker.save_checkpoint(Checkpoint(
+                    round=rnd + 1, clock_s=clock, energy_j=energy, wall_s=wall_before + time.perf_counter() - wall0,
+                    state=state, method=method.state_dict(), engine=rounds.state_dict(), events=rows, history=history,
+                    config=cfg.model_dump(mode="json"),
+                ))
         phases.mark("rounds")
         final = method.device_model(state, eval_model, None)
         example = test.x[:2].numpy()

@@ -9,6 +9,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -244,21 +245,48 @@ class Tracker:
                     "(the run shows as RUNNING there)", self.uri, self.spill)
 
     # ---- checkpoints
-    def save_checkpoint(self, ckpt: dict[str, Any]) -> None:
+    def save_checkpoint(self, ckpt: Checkpoint) -> None:
         import torch
 
         path = self.workdir / "checkpoint.pt"
-        torch.save({"format": CHECKPOINT_FORMAT, **ckpt}, path)
+        torch.save({"format": CHECKPOINT_FORMAT, **ckpt.to_dict()}, path)
         self.log_file(path, "checkpoints")
 
-    def load_checkpoint(self) -> dict[str, Any]:
+    def load_checkpoint(self) -> Checkpoint:
         local = self.client.download_artifacts(self.run_id, CHECKPOINT, str(self.workdir)) if self._has_checkpoint() else None
         if local is None:
             raise FlexrayError(f"--resume {self.run_id}: the run has no checkpoint (tracking.checkpoint_every was 0 or it stopped before one)")
-        return read_checkpoint(Path(local))
+        return Checkpoint.from_dict(read_checkpoint(Path(local)), CHECKPOINT)
 
     def _has_checkpoint(self) -> bool:
         return any(f.path == CHECKPOINT for f in self.client.list_artifacts(self.run_id, "checkpoints"))
+
+
+@dataclass
+class Checkpoint:
+    """What a run needs to resume exactly where it stopped (saved as a plain dict of tensors and
+    lists, so it loads with ``weights_only=True``)."""
+
+    round: int  # rounds (sync) or model versions (async) completed
+    clock_s: float  # simulated time
+    energy_j: float
+    wall_s: float
+    state: dict[str, Any]  # the global model's tensors
+    method: dict[str, Any]  # Method.state_dict()
+    engine: dict[str, Any]  # the round loop's in-flight work (async flights, policy buffer)
+    events: list[dict[str, Any]]  # the event log so far
+    history: list[dict[str, float]]  # per-round metrics so far
+    config: dict[str, Any]  # the job config, to refuse resuming a different experiment
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str) -> Checkpoint:
+        missing = [f.name for f in fields(cls) if f.name not in raw]
+        if missing:
+            raise FlexrayError(f"checkpoint {where}: lacks {', '.join(missing)}; it was written by another flexray version")
+        return cls(**{f.name: raw[f.name] for f in fields(cls)})
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
