@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from mlflow.tracking import MlflowClient
 from common import job_tree, mean, time_to  # benchmarks/common.py
 
 from flexray.runtime.assembly import parse_config
@@ -87,6 +88,9 @@ def main() -> None:
     ap.add_argument("--test-samples", type=int, default=500)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--only", default="", help="comma-separated variant names")
+    ap.add_argument("--uri", default=None, help="keep the runs in this MLflow store (default: a temporary one)")
+    ap.add_argument("--report", nargs="*", default=None, metavar="URI",
+                    help="only score the runs already in these MLflow stores (e.g. seeds run in several sittings)")
     args = ap.parse_args()
     if not args.data.is_file():
         raise SystemExit(f"CIFAR-10 not found at {args.data}; pass --data path/to/cifar10.npz")
@@ -94,11 +98,14 @@ def main() -> None:
     if args.only:
         variants = {k: v for k, v in variants.items() if k in args.only.split(",")}
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.report is not None:
+        report(args, variants, seeds, from_stores(args.report, variants, seeds))
+        return
     runs: dict[tuple[str, int], tuple[list[dict[str, float]], float]] = {}
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(num_cpus=3, include_dashboard=False, logging_level="ERROR")  # 2 device actors + a split server
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            uri = f"sqlite:///{tmp}/mlflow.db"
+            uri = args.uri or f"sqlite:///{tmp}/mlflow.db"
             for seed in seeds:
                 for name, (method, model, mode, _) in variants.items():
                     t0 = time.perf_counter()
@@ -109,6 +116,28 @@ def main() -> None:
     finally:
         ray.shutdown()
     report(args, variants, seeds, runs)
+
+
+def from_stores(uris: list[str], variants: dict, seeds: list[int]) -> dict[tuple[str, int], tuple[list, float]]:
+    """Histories (accuracy and simulated time per round) of finished runs, read back from MLflow."""
+    runs = {}
+    for uri in uris:
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("async_vs_sync")
+        for run in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'") if exp else []:
+            name, _, seed = run.info.run_name.removeprefix("async_vs_sync-").rpartition("-s")
+            if name not in variants or int(seed) not in seeds:
+                continue
+            steps: dict[int, dict[str, float]] = {}
+            for key in ("accuracy", "sim_time_s"):
+                for m in client.get_metric_history(run.info.run_id, key):
+                    steps.setdefault(m.step, {})[key] = m.value
+            wall = (run.info.end_time - run.info.start_time) / 1000
+            runs[name, int(seed)] = ([steps[s] for s in sorted(steps)], wall)
+    missing = [(n, s) for n in variants for s in seeds if (n, s) not in runs]
+    if missing:
+        raise SystemExit(f"no finished run for {missing[0]} in {uris}")
+    return runs
 
 
 def report(args: argparse.Namespace, variants: dict, seeds: list[int],
