@@ -1,0 +1,217 @@
+"""The method x model x mode matrix: every cell either trains one tiny round through the shared Ray
+cluster and a real MLflow store, or ``flexray plan`` refuses it with one line naming a config field.
+
+A cell that fails after Ray has started is a bug. The outcomes are rendered into docs/matrix.md by
+the last test of this file (``FLEXRAY_WRITE_MATRIX=1`` rewrites the page instead of comparing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from flexray import cli
+from flexray.runtime.assembly import load_config
+from flexray.methods import _PATHS
+from flexray.runtime import driver
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[1]
+PAGE = REPO / "docs" / "matrix.md"
+METHODS = list(_PATHS)
+MODELS = ["cnn", "lenet", "vgg", "resnet8", "resnet20", "preresnet18", "torchvision:resnet18", "torchvision:mobilenet_v2"]
+MODES = ("sync", "async")
+CELLS = [(method, model, mode) for method in METHODS for model in MODELS for mode in MODES]
+
+# (method, model, mode) -> "run" or the refusal line (without the "flexray: error: " prefix)
+OUTCOMES: dict[tuple[str, str, str], str] = {}
+TIMES: dict[tuple[str, str, str], float] = {}
+
+REFUSAL = re.compile(r"^flexray: error: config error: (?P<field>[a-z_]+(\.[a-z_0-9]+)+): .+; use .+$")
+
+
+def job_yaml(tmp_path: Path, method: str, model: str, mode: str, mlflow_uri: str, dse_cache: Path) -> Path:
+    """The smallest job that still is one real round: 2 devices (a slow and a fast class) of 20
+    digits each, one actor, batch 16, 32 test samples."""
+    m: dict = {"name": method, "batch_size": 16, "lr": 0.05}
+    if method == "distreal":  # a design-space search of 4 candidates, one proxy step each
+        m["dse"] = {"grid": [0.0, 0.5], "pop_size": 4, "generations": 1, "proxy_samples": 20, "proxy_steps": 1,
+                    "proxy_batch": 8, "cache_dir": str(dse_cache)}
+    if method == "fedbuff":  # one server step per 2 arrivals, not the default 10
+        m["buffer_size"] = 2
+    if method == "reft":
+        m.update(proxy_samples=16, distill_steps=1, distill_batch=16)
+    tree = {
+        "name": f"matrix-{method}-{model}-{mode}",
+        "seed": 0,
+        "data": {"name": "digits", "samples_per_device": 20, "test_samples": 32},
+        "model": {"name": model, "width": 8},
+        "fleet": {"actors": 1, "groups": [{"profile": "rpi3", "count": 1}, {"profile": "laptop_cpu", "count": 1}]},
+        "method": m,
+        "rounds": {"num": 1, "mode": mode},
+        "tracking": {"uri": mlflow_uri, "experiment": "matrix", "progress": False, "plots": False,
+                     "log_model": False, "checkpoint_every": 0},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+@contextlib.contextmanager
+def flexray_logger_kept() -> Iterator[None]:
+    """``cli.main`` adds a handler to the ``flexray`` logger on each call (bound to this test's
+    captured stderr): drop it afterwards so later tests do not write into a closed capture."""
+    logger = logging.getLogger("flexray")
+    before = list(logger.handlers)
+    try:
+        yield
+    finally:
+        logger.handlers[:] = before
+
+
+def cli_main(argv: list[str]) -> int:
+    with flexray_logger_kept():
+        return cli.main(argv)
+
+
+@pytest.fixture(scope="module")
+def dse_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("dse")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread(one_torch_thread: None) -> None:
+    """On a busy 2-core machine two torch threads make ``plan``'s FLOP count 10-20x slower."""
+
+
+def assert_one_line_refusal(rc: int, out: str, err: str, what: str) -> str:
+    lines = err.splitlines()
+    assert rc != 0, f"{what} exited 0 but printed {err!r}"
+    assert "Traceback" not in out + err, f"{what} printed a traceback:\n{err}"
+    assert len(lines) == 1, f"{what} must refuse in exactly one stderr line, got:\n{err}"
+    assert REFUSAL.match(lines[0]), f"{what}: not a one-line config error naming a field: {lines[0]!r}"
+    return lines[0].removeprefix("flexray: error: ")
+
+
+def test_refusal_check_fails_on_a_traceback_or_a_vague_line() -> None:
+    good = "flexray: error: config error: model.name: needs a plain chain; use cnn\n"
+    assert assert_one_line_refusal(2, "", good, "plan") == "config error: model.name: needs a plain chain; use cnn"
+    bad = {
+        "exit 0": (0, "", good),
+        "traceback": (1, "", "Traceback (most recent call last):\n  ...\nValueError: x\n" + good),
+        "two lines": (2, "", good + "flexray: also this\n"),
+        "no field": (2, "", "flexray: error: something went wrong\n"),
+        "no fix": (2, "", "flexray: error: config error: model.name: unsupported\n"),
+    }
+    for what, (rc, out, err) in bad.items():
+        with pytest.raises(AssertionError):
+            assert_one_line_refusal(rc, out, err, what)
+
+
+@pytest.mark.parametrize(("method", "model", "mode"), CELLS, ids=[f"{a}-{b}-{c}" for a, b, c in CELLS])
+def test_cell(method: str, model: str, mode: str, ray_cluster, mlflow_uri: str, dse_cache: Path,
+              tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    t0 = time.perf_counter()
+    path = job_yaml(tmp_path, method, model, mode, mlflow_uri, dse_cache)
+    capsys.readouterr()
+    rc = cli_main(["plan", str(path)])
+    out, err = capsys.readouterr()
+    if rc != 0:
+        line = assert_one_line_refusal(rc, out, err, "flexray plan")
+        # `flexray run` refuses the same cell with the same line, and before Ray is touched.
+        def no_ray(cfg: object) -> None:
+            raise AssertionError(f"flexray run started Ray for a cell plan refuses: {line}")
+
+        monkeypatch.setattr(driver, "ray_session", no_ray)
+        rc_run = cli_main(["run", str(path)])
+        out_run, err_run = capsys.readouterr()
+        assert assert_one_line_refusal(rc_run, out_run, err_run, "flexray run") == line
+        OUTCOMES[(method, model, mode)] = line
+        TIMES[(method, model, mode)] = time.perf_counter() - t0
+        return
+    assert "Traceback" not in out + err, err
+
+    result = driver.run_job(load_config(path))
+    assert len(result.history) == 1, result.history
+    final = result.final
+    bad = {k: v for k, v in final.items() if isinstance(v, float) and not math.isfinite(v)}
+    assert not bad, f"non-finite metrics: {bad}"
+    assert 0.0 <= final["accuracy"] <= 1.0 and final["loss"] >= 0.0 and final["sim_time_s"] > 0.0, final
+    assert final["participants"] >= 1, final
+    run = MlflowClient(mlflow_uri).get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["method.name"] == method and run.data.params["model.name"] == model
+    assert run.data.params["rounds.mode"] == mode
+    OUTCOMES[(method, model, mode)] = "run"
+    TIMES[(method, model, mode)] = time.perf_counter() - t0
+
+
+# ---- the page
+
+
+def render(outcomes: dict[tuple[str, str, str], str]) -> str:
+    """docs/matrix.md from the cells' outcomes: ✓ trains one round, – refused (reason in a footnote)."""
+    notes: list[str] = []  # distinct refusal reasons, numbered in order of first appearance
+
+    def mark(cell: tuple[str, str, str]) -> str:
+        outcome = outcomes[cell]
+        if outcome == "run":
+            return "✓"
+        if outcome not in notes:
+            notes.append(outcome)
+        return f"–<sup>{notes.index(outcome) + 1}</sup>"
+
+    def count(mode: str) -> int:
+        return sum(outcomes[(a, b, c)] == "run" for a, b, c in CELLS if c == mode)
+
+    refused = sum(v != "run" for v in outcomes.values())
+    sync, asyn = count("sync"), count("async")
+    lines = [
+        "# Method × model × mode matrix",
+        "",
+        "<!-- generated by tests/test_matrix.py (FLEXRAY_WRITE_MATRIX=1 rewrites it); do not edit -->",
+        "",
+        f"{len(CELLS)} cells ({len(METHODS)} methods × {len(MODELS)} models × sync/async): "
+        f"**{sync}** train in sync rounds, **{asyn}** in async rounds, **{refused}** are refused by "
+        "`flexray plan` (and `flexray run`) with one line naming the field, before Ray starts.",
+        "",
+        "Each cell is `sync/async`: ✓ is one round of a tiny digits job (2 devices, one actor) through a real "
+        "Ray cluster into a real MLflow store, finished with finite metrics; – is refused, the number points to "
+        "the refusal below. `tests/test_matrix.py` runs every cell and renders this page.",
+        "",
+        "| method | " + " | ".join(f"`{m}`" for m in MODELS) + " |",
+        "| --- |" + " :---: |" * len(MODELS),
+    ]
+    for method in METHODS:
+        cells = [f"{mark((method, model, 'sync'))}/{mark((method, model, 'async'))}" for model in MODELS]
+        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    per_model = [f"`{m}` {sum(outcomes[(a, m, c)] == 'run' for a in METHODS for c in MODES)}" for m in MODELS]
+    lines += ["", "Cells that train, per model (sync + async): " + ", ".join(per_model) + ".", "", "Refusals:", ""]
+    lines += [f"{i}. `{note}`" for i, note in enumerate(notes, 1)]
+    return "\n".join(lines) + "\n"
+
+
+def test_matrix_page() -> None:
+    """Ordered last: renders docs/matrix.md from the cells above and checks the page is current."""
+    if len(OUTCOMES) < len(CELLS):
+        pytest.skip(f"only {len(OUTCOMES)} of {len(CELLS)} cells ran (a selection, or a cell failed)")
+    slow = sorted(TIMES.items(), key=lambda kv: -kv[1])[:5]
+    print(f"\nmatrix: {sum(TIMES.values()):.0f} s over {len(TIMES)} cells; slowest: "
+          + ", ".join(f"{'-'.join(k)} {v:.1f} s" for k, v in slow))
+    page = render(OUTCOMES)
+    if os.environ.get("FLEXRAY_WRITE_MATRIX") == "1":
+        PAGE.write_text(page)
+        return
+    assert PAGE.exists() and PAGE.read_text() == page, (
+        "docs/matrix.md is stale; rerun with FLEXRAY_WRITE_MATRIX=1 pytest tests/test_matrix.py")
