@@ -11,25 +11,20 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-import torch
 from mlflow.tracking import MlflowClient
 
 from flexray import phases
-from flexray.data.datasets import load_dataset
 from flexray.errors import FlexrayError
-from flexray.fleet.fleet import assign_actors, build_fleet
+from flexray.fleet.fleet import assign_actors
 from flexray.fleet.latency import predict, round_time
 from flexray.fleet.placement import connected_placement
 from flexray.fleet.probe import default_name, measure, nearest_class, profile_line
-from flexray.fleet.profiles import CATALOG, resolve_profile
-from flexray.methods import method_class
-from flexray.methods.base import ServerData
-from flexray.models import build_model, profile_model
+from flexray.fleet.profiles import CATALOG
 from flexray.protocol import DeviceView, PlanNotes, SubModel
 from flexray.runtime.assembly import load_config
 from flexray.runtime.driver import run_job, use_ray_auth_mode
 from flexray.runtime.engines import engine_for
+from flexray.runtime.job import Job
 from flexray.schedule.minmax import SubModelScheduler
 from flexray.tracking.mlflow_logger import check_access, resolve_uri
 
@@ -59,9 +54,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    ds = load_dataset(cfg.data)
-    devices = build_fleet(cfg, ds.y_train)
-    engine = engine_for(cfg, devices, ds)
+    job = Job.assemble(cfg)  # the run's own assembly: what refuses the run refuses the plan
+    devices = job.devices
+    engine = engine_for(job)
     if hasattr(engine, "describe"):  # an engine with its own planner (e.g. tiled) prints its plan
         print(engine.describe())
         return 0
@@ -72,22 +67,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
         placement = connected_placement(args.address, specs)
         node_of = {d: placement.describe(s.index) for s in specs for d in s.devices}
 
-    def model_fn() -> torch.nn.Module:
-        return build_model(cfg.model, ds.input_shape, ds.num_classes)
-
-    model = model_fn()
-    method = method_class(cfg.method.name)(cfg.method, model_fn)
-    method.check()
-    mprof = profile_model(model, ds.input_shape)
-    method.attach(mprof, resolve_profile(cfg.fleet.server_profile, cfg.fleet.profiles))
+    method = job.method()
+    mprof = job.model_profile
     avail = [d for d in devices if d.trace.available(0.0)]
-    held_out = np.setdiff1d(np.arange(len(ds.y_train)), np.concatenate([d.indices for d in devices]))
     with tempfile.TemporaryDirectory() as tmp:  # e.g. DISTREAL's design-space search (cached on disk)
-        method.setup(ServerData(ds, held_out), Path(tmp))
+        job.prepare(method, Path(tmp))
     deadline = cfg.rounds.deadline_s
     views = [DeviceView(d.id, d.profile, d.trace.speed(0.0), len(d.indices), deadline) for d in avail]
     plan = SubModelScheduler(cfg.schedule, method, mprof, cfg.method.batch_size).assign(views)
-    tasks = method.plan(0, plan.views, method.init(model))
+    tasks = method.plan(0, plan.views, method.init(job.model()))
     preds = predict(method, tasks, {d.id: d for d in devices}, 0.0, mprof, cfg.method.batch_size, deadline)
     knobs = {t.device: _knobs(t.spec) for t in tasks}  # what the method chose per device (cut, share, k, p, ...)
     rows = [(p.name, actor_of[p.device], *([node_of[p.device]] if node_of else []), knobs[p.device], p.samples, p.flops,

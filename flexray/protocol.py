@@ -142,18 +142,23 @@ class LocalData:
         return len(self.y)
 
 
-class SubModelKnob(Protocol):
-    """The scheduler's view of a method that trains sub-models (``flexray.methods.base.Method``
-    implements it): the menu of options, the static tier, an option's memory and a task's cost.
-    ``flexray.schedule`` and ``flexray.fleet.latency`` see a method only through this."""
+class CostModel(Protocol):
+    """What a task costs a device: every method has it (``Method.cost``)."""
+
+    def cost(self, task: Task, device: DeviceView, profile: Any) -> Cost: ...
+
+
+@runtime_checkable
+class SubModelKnob(CostModel, Protocol):
+    """The capability of a method that trains sub-models: the menu of options (largest first),
+    the static tier of a device class and an option's training memory. ``flexray.schedule`` and
+    ``flexray.fleet.latency`` discover it with ``isinstance``; a method without it is planned whole."""
 
     def options(self) -> list[SubModel]: ...
 
     def static_option(self, device: DeviceProfile) -> SubModel | None: ...
 
     def option_memory_bytes(self, option: SubModel, input_shape: tuple[int, ...], batch_size: int) -> float: ...
-
-    def cost(self, task: Task, device: DeviceView, profile: Any) -> Cost: ...
 
 
 @runtime_checkable

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from flexray.fleet.fleet import Device
 from flexray.models.profile import ModelProfile, training_memory_bytes
-from flexray.protocol import DeviceView, SubModelKnob, Task, energy_j, predict_times
+from flexray.protocol import CostModel, DeviceView, SubModelKnob, Task, energy_j, predict_times
 
 
 @dataclass(frozen=True)
@@ -34,14 +34,14 @@ class Prediction:
 
 
 def predict(
-    method: SubModelKnob, tasks: Sequence[Task], devices: dict[int, Device], t: float, profile: ModelProfile, batch_size: int,
+    method: CostModel, tasks: Sequence[Task], devices: dict[int, Device], t: float, profile: ModelProfile, batch_size: int,
     deadline_s: float | None = None,
 ) -> list[Prediction]:
     out = []
     full_mem = training_memory_bytes(profile, batch_size)
-    knob = bool(method.options()) and profile.input_shape is not None
+    knob = method if isinstance(method, SubModelKnob) and method.options() and profile.input_shape else None
     for task in tasks:
-        mem = method.option_memory_bytes(task.spec, profile.input_shape, batch_size) if knob else full_mem
+        mem = knob.option_memory_bytes(task.spec, profile.input_shape, batch_size) if knob else full_mem
         d = devices[task.device]
         speed = d.trace.speed(t)
         view = DeviceView(d.id, d.profile, speed, len(d.indices), deadline_s)

@@ -13,7 +13,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -23,7 +22,7 @@ from flexray.config import MethodConfig
 from flexray.data.datasets import to_tensor
 from flexray.errors import FlexrayError
 from flexray.models.evaluate import evaluate_model
-from flexray.models.profile import ModelProfile, profile_model, state_bytes, training_memory_bytes
+from flexray.models.profile import ModelProfile, state_bytes
 from flexray.protocol import (
     Cost, DesignPoint, DeviceProfile, DeviceView, LocalData, ServerSpec, State, SubModel, Task, Update,
 )
@@ -72,16 +71,22 @@ class DeviceContext:
 
 
 class Method(ABC):
-    """Base class of every method; one subclass per file in ``flexray/methods``."""
+    """The core every method has; one subclass per file in ``flexray/methods``.
+
+    The server half (``init``, ``plan``, ``aggregate``, ``evaluate``, ``validate``, state) runs on
+    the driver; the device half (``local_update``, ``combine``) runs in the actors, on an instance
+    built from the same config. What only some methods need -- a sub-model knob, runtime facts, a
+    split server, server-side preparation, a per-device model, an async policy -- is a protocol in
+    ``flexray.methods.capabilities`` that the runtime discovers with ``isinstance``.
+    """
 
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     linear: ClassVar[bool] = False
     """True when aggregation is a weighted mean, so an actor may pre-sum its devices' updates."""
-    supports_async: ClassVar[bool] = True
-    """False when the method's work has no independent updates to land one at a time (tiles)."""
     engine: ClassVar[str] = "rounds"
-    """Which runtime engine runs the method (``flexray.runtime.engines``): federated rounds by default."""
+    """Which runtime engine runs the method (``flexray.runtime.engines``): federated rounds by
+    default, the only engine with async rounds."""
 
     def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module]) -> None:
         self.cfg = cfg
@@ -108,37 +113,7 @@ class Method(ABC):
         logged as MLflow params beside it so a run says how it was trained."""
         return {}
 
-    # ---- the scheduler's knob (methods that train sub-models); see flexray.schedule.minmax
-    def options(self) -> list[SubModel]:
-        """The sub-models a device may be given, largest first; empty when there is no knob."""
-        return []
-
-    def static_option(self, device: DeviceProfile) -> SubModel | None:
-        """The device class's capability tier (``schedule.mode: static``)."""
-        return None
-
-    def option_memory_bytes(self, option: SubModel, input_shape: tuple[int, ...], batch_size: int) -> float:
-        """Training memory of one option on a device."""
-        return training_memory_bytes(profile_model(self.full, input_shape), batch_size)
-
-    def device_model(self, state: State, model: nn.Module, option: SubModel | None) -> nn.Module:
-        """The model a device with ``option`` deploys after training (the full one by default)."""
-        model.load_state_dict(state)
-        return model
-
-    # ---- server side
-    def setup(self, data: ServerData, workdir: Path) -> list[Path]:
-        """Server-side preparation before the first round (e.g. a design-space search or a proxy
-        set); returns files to log as run artifacts. Runs again on resume."""
-        return []
-    def attach(self, profile: ModelProfile, server: DeviceProfile) -> None:
-        """Runtime facts a scheduling method plans with: the model's per-stage profile and the
-        server's device class. Called by the driver, every actor and ``flexray plan``."""
-
-    def server_spec(self) -> ServerSpec | None:
-        """The split server this method needs the runtime to start (None: no server)."""
-        return None
-
+    # ---- server half
     def init(self, model: nn.Module) -> State:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -182,7 +157,7 @@ class Method(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.deployed = dict(state.get("deployed", {}))
 
-    # ---- device side
+    # ---- device half (runs in the actors, on a copy built from the same config)
     @abstractmethod
     def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update: ...
 

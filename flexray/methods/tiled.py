@@ -63,7 +63,6 @@ class Tiled(Method):
     engine = "tiled"
     Config = TiledConfig
     cfg: TiledConfig
-    supports_async = False  # the tiles of one step are one update: nothing lands on its own
 
     def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
         """The round's steps on one device alone, in the order ``batches`` gives."""

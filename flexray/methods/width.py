@@ -183,7 +183,8 @@ class WidthMethod(Method):
     def device_model(self, state: State, model: nn.Module, option: SubModel | None) -> nn.Module:
         rate = 1.0 if option is None else rate_of(option)
         if rate == 1:
-            return super().device_model(state, model, option)
+            model.load_state_dict(state)
+            return model
         sub = self.build(rate, scaler=False)
         sub.load_state_dict(elastic.extract(state, elastic.sub_index(self.layout, rate)))
         return sub

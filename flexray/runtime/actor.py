@@ -21,15 +21,14 @@ import ray
 import torch
 
 from flexray.config import JobConfig
-from flexray.data.datasets import Dataset, to_tensor
+from flexray.data.datasets import Dataset
 from flexray.fleet import placement
 from flexray.fleet.fleet import ActorSpec, Device, derive_seed
-from flexray.fleet.profiles import resolve_profile
 from flexray.fleet.report import DeviceReport, RoundRequest
-from flexray.methods import method_class
 from flexray.methods.base import DeviceContext
-from flexray.models import build_model, profile_model, state_bytes
-from flexray.protocol import DeviceView, LocalData, State, Task, Update, energy_j, predict_times
+from flexray.models import state_bytes
+from flexray.protocol import DeviceView, State, Task, Update, energy_j, predict_times
+from flexray.runtime.job import Job
 from flexray.runtime.split_server import make_port
 
 
@@ -39,22 +38,13 @@ class DeviceHost:
     def __init__(self, cfg: JobConfig, spec: ActorSpec, devices: Sequence[Device], dataset: Dataset) -> None:
         torch.set_num_threads(max(1, int(spec.num_cpus)))
         self.cfg, self.spec = cfg, spec
+        job = Job(cfg, dataset, list(devices))  # the same assembly as the driver's, for these devices
         self.devices = {d.id: d for d in devices}
-        self.data = {
-            d.id: LocalData(
-                to_tensor(dataset.x_train[d.indices], dataset.mean, dataset.std),
-                torch.as_tensor(dataset.y_train[d.indices], dtype=torch.long),
-            )
-            for d in devices
-        }
-
-        def model_fn() -> torch.nn.Module:
-            return build_model(cfg.model, dataset.input_shape, dataset.num_classes)
-
-        self.method = method_class(cfg.method.name)(cfg.method, model_fn)
-        self.ctx = DeviceContext(model_fn)
-        self.model_profile = profile_model(self.ctx.model(), dataset.input_shape)
-        self.method.attach(self.model_profile, resolve_profile(cfg.fleet.server_profile, cfg.fleet.profiles))
+        self.data = {d.id: job.local_data(d) for d in devices}
+        self.method = job.method()
+        self.ctx = DeviceContext(job.model)
+        self.ctx.model()  # built now: inside the first task it would draw from that task's seeded RNG
+        self.model_profile = job.model_profile
         self.node = _node_id()
 
     def __repr__(self) -> str:  # Ray shows it in logs, the dashboard and the state API

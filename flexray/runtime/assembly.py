@@ -66,8 +66,8 @@ def _check_cross_fields(cfg: JobConfig) -> None:
 
 
 def _check_async(cfg: JobConfig) -> None:
-    """The one place that reads ``Method.supports_async``: every method runs async rounds except
-    one whose work is a single update made together (tiled training)."""
-    if cfg.rounds.mode == "async" and not method_class(cfg.method.name).supports_async:
+    """Async rounds are a mode of the rounds engine, so every method that runs on it has them;
+    another engine's work (tiled training: one update made by all devices together) has none."""
+    if cfg.rounds.mode == "async" and method_class(cfg.method.name).engine != "rounds":
         raise FlexrayError(f"config error: rounds.mode: method {cfg.method.name!r} makes one update from all its "
                            "devices together, so nothing can land asynchronously; use rounds.mode=sync")

@@ -1,18 +1,18 @@
-"""The job driver: build the fleet, run rounds, evaluate, checkpoint, log. Never names a method."""
+"""The job driver: assemble the job, run the rounds, evaluate, and hand each round to the callbacks
+(MLflow metrics, checkpoints, run files). Never names a method."""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import ray._raylet
 import torch
@@ -20,20 +20,16 @@ from tqdm import tqdm
 
 from flexray import phases
 from flexray.config import JobConfig, flatten
-from flexray.data.datasets import Dataset, load_dataset, to_tensor
 from flexray.errors import FlexrayError
-from flexray.fleet.fleet import ActorSpec, build_fleet
-from flexray.fleet.profiles import resolve_profile
-from flexray.methods import method_class
-from flexray.methods.base import Method, ServerData
-from flexray.models import build_model, profile_model
-from flexray.protocol import LocalData
+from flexray.fleet.fleet import ActorSpec
+from flexray.methods.base import Method
+from flexray.methods.capabilities import NeedsSplitServer, deployed_model
 from flexray.runtime.actor import DeviceActorHandle, wait_ready
 from flexray.runtime.engines import Engine, engine_for
+from flexray.runtime.job import Job
 from flexray.runtime.rounds import RoundOutcome
 from flexray.runtime.split_server import start_split_server
-from flexray.tracking import plots
-from flexray.tracking.events import write_events
+from flexray.tracking.callbacks import Callback, FitEnd, RoundEnd, tracking_callbacks
 from flexray.tracking.mlflow_logger import Checkpoint, Tracker
 
 log = logging.getLogger("flexray")
@@ -100,15 +96,14 @@ def _check_resume(cfg: JobConfig, saved: dict[str, Any]) -> None:
             raise FlexrayError(f"--resume: {key} was {value!r} in the run but is {now.get(key)!r} now; resume with the run's config")
 
 
-def run_job(cfg: JobConfig, resume: str | None = None) -> JobResult:
-    """Run (or resume) a job end to end; returns the per-round metric history."""
+def run_job(cfg: JobConfig, resume: str | None = None, callbacks: Sequence[Callback] = ()) -> JobResult:
+    """Run (or resume) a job end to end; returns the per-round metric history.
+
+    ``callbacks`` come after the tracking ones (metrics, checkpoints, run files) and see the same
+    round ends."""
     wall0 = time.perf_counter()
-    dataset = load_dataset(cfg.data)
-    method_class(cfg.method.name)(
-        cfg.method, lambda: build_model(cfg.model, dataset.input_shape, dataset.num_classes)
-    ).check()
-    devices = build_fleet(cfg, dataset.y_train)
-    engine = engine_for(cfg, devices, dataset)  # the method names its engine; rounds unless it says otherwise
+    job = Job.assemble(cfg)  # every refusal of the config happens here, before Ray
+    engine = engine_for(job)  # the method names its engine; rounds unless it says otherwise
     phases.mark("data_and_fleet")
     with ThreadPoolExecutor(1) as pool:
         # MLflow's store set-up is Python work; Ray's start-up is mostly waiting: overlap them.
@@ -122,9 +117,10 @@ def run_job(cfg: JobConfig, resume: str | None = None) -> JobResult:
                     tracker = tracker_future.result()
                     phases.mark("tracker_ready")
                     driving = True
-                    result, finish = _drive(cfg, resume, tracker, dataset, engine, actors, wall0)
+                    loop = [*tracking_callbacks(tracker, cfg), *callbacks]
+                    result, fit_end = _drive(job, resume, tracker, engine, actors, loop, wall0)
                     # The files need no cluster: write them while Ray shuts down.
-                    finishing = pool.submit(finish)
+                    finishing = pool.submit(_finish, tracker, loop, fit_end)
                 finally:
                     for _, handle in actors:
                         ray.kill(_ray_actor(handle))
@@ -139,23 +135,18 @@ def run_job(cfg: JobConfig, resume: str | None = None) -> JobResult:
 
 
 def _drive(
-    cfg: JobConfig, resume: str | None, tracker: Tracker, dataset: Dataset, engine: Engine,
-    actors: list[tuple[ActorSpec, Any]], wall0: float,
-) -> tuple[JobResult, Callable[[], None]]:
-    """Run the rounds; returns the result and the step that writes the run's files and closes
-    the MLflow run (it needs no Ray, so the caller overlaps it with Ray's shutdown)."""
-    def model_fn() -> torch.nn.Module:
-        return build_model(cfg.model, dataset.input_shape, dataset.num_classes)
-
+    job: Job, resume: str | None, tracker: Tracker, engine: Engine, actors: list[tuple[ActorSpec, Any]],
+    callbacks: Sequence[Callback], wall0: float,
+) -> tuple[JobResult, FitEnd]:
+    """Run the rounds; returns the result and what the callbacks' ``on_fit_end`` writes (it
+    needs no Ray, so the caller overlaps it with Ray's shutdown)."""
+    cfg = job.cfg
     torch.manual_seed(cfg.seed)
-    method: Method = method_class(cfg.method.name)(cfg.method, model_fn)
-    eval_model = model_fn()
+    method = job.method()
+    eval_model = job.model()
     state = method.init(eval_model)
-    server = resolve_profile(cfg.fleet.server_profile, cfg.fleet.profiles)
-    model_profile = profile_model(eval_model, dataset.input_shape)
-    method.attach(model_profile, server)
     split_server = None
-    test = LocalData(to_tensor(dataset.x_test, dataset.mean, dataset.std), torch.tensor(dataset.y_test, dtype=torch.long))
+    test = job.test_data()
 
     start, clock, energy, wall_before = 0, 0.0, 0.0, 0.0
     rows: list[dict[str, Any]] = []
@@ -170,14 +161,12 @@ def _drive(
             engine_state = ck.engine
         else:
             tracker.log_config(cfg, method.derived_params())
-        held_out = np.setdiff1d(np.arange(len(dataset.y_train)), np.concatenate([d.indices for d in engine.devices]))
-        with torch.random.fork_rng(devices=[]):  # server-side preparation never shifts the training RNG
-            for path in method.setup(ServerData(dataset, held_out), tracker.workdir):
-                tracker.log_file(path, "method")
+        for path in job.prepare(method, tracker.workdir):
+            tracker.log_file(path, "method")
         wait_ready(actors)
         phases.mark("actors_ready")
-        split_server = _start_split_server(cfg, method, dataset, server)
-        rounds = engine.rounds(method, actors, server, model_profile, split_server)
+        split_server = _start_split_server(job, method)
+        rounds = engine.rounds(method, actors, job.server_profile, job.model_profile, split_server)
         if resume:
             rounds.load_state_dict(engine_state)
         bar = tqdm(range(start, cfg.rounds.num), desc=cfg.name, unit="round", disable=not cfg.tracking.progress)
@@ -190,43 +179,48 @@ def _drive(
             if (rnd + 1) % cfg.rounds.eval_every == 0 or last:
                 metrics.update(method.evaluate(state, eval_model, test))
                 bar.set_postfix(acc=f"{metrics['accuracy']:.3f}", sim_s=f"{clock:.0f}")
-            tracker.log_metrics(rnd + 1, metrics)
             history.append({"round": rnd + 1, **metrics})
-            rows.extend(r.row() for r in out.reports)
-            every = cfg.tracking.checkpoint_every
-            if every and ((rnd + 1) % every == 0 or last):  # the last one lets a run be extended
-                tracker.save_checkpoint(Checkpoint(
-                    round=rnd + 1, clock_s=clock, energy_j=energy, wall_s=wall_before + time.perf_counter() - wall0,
+            new_rows = [r.row() for r in out.reports]
+            rows.extend(new_rows)
+
+            def snapshot(done: int = rnd + 1, clock: float = clock, energy: float = energy, state: Any = state) -> Checkpoint:
+                return Checkpoint(
+                    round=done, clock_s=clock, energy_j=energy, wall_s=wall_before + time.perf_counter() - wall0,
                     state=state, method=method.state_dict(), engine=rounds.state_dict(), events=rows, history=history,
                     config=cfg.model_dump(mode="json"),
-                ))
+                )
+
+            end = RoundEnd(rnd + 1, last, metrics, new_rows, snapshot)
+            for callback in callbacks:
+                callback.on_round_end(end)
         phases.mark("rounds")
-        final = method.device_model(state, eval_model, None)
-        example = test.x[:2].numpy()
+        fit_end = FitEnd(history, rows, deployed_model(method, state, eval_model), test.x[:2].numpy())
     except BaseException:
         tracker.set_terminated("FAILED")
         raise
     finally:
         if split_server is not None:
             ray.kill(split_server)
-
-    def finish() -> None:
-        status = "FAILED"
-        try:
-            _finish(tracker, cfg, rows, history, final, example)
-            status = "FINISHED"
-        finally:
-            tracker.set_terminated(status)
-
-    return JobResult(tracker.run_id, tracker.uri, history), finish
+    return JobResult(tracker.run_id, tracker.uri, history), fit_end
 
 
-def _start_split_server(cfg: JobConfig, method: Method, dataset: Dataset, server: Any) -> Any:
-    """Start the split server the method asks for (``Method.server_spec``), or None."""
-    spec = method.server_spec()
+def _finish(tracker: Tracker, callbacks: Sequence[Callback], end: FitEnd) -> None:
+    """The callbacks' ``on_fit_end``, then the MLflow run is closed (FAILED if one raised)."""
+    status = "FAILED"
+    try:
+        for callback in callbacks:
+            callback.on_fit_end(end)
+        status = "FINISHED"
+    finally:
+        tracker.set_terminated(status)
+
+
+def _start_split_server(job: Job, method: Method) -> Any:
+    """Start the split server the method asks for (``NeedsSplitServer``), or None."""
+    spec = method.server_spec() if isinstance(method, NeedsSplitServer) else None
     if spec is None:
         return None
-    handle = start_split_server(cfg, spec, dataset.input_shape, dataset.num_classes, server)
+    handle = start_split_server(job.cfg, spec, job.dataset.input_shape, job.dataset.num_classes, job.server_profile)
     try:
         ray.get(handle.info.remote(), timeout=120)
     except ray.exceptions.GetTimeoutError:
@@ -253,17 +247,3 @@ def _round_metrics(out: RoundOutcome, clock: float, energy: float, wall: float) 
     if losses and sum(n for _, n in losses):
         metrics["train_loss"] = sum(l * n for l, n in losses) / sum(n for _, n in losses)
     return metrics
-
-
-def _finish(tracker: Tracker, cfg: JobConfig, rows: list[dict[str, Any]], history: list[dict[str, float]], model: torch.nn.Module, example: Any) -> None:
-    out = tracker.workdir
-    tracker.log_file(write_events(rows, out / "events.parquet"))
-    if cfg.tracking.plots:
-        for path in (
-            plots.accuracy_vs_time(history, out / "accuracy_vs_time.png"),
-            plots.gantt(rows, cfg.tracking.gantt_rounds, out / "gantt.png"),
-            plots.energy_per_device(rows, out / "energy_per_device.png"),
-        ):
-            tracker.log_file(path, "plots")
-    if cfg.tracking.log_model:
-        tracker.log_model(model.eval(), example)

@@ -19,6 +19,7 @@ from flexray.models.profile import ModelProfile
 from flexray.protocol import DeviceProfile
 from flexray.runtime.actor import start_actors
 from flexray.runtime.async_rounds import AsyncRounds
+from flexray.runtime.job import Job
 from flexray.runtime.rounds import SyncRounds
 from flexray.runtime.tiled_rounds import TiledEngine
 
@@ -54,6 +55,6 @@ class RoundsEngine:
         return SyncRounds(self.cfg, self.devices, actors, method, server, profile, split_server)
 
 
-def engine_for(cfg: JobConfig, devices: list[Device], dataset: Dataset) -> Engine:
+def engine_for(job: Job) -> Engine:
     engines: dict[str, type] = {"rounds": RoundsEngine, "tiled": TiledEngine}
-    return engines[method_class(cfg.method.name).engine](cfg, devices, dataset)
+    return engines[method_class(job.cfg.method.name).engine](job.cfg, job.devices, job.dataset)

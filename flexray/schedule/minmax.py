@@ -26,7 +26,7 @@ import numpy as np
 
 from flexray.config import ScheduleConfig
 from flexray.models.profile import ModelProfile
-from flexray.protocol import DeviceView, SubModel, SubModelKnob, Task, predict_times
+from flexray.protocol import CostModel, DeviceView, SubModel, SubModelKnob, Task, predict_times
 
 
 def minmax_choice(latency: np.ndarray, fits: np.ndarray, slack: float = 1.0) -> tuple[np.ndarray, float]:
@@ -64,14 +64,15 @@ class Plan:
 class SubModelScheduler:
     """Chooses each device's sub-model every round; inert for methods without options."""
 
-    def __init__(self, cfg: ScheduleConfig, method: SubModelKnob, profile: ModelProfile, batch_size: int) -> None:
+    def __init__(self, cfg: ScheduleConfig, method: CostModel, profile: ModelProfile, batch_size: int) -> None:
         if profile.input_shape is None:
             raise ValueError("the scheduler needs a model profile with input_shape")
         self.cfg, self.method, self.profile, self.batch_size = cfg, method, profile, batch_size
-        self.options = method.options()
+        self.knob = method if isinstance(method, SubModelKnob) else None
+        self.options = self.knob.options() if self.knob else []
         self._memory = [
-            method.option_memory_bytes(o, profile.input_shape, batch_size) for o in self.options
-        ]
+            self.knob.option_memory_bytes(o, profile.input_shape, batch_size) for o in self.options
+        ] if self.knob else []
         self._tiers: dict[str, int] = {}
 
     def latency(self, view: DeviceView, spec: SubModel, rnd: int = 0) -> float:
@@ -88,7 +89,7 @@ class SubModelScheduler:
     def _tier(self, view: DeviceView) -> int:
         name = view.profile.name
         if name not in self._tiers:
-            tier = self.method.static_option(view.profile)
+            tier = self.knob.static_option(view.profile) if self.knob else None
             self._tiers[name] = self.options.index(tier) if tier in self.options else 0
         return self._tiers[name]
 

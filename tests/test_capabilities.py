@@ -1,0 +1,91 @@
+"""The small Method core and the capabilities the runtime discovers; the one job assembly; tracking
+as callbacks of the loop (a user's own callback sees every round)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from flexray.errors import FlexrayError
+from flexray.methods import _PATHS, method_class
+from flexray.methods.base import Method
+from flexray.methods.capabilities import Attaches, Deploys, HasPolicy, NeedsSplitServer, PlanNotes, Prepares
+from flexray.protocol import SubModelKnob
+from flexray.runtime.assembly import parse_config
+from flexray.runtime.driver import run_job
+from flexray.runtime.job import Job
+from flexray.tracking.callbacks import Callback, FitEnd, RoundEnd
+from tests.conftest import job_tree
+
+CAPABILITIES = {"knob": SubModelKnob, "attaches": Attaches, "prepares": Prepares, "split_server": NeedsSplitServer,
+                "deploys": Deploys, "policy": HasPolicy, "plan_notes": PlanNotes}
+
+
+def _caps(name: str, model: str = "cnn") -> set[str]:
+    job = Job.assemble(parse_config(job_tree(method__name=name, model__name=model)))
+    method = job.method()
+    return {cap for cap, proto in CAPABILITIES.items() if isinstance(method, proto)}
+
+
+def test_the_core_has_no_optional_hook() -> None:
+    """What only some methods do is not on the base class, so ``isinstance`` tells the truth."""
+    core = {n for n, _ in inspect.getmembers(Method) if not n.startswith("_")}
+    for proto in CAPABILITIES.values():
+        extra = {n for n in dir(proto) if not n.startswith("_")} - {"cost"}
+        assert not extra & core, (proto.__name__, extra & core)
+    assert {"plan", "aggregate", "evaluate", "local_update", "state_dict", "load_state_dict"} <= core
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("fedavg", set()),
+    ("fedasync", {"policy"}),
+    ("fedbuff", {"policy"}),
+    ("heterofl", {"knob", "deploys"}),
+    ("fjord", {"knob", "deploys"}),
+    ("flextrain", {"knob", "deploys"}),
+    ("distreal", {"prepares"}),
+    ("reft", {"prepares"}),
+    ("splitfed", {"attaches", "split_server", "plan_notes"}),
+])
+def test_each_method_shows_the_capabilities_it_has(name: str, expected: set[str]) -> None:
+    assert _caps(name, "resnet8" if name == "flextrain" else "cnn") == expected
+
+
+def test_every_registered_method_is_a_method_with_its_own_config_type() -> None:
+    for name in _PATHS:
+        cls = method_class(name)
+        assert issubclass(cls, Method) and cls.name == name
+        assert cls.Config.model_fields["lr"] is not None  # a MethodConfig subclass
+
+
+def test_the_assembly_refuses_before_ray_and_plans_with_the_run_s_objects() -> None:
+    with pytest.raises(FlexrayError, match="method.cut"):  # SplitFed's cut is checked against the model at assembly
+        Job.assemble(parse_config(job_tree(method__name="splitfed", method__scheduler="fixed", method__cut=9)))
+    job = Job.assemble(parse_config(job_tree(method__name="splitfed")))
+    a, b = job.method(), job.method()
+    assert a is not b and a.points == b.points  # fresh instances, attached to the same profile
+    assert job.model_profile is job.model_profile  # profiled once per job
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.rounds: list[int] = []
+        self.lasts: list[bool] = []
+        self.fit: FitEnd | None = None
+
+    def on_round_end(self, end: RoundEnd) -> None:
+        self.rounds.append(end.round)
+        self.lasts.append(end.last)
+        assert end.snapshot().round == end.round
+
+    def on_fit_end(self, end: FitEnd) -> None:
+        self.fit = end
+
+
+@pytest.mark.ray
+def test_a_users_callback_sees_every_round_and_the_end(ray_cluster, mlflow_uri) -> None:
+    rec = Recorder()
+    res = run_job(parse_config(job_tree(tracking__uri=mlflow_uri, rounds__num=3)), callbacks=[rec])
+    assert rec.rounds == [1, 2, 3] and rec.lasts == [False, False, True]
+    assert rec.fit is not None and rec.fit.history == res.history and len(rec.fit.events) == 3 * 4
