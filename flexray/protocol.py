@@ -131,6 +131,9 @@ class Update:
     metrics: dict[str, float] = field(default_factory=dict)
     device: int = -1  # set by the actor; -1 for an actor's pre-summed update
     staleness: int = 0  # set by the async driver: server versions since the device's copy
+    trained: SubModel | None = None
+    """The sub-model these tensors were trained on (width rate, depth k, pruning ratio, the dropout
+    point picked): what the server's ``validate`` and ``aggregate`` read. ``metrics`` only logs."""
 
 
 @dataclass

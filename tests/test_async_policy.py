@@ -17,6 +17,7 @@ from flexray.methods.fedasync import FedAsync, FedAsyncConfig
 from flexray.methods.fedbuff import FedBuff, FedBuffConfig
 from flexray.methods.heterofl import HeteroFL
 from flexray.methods.policy import Arrivals, AsyncPolicy
+from flexray.protocol import SubModel
 from flexray.models import build_model
 from flexray.models import elastic
 from tests.test_driver import _run, _same
@@ -31,7 +32,7 @@ def _slice_update(method: HeteroFL, base: dict[str, torch.Tensor], rate: float, 
     """A device's trained sub-model: its slice of ``base`` moved by ``plus``."""
     sub = elastic.extract(base, method.index(rate, 0))
     tensors = {k: v + plus if v.is_floating_point() else v + 1 for k, v in sub.items()}
-    return Update(tensors, weight=10, samples=10, metrics={"rate": rate})
+    return Update(tensors, weight=10, samples=10, metrics={"rate": rate}, trained=SubModel(rate=rate))
 
 
 def _inside(method: HeteroFL, state: dict[str, torch.Tensor], rate: float) -> dict[str, torch.Tensor]:

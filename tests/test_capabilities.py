@@ -4,6 +4,7 @@ as callbacks of the loop (a user's own callback sees every round)."""
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 
 import pytest
 
@@ -11,12 +12,13 @@ from flexray.errors import FlexrayError
 from flexray.methods import _PATHS, method_class
 from flexray.methods.base import Method
 from flexray.methods.capabilities import Attaches, Deploys, HasPolicy, NeedsSplitServer, PlanNotes, Prepares
-from flexray.protocol import SubModelKnob
+from flexray.protocol import SubModel, SubModelKnob
 from flexray.runtime.assembly import parse_config
 from flexray.runtime.driver import run_job
 from flexray.runtime.job import Job
 from flexray.tracking.callbacks import Callback, FitEnd, RoundEnd
 from tests.conftest import job_tree
+from tests.test_async_policy import _heterofl, _slice_update
 
 CAPABILITIES = {"knob": SubModelKnob, "attaches": Attaches, "prepares": Prepares, "split_server": NeedsSplitServer,
                 "deploys": Deploys, "policy": HasPolicy, "plan_notes": PlanNotes}
@@ -89,3 +91,13 @@ def test_a_users_callback_sees_every_round_and_the_end(ray_cluster, mlflow_uri) 
     res = run_job(parse_config(job_tree(tracking__uri=mlflow_uri, rounds__num=3)), callbacks=[rec])
     assert rec.rounds == [1, 2, 3] and rec.lasts == [False, False, True]
     assert rec.fit is not None and rec.fit.history == res.history and len(rec.fit.events) == 3 * 4
+
+
+def test_the_server_reads_what_an_update_trained_from_its_typed_record_not_its_metrics() -> None:
+    method = _heterofl()
+    state = method.init(method.full)
+    up = _slice_update(method, state, 0.5, 0.1)
+    assert up.trained == SubModel(rate=0.5) and up.metrics["rate"] == 0.5
+    assert "no allowed width rate" in (method.validate(replace(up, trained=None), state) or "")  # metrics alone: refused
+    wider = replace(up, trained=SubModel(rate=1.0))  # the record, not the metrics, says which slice it is
+    assert "rate 1.0" in (method.validate(wider, state) or "")

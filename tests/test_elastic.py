@@ -236,7 +236,8 @@ def assert_rejects_bad(method: WidthMethod, good: Update, state: dict) -> None:
         (good.tensors[key], {**good.metrics, "rate": 1.0}, good.device, "planned"),
         (good.tensors[key], {**good.metrics, "rate": 1.0}, 99, "shape"),  # unplanned: shapes give it away
     ]:
-        bad = Update({**good.tensors, key: value}, good.weight, good.samples, metrics=metrics, device=device)
+        bad = Update({**good.tensors, key: value}, good.weight, good.samples, metrics=metrics, device=device,
+                     trained=SubModel(rate=metrics["rate"]))
         assert why in (method.validate(bad, state) or ""), why
 
 

@@ -223,7 +223,8 @@ def test_validate_rejects_nan_and_wrong_keys(digits) -> None:
         (good.tensors, {**good.metrics, "k": float("nan")}, "depth configuration"),
     ]
     for tensors, metrics, why in cases:
-        bad = Update(tensors, good.weight, good.samples, metrics=metrics, device=0)
+        bad = Update(tensors, good.weight, good.samples, metrics=metrics, device=0,
+                     trained=SubModel(k=metrics["k"]) if "k" in metrics else None)
         assert why in (method.validate(bad, state) or ""), why
 
 
@@ -237,7 +238,7 @@ def test_aggregate_is_an_exact_uniform_mean_and_keeps_untouched(digits) -> None:
     b = {key: v for key, v in random_state(state, 2).items() if key in k2}
 
     def upd(t: dict, k: int, samples: int) -> Update:
-        return Update(t, 1.0, samples, metrics={"k": float(k)})
+        return Update(t, 1.0, samples, metrics={"k": float(k)}, trained=SubModel(k=k))
 
     same = method.aggregate(0, state, [upd(a, 1, 10), upd(a, 1, 500)])
     for key, v in state.items():
@@ -363,7 +364,7 @@ def test_fedclass_keeps_one_model_per_class(digits) -> None:
     metrics = method.evaluate(merged, model_fn(), test_data)
     assert metrics["accuracy"] == metrics["acc_k1"] == metrics["mean_device_acc"]
     bad = Update({"stem.0.weight": ups[0].tensors["stem.0.weight"] if "stem.0.weight" in ups[0].tensors else torch.ones(1)},
-                 1.0, 1, metrics={"k": 1.0})
+                 1.0, 1, metrics={"k": 1.0}, trained=SubModel(k=1))
     assert method.validate(bad, state) is not None
 
 

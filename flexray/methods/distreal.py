@@ -127,7 +127,8 @@ class FilterDropout(Method):
         num = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in state.items()}
         den = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in state.items()}
         for u in updates:
-            kept = filters.kept_fraction(self.full, {k[5:]: r for k, r in u.metrics.items() if k.startswith("drop.")})
+            picked = u.trained  # the one design point the device trained (None: nothing dropped)
+            kept = filters.kept_fraction(self.full, dict(zip(picked.layers, picked.points[0].rates)) if picked else {})
             for k, v in u.tensors.items():
                 trained = (v != state[k]) if v.is_floating_point() else torch.ones(v.shape, dtype=torch.bool)
                 w = trained.to(torch.float64) * float(u.weight) * kept[k]
@@ -164,7 +165,8 @@ class FilterDropout(Method):
         metrics.update({f"drop.{k}": float(r) for k, r in rates.items()})
         if ctx.device is not None:
             metrics["budget_gflops"] = ctx.device.profile.flops * ctx.device.speed / 1e9
-        return Update(copy_state(full), weight=n, samples=seen, flops=seen * spec.points[i].flops, metrics=metrics)
+        return Update(copy_state(full), weight=n, samples=seen, flops=seen * spec.points[i].flops, metrics=metrics,
+                      trained=SubModel(layers=spec.layers, points=(spec.points[i],)))
 
 
 class Distreal(FilterDropout):

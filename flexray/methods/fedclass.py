@@ -54,7 +54,7 @@ class FedClass(FlexTrain):
         return depth.depth_prefix(model, k)
 
     def validate(self, update: Update, state: State) -> str | None:
-        k = update.metrics.get("k")
+        k = update.trained.k if update.trained is not None else None
         if k is None or float(k) not in self.configs:
             return f"update has no valid depth configuration k (got {k!r})"
         return super().validate(update, self.class_state(state, int(k)))
@@ -63,7 +63,7 @@ class FedClass(FlexTrain):
         """FedAvg (sample-weighted) within each class; other classes keep their weights."""
         groups: dict[int, list[Update]] = defaultdict(list)
         for u in updates:
-            groups[int(u.metrics["k"])].append(u)
+            groups[depth_of(u.trained)].append(u)
         out = dict(state)
         for k, group in groups.items():
             pre = self.prefix(k)

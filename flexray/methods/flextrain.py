@@ -283,7 +283,7 @@ class FlexTrain(Method):
             return super().validate(update, state) or (
                 None if set(update.tensors) == set(state) else "a centralised update must hold every tensor"
             )
-        k = update.metrics.get("k")
+        k = update.trained.k if update.trained is not None else None
         if k is None or not math.isfinite(float(k)) or float(k) != int(k) or int(k) not in self.configs:
             return f"update has no valid depth configuration k (got {k!r})"
         return check_tensors(update.tensors, {key: state[key].shape for key in self.update_keys(int(k))}, f"k={int(k)}")
@@ -326,7 +326,7 @@ class FlexTrain(Method):
         per_sample = self.flops_per_sample(k, tuple(data.x.shape[1:]))
         return Update(
             tensors, weight=1.0, samples=samples, flops=samples * per_sample, bytes_down=state_bytes(sub),
-            metrics={"train_loss": loss, "k": float(k)},
+            metrics={"train_loss": loss, "k": float(k)}, trained=SubModel(k=k),
         )
 
     def _train(

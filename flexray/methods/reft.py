@@ -139,7 +139,7 @@ class Reft(Method):
         return Cost(flops, prof.param_bytes, prof.param_bytes)
 
     def validate(self, update: Update, state: State) -> str | None:
-        ratio = update.metrics.get("ratio")
+        ratio = update.trained.ratio if update.trained is not None else None
         if ratio is None or (self.rcfg.ratio is None and float(ratio) not in self.rcfg.ratios):
             return f"update has no allowed pruning ratio (got {ratio!r})"
         planned = self._planned.get(update.device)
@@ -151,9 +151,9 @@ class Reft(Method):
     def aggregate(self, rnd: int, state: State, updates: Sequence[Update]) -> State:
         if not updates:
             return state
-        ratios = {float(u.metrics["ratio"]) for u in updates}
+        ratios = {ratio_of(u.trained) for u in updates}
         keeps = {r: self.keep(state, r) for r in ratios}
-        parts = [elastic.Part(u.tensors, filters.index(self.full, keeps[float(u.metrics["ratio"])]), u.weight)
+        parts = [elastic.Part(u.tensors, filters.index(self.full, keeps[ratio_of(u.trained)]), u.weight)
                  for u in updates]
         merged = cast_like(elastic.aggregate(state, parts), state)
         self._mark_trained(keeps.values())
@@ -180,7 +180,7 @@ class Reft(Method):
         assert self.proxy is not None
         probs = torch.zeros(0)
         for u in updates:
-            model = self.pruned(float(u.metrics["ratio"]))
+            model = self.pruned(ratio_of(u.trained))
             model.load_state_dict(u.tensors)
             model.eval()
             p = torch.cat([F.softmax(model(xb) / self.rcfg.temperature, 1) for xb in self.proxy.split(512)])
@@ -230,7 +230,8 @@ class Reft(Method):
         samples, loss = sgd_train(model, data, self.cfg, ctx.generator)
         flops = samples * self.profile(ratio, tuple(data.x.shape[1:])).train_flops_per_sample
         return Update(copy_state(model), weight=len(data), samples=samples, flops=flops,
-                      bytes_down=state_bytes(sub_state), metrics={"train_loss": loss, "ratio": ratio})
+                      bytes_down=state_bytes(sub_state), metrics={"train_loss": loss, "ratio": ratio},
+                      trained=SubModel(ratio=ratio))
 
 
 def ratio_of(spec: SubModel) -> float:

@@ -215,7 +215,7 @@ class WidthMethod(Method):
         return self.sub_profile(rate, input_shape).train_flops_per_sample
 
     def validate(self, update: Update, state: State) -> str | None:
-        rate = update.metrics.get("rate")
+        rate = update.trained.rate if update.trained is not None else None
         if rate is None or float(rate) not in self.wcfg.rates:
             return f"update has no allowed width rate (got {rate!r})"
         planned = self._planned.get(update.device)
@@ -230,7 +230,7 @@ class WidthMethod(Method):
         for u in updates:
             tensors = dict(u.tensors)
             rows = tensors.pop(LABELS, None)
-            parts.append(elastic.Part(tensors, self.index(float(u.metrics["rate"]), rnd), u.weight, rows))
+            parts.append(elastic.Part(tensors, self.index(rate_of(u.trained), rnd), u.weight, rows))
         merged = elastic.aggregate(state, parts, classifier=elastic.classifier_keys(self.full))
         return cast_like(merged, state)
 
@@ -275,7 +275,7 @@ class WidthMethod(Method):
             tensors[LABELS] = labels
         return Update(
             tensors, weight=weight, samples=samples,
-            flops=flops, bytes_down=bytes_down, metrics={"train_loss": loss, "rate": rate},
+            flops=flops, bytes_down=bytes_down, metrics={"train_loss": loss, "rate": rate}, trained=SubModel(rate=rate),
         )
 
 
