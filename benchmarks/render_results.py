@@ -110,11 +110,18 @@ SPECS: dict[str, list[Table]] = {
         ("ratio", times("ratio_vs_bare_ray")),
         ("phases s", lambda r: ", ".join(f"{k} {v}" for k, v in r["phases_s"].items())),
         ("accuracy", pct("accuracy")), ("repeats", val("repeats"))])],
-    "async_vs_sync": [Table([
-        ("method", val("method")), ("client updates", val("client_updates")), ("final acc", pct("final_accuracy")),
-        ("target", pct("target_accuracy")), ("sim s to target", val("sim_time_to_target_s")),
-        ("vs sync", times("time_ratio_vs_sync")), ("sim s total", val("sim_time_total_s")),
-        ("energy J", val("energy_j")), ("speed spread", times("speed_spread")), ("wall s", val("wall_s"))])],
+    "async_vs_sync": [
+        Table([("method", val("method")), ("client updates", val("client_updates")), ("final acc", pct("final_accuracy")),
+               ("target", pct("target_accuracy")), ("sim s to target", val("sim_time_to_target_s")),
+               ("vs sync", times("time_ratio_vs_sync")), ("sim s total", val("sim_time_total_s")),
+               ("energy J", val("energy_j")), ("speed spread", times("speed_spread")), ("wall s", val("wall_s"))],
+              "FedAvg: sync vs the FedAsync and FedBuff policies (`--part fedavg`)", lambda r: "variant" not in r),
+        Table([("variant", val("variant")), ("model", val("model")), ("mode", val("mode")), ("seeds", val("seeds")),
+               ("client updates", val("client_updates")), ("final acc", pct("final_accuracy")),
+               ("per seed", pct("final_accuracy_per_seed")), ("sim s to target", val("sim_time_to_target_s")),
+               ("vs sync", times("time_ratio_vs_sync")), ("per seed ratio", val("time_ratio_per_seed")),
+               ("sim s total", val("sim_time_total_s")), ("wall s", val("wall_s"))],
+              "Heterogeneous methods, sync vs async rounds (`--part hetero`)", lambda r: "variant" in r)],
     "hetero_cifar10": [Table([
         ("method", val("method")), ("model", val("model")), ("rounds", val("rounds")), ("seeds", val("seeds")),
         ("mean device acc", pct("mean_device_acc")), ("per seed", pct("mean_device_acc_per_seed")),
