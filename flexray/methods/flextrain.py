@@ -68,7 +68,7 @@ from flexray.methods.base import (
     weighted_mean,
 )
 from flexray.models import depth, elastic
-from flexray.models.profile import ModelProfile, profile_model, training_memory_bytes
+from flexray.models.profile import ModelProfile, ProfileCache, training_memory_bytes
 from flexray.protocol import Cost, DeviceProfile, DeviceView, LocalData, State, SubModel, Task, Update
 
 PROBE_HW = (32, 32)
@@ -124,7 +124,7 @@ class FlexTrain(Method):
     def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module]) -> None:
         super().__init__(cfg, model_fn)
         self._residual_checked = False
-        self._profiles: dict[tuple[int, tuple[int, ...]], ModelProfile] = {}
+        self._profiles = ProfileCache()
         self._keys: dict[int, list[str]] = {}
         self._bytes: dict[int, int] = {}
 
@@ -172,10 +172,7 @@ class FlexTrain(Method):
         return list(dict.fromkeys(key for c in self.trained_configs(k) for key in self.keys(c)))
 
     def prefix_profile(self, k: int, input_shape: tuple[int, ...]) -> ModelProfile:
-        key = (k, tuple(input_shape))
-        if key not in self._profiles:
-            self._profiles[key] = profile_model(depth.depth_prefix(self.full, k), key[1])  # type: ignore[arg-type]
-        return self._profiles[key]
+        return self._profiles.get(k, input_shape, lambda: depth.depth_prefix(self.full, k))
 
     def distills(self, k: int) -> bool:
         return k > 1 and self.fcfg.beta > 0

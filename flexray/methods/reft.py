@@ -33,7 +33,7 @@ from flexray.config import MethodConfig, fractions
 from flexray.errors import FlexrayError
 from flexray.methods.base import DeviceContext, Method, ServerData, cast_like, check_tensors, copy_state, sgd_train
 from flexray.models import elastic, filters
-from flexray.models.profile import ModelProfile, profile_model, state_bytes
+from flexray.models.profile import ModelProfile, ProfileCache, state_bytes
 from flexray.protocol import Cost, DeviceView, LocalData, State, SubModel, Task, Update, predict_times
 
 
@@ -66,7 +66,7 @@ class Reft(Method):
         self.proxy: torch.Tensor | None = None
         self.input_shape: tuple[int, ...] | None = None
         self._models: dict[float, nn.Module] = {}
-        self._profiles: dict[tuple[float, tuple[int, ...]], ModelProfile] = {}
+        self._profiles = ProfileCache()
         self._planned: dict[int, float] = {}
         self._student: nn.Module | None = None
         self._trained: dict[str, torch.Tensor] = {}  # per droppable layer: filters some device has trained
@@ -98,10 +98,7 @@ class Reft(Method):
         return self._models[ratio]
 
     def profile(self, ratio: float, input_shape: tuple[int, ...]) -> ModelProfile:
-        key = (ratio, tuple(input_shape))
-        if key not in self._profiles:
-            self._profiles[key] = profile_model(self.pruned(ratio), key[1])  # type: ignore[arg-type]
-        return self._profiles[key]
+        return self._profiles.get(ratio, input_shape, lambda: self.pruned(ratio))
 
     def keep(self, state: State, ratio: float) -> filters.Keep:
         """The filters a device pruned to ``ratio`` keeps: largest L1 norm in ``state``."""

@@ -23,7 +23,7 @@ from flexray.config import MethodConfig
 from flexray.errors import FlexrayError
 from flexray.methods.base import DeviceContext, Method, cast_like, check_tensors, copy_state, evaluate_model, sgd_train
 from flexray.models import elastic
-from flexray.models.profile import ModelProfile, profile_model, state_bytes, training_memory_bytes
+from flexray.models.profile import ModelProfile, ProfileCache, state_bytes, training_memory_bytes
 from flexray.protocol import Cost, DeviceProfile, DeviceView, LocalData, State, SubModel, Task, Update
 
 RATES = (1.0, 0.5, 0.25, 0.125, 0.0625)
@@ -91,7 +91,7 @@ class WidthMethod(Method):
         super().__init__(cfg, model_fn)
         self._layout: elastic.Layout | None = None
         self._index: dict[tuple[float, int | None], elastic.Index] = {}
-        self._profiles: dict[tuple[float, tuple[int, ...]], ModelProfile] = {}
+        self._profiles = ProfileCache()
         self._eval_models: dict[float, nn.Module] = {}
         self._planned: dict[int, float] = {}
         self._up_bytes: dict[float, int] = {}
@@ -127,10 +127,7 @@ class WidthMethod(Method):
         return model
 
     def sub_profile(self, rate: float, input_shape: tuple[int, ...]) -> ModelProfile:
-        key = (rate, tuple(input_shape))
-        if key not in self._profiles:
-            self._profiles[key] = profile_model(self.build(rate, scaler=False), key[1])  # type: ignore[arg-type]
-        return self._profiles[key]
+        return self._profiles.get(rate, input_shape, lambda: self.build(rate, scaler=False))
 
     def shipped(self, key: str) -> bool:
         """Whether a device sends this entry back (static BN keeps running stats home)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,3 +188,17 @@ def profile_model(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelP
         input_bytes=math.prod(input_shape) * _FLOAT32_BYTES,
         input_shape=input_shape,
     )
+
+
+class ProfileCache:
+    """Profiles of a method's sub-models (a width, a depth prefix, a pruning ratio), each built
+    and profiled once: profiling runs the model forward and backward, the scheduler asks often."""
+
+    def __init__(self) -> None:
+        self._profiles: dict[tuple[Hashable, tuple[int, ...]], ModelProfile] = {}
+
+    def get(self, key: Hashable, input_shape: tuple[int, ...], build: Callable[[], nn.Module]) -> ModelProfile:
+        shape = tuple(int(s) for s in input_shape)
+        if (key, shape) not in self._profiles:
+            self._profiles[key, shape] = profile_model(build(), shape)  # type: ignore[arg-type]
+        return self._profiles[key, shape]
