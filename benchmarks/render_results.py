@@ -122,6 +122,12 @@ SPECS: dict[str, list[Table]] = {
                ("vs sync", times("time_ratio_vs_sync")), ("per seed ratio", val("time_ratio_per_seed")),
                ("sim s total", val("sim_time_total_s")), ("wall s", val("wall_s"))],
               "Heterogeneous methods, sync vs async rounds (`--part hetero`)", lambda r: "variant" in r)],
+    "seeded_metrics": [Table([
+        ("job", val("job")), ("commit", val("commit")),
+        *[(name, (lambda k: lambda r: show(r["final"].get(k)))(k)) for name, k in (
+            ("accuracy", "accuracy"), ("loss", "loss"), ("sim s", "sim_time_s"), ("energy J", "energy_j"),
+            ("bytes up", "bytes_up"), ("train loss", "train_loss"), ("mean device acc", "mean_device_acc"))],
+        ("wall s", val("wall_s"))])],
     "hetero_cifar10": [Table([
         ("method", val("method")), ("model", val("model")), ("rounds", val("rounds")), ("seeds", val("seeds")),
         ("mean device acc", pct("mean_device_acc")), ("per seed", pct("mean_device_acc_per_seed")),
