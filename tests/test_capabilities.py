@@ -101,3 +101,15 @@ def test_the_server_reads_what_an_update_trained_from_its_typed_record_not_its_m
     assert "no allowed width rate" in (method.validate(replace(up, trained=None), state) or "")  # metrics alone: refused
     wider = replace(up, trained=SubModel(rate=1.0))  # the record, not the metrics, says which slice it is
     assert "rate 1.0" in (method.validate(wider, state) or "")
+
+
+def test_the_plan_check_needs_no_memory_of_the_plan() -> None:
+    """An actor's instance never planned anything; given the task's spec it rejects a sub-model
+    other than the planned one exactly as the driver's does (sync, async and on the actor)."""
+    driver_side, actor_side = _heterofl(), _heterofl()
+    state = driver_side.init(driver_side.full)
+    driver_side.plan(0, [], state)
+    up = _slice_update(driver_side, state, 0.5, 0.1)
+    for method in (driver_side, actor_side):
+        assert "trained rate 0.5, planned 1.0" in (method.validate(up, state, SubModel(rate=1.0)) or "")
+        assert method.validate(up, state, SubModel(rate=0.5)) == method.validate(up, state, None)

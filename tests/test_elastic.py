@@ -218,7 +218,7 @@ def test_method_round_validates_and_aggregates(name: str, model: str, digits) ->
         assert u.flops and u.flops > 0 and u.bytes_down and u.samples == len(data)
         updates.append(u)
     assert updates[0].flops < updates[1].flops
-    assert_rejects_bad(method, updates[0], state)
+    assert_rejects_bad(method, updates[0], state, tasks[0].spec)
     new = method.aggregate(3, state, updates)
     assert {k: v.shape for k, v in new.items()} == {k: v.shape for k, v in state.items()}
     assert all(torch.isfinite(v.float()).all() for v in new.values())
@@ -227,7 +227,7 @@ def test_method_round_validates_and_aggregates(name: str, model: str, digits) ->
     assert 0 <= metrics["accuracy"] <= 1 and {f"acc_p{r:g}" for r in RATES[1:]} <= set(metrics)
 
 
-def assert_rejects_bad(method: WidthMethod, good: Update, state: dict) -> None:
+def assert_rejects_bad(method: WidthMethod, good: Update, state: dict, planned: SubModel) -> None:
     """Shapes must be the task's sub-model's; NaN is refused; the planned rate is enforced."""
     key = next(k for k, v in good.tensors.items() if v.is_floating_point() and v.dim() > 1)
     for value, metrics, device, why in [
@@ -238,7 +238,7 @@ def assert_rejects_bad(method: WidthMethod, good: Update, state: dict) -> None:
     ]:
         bad = Update({**good.tensors, key: value}, good.weight, good.samples, metrics=metrics, device=device,
                      trained=SubModel(rate=metrics["rate"]))
-        assert why in (method.validate(bad, state) or ""), why
+        assert why in (method.validate(bad, state, planned if device == good.device else None) or ""), why
 
 
 def test_heterofl_at_rate_one_equals_fedavg(digits) -> None:  # noqa: ANN001

@@ -89,12 +89,11 @@ def test_ensemble_distillation_pulls_the_global_model_to_the_teachers(digits):
     ups = []
     for t, ratio in zip(tasks, (0.0, 0.4, 0.6)):
         t = type(t)(t.device, 0, SubModel(ratio=ratio))
-        m._planned[t.device] = ratio
         ctx = DeviceContext(lambda: cnn(digits.input_shape, 10, 8))
         ctx.seed(t.device)
         up = m.local_update(t, state, _shard(digits, t.device), ctx)
         up.device = t.device
-        assert m.validate(up, state) is None
+        assert m.validate(up, state, t.spec) is None
         assert state_bytes(up.tensors) == up.bytes_down  # what it got is what it sends: the pruned model
         ups.append(up)
     assert state_bytes(ups[2].tensors) < 0.5 * state_bytes(state)
@@ -120,7 +119,6 @@ def test_filters_no_device_trained_feed_nothing_forward(digits):
     m, state = _method(digits, distill_steps=0)
     ups = []
     for i in range(2):
-        m._planned[i] = 0.5
         ctx = DeviceContext(lambda: cnn(digits.input_shape, 10, 8))
         ctx.seed(i)
         up = m.local_update(_task(i, 0.5), state, _shard(digits, i), ctx)
@@ -146,7 +144,7 @@ def test_filters_no_device_trained_feed_nothing_forward(digits):
     resumed, _ = _method(digits, distill_steps=0)  # the record of trained filters survives a resume
     resumed.load_state_dict(m.state_dict())
     assert all(torch.equal(resumed._trained[k], m._trained[k]) for k in m._trained)
-    m._planned[0] = 0.0  # once a device trains the whole model, nothing is silenced any more
+    # once a device trains the whole model, nothing is silenced any more
     ctx = DeviceContext(lambda: cnn(digits.input_shape, 10, 8))
     ctx.seed(0)
     up = m.local_update(_task(0, 0.0), merged, _shard(digits, 0), ctx)

@@ -131,8 +131,11 @@ class Method(ABC):
         model.load_state_dict(state)
         return evaluate_model(model, data)
 
-    def validate(self, update: Update, state: State) -> str | None:
-        """Why an update must be rejected (wrong keys or shapes, NaN/Inf), or None if it is sound."""
+    def validate(self, update: Update, state: State, planned: SubModel | None = None) -> str | None:
+        """Why an update must be rejected (wrong keys or shapes, NaN/Inf, not the sub-model it was
+        given), or None if it is sound. ``planned`` is the spec of the update's task (None for an
+        actor's pre-summed update): the actor and the server both pass it, so the check needs no
+        memory of the plan and is the same on either side."""
         for key, value in update.tensors.items():
             ref = state.get(key)
             if ref is None:

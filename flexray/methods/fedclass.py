@@ -53,11 +53,11 @@ class FedClass(FlexTrain):
         model.load_state_dict(self.class_state(state, k), strict=False)
         return depth.depth_prefix(model, k)
 
-    def validate(self, update: Update, state: State) -> str | None:
+    def validate(self, update: Update, state: State, planned: SubModel | None = None) -> str | None:
         k = update.trained.k if update.trained is not None else None
         if k is None or float(k) not in self.configs:
             return f"update has no valid depth configuration k (got {k!r})"
-        return super().validate(update, self.class_state(state, int(k)))
+        return super().validate(update, self.class_state(state, int(k)), planned)
 
     def aggregate(self, rnd: int, state: State, updates: Sequence[Update]) -> State:
         """FedAvg (sample-weighted) within each class; other classes keep their weights."""

@@ -275,9 +275,9 @@ class FlexTrain(Method):
         nbytes = self._prefix_bytes(k)
         return Cost(samples * self.flops_per_sample(k, profile.input_shape), nbytes, nbytes)
 
-    def validate(self, update: Update, state: State) -> str | None:
+    def validate(self, update: Update, state: State, planned: SubModel | None = None) -> str | None:
         if self.centralised:
-            return super().validate(update, state) or (
+            return super().validate(update, state, planned) or (
                 None if set(update.tensors) == set(state) else "a centralised update must hold every tensor"
             )
         k = update.trained.k if update.trained is not None else None

@@ -67,7 +67,6 @@ class Reft(Method):
         self.input_shape: tuple[int, ...] | None = None
         self._models: dict[float, nn.Module] = {}
         self._profiles = ProfileCache()
-        self._planned: dict[int, float] = {}
         self._student: nn.Module | None = None
         self._trained: dict[str, torch.Tensor] = {}  # per droppable layer: filters some device has trained
 
@@ -126,22 +125,19 @@ class Reft(Method):
         return cfg.ratios[-1]
 
     def plan(self, rnd: int, devices: Sequence[DeviceView], state: State) -> list[Task]:
-        tasks = [Task(device=d.id, round=rnd, spec=SubModel(ratio=self.ratio_for(d))) for d in devices]
-        self._planned = {t.device: ratio_of(t.spec) for t in tasks}
-        return tasks
+        return [Task(device=d.id, round=rnd, spec=SubModel(ratio=self.ratio_for(d))) for d in devices]
 
     def cost(self, task: Task, device: DeviceView, profile: ModelProfile) -> Cost:
         prof = self.profile(ratio_of(task.spec), profile.input_shape or self.input_shape or ())
         flops = self.cfg.local_epochs * device.num_samples * prof.train_flops_per_sample
         return Cost(flops, prof.param_bytes, prof.param_bytes)
 
-    def validate(self, update: Update, state: State) -> str | None:
+    def validate(self, update: Update, state: State, planned: SubModel | None = None) -> str | None:
         ratio = update.trained.ratio if update.trained is not None else None
         if ratio is None or (self.rcfg.ratio is None and float(ratio) not in self.rcfg.ratios):
             return f"update has no allowed pruning ratio (got {ratio!r})"
-        planned = self._planned.get(update.device)
-        if planned is not None and planned != float(ratio):
-            return f"update pruned ratio {ratio}, planned {planned}"
+        if planned is not None and planned.ratio is not None and planned.ratio != float(ratio):
+            return f"update pruned ratio {ratio}, planned {planned.ratio}"
         expected = {k: v.shape for k, v in self.pruned(float(ratio)).state_dict().items()}
         return check_tensors(update.tensors, expected, f"ratio {ratio}")
 

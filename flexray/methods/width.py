@@ -93,7 +93,6 @@ class WidthMethod(Method):
         self._index: dict[tuple[float, int | None], elastic.Index] = {}
         self._profiles = ProfileCache()
         self._eval_models: dict[float, nn.Module] = {}
-        self._planned: dict[int, float] = {}
         self._up_bytes: dict[float, int] = {}
 
     @property
@@ -193,8 +192,7 @@ class WidthMethod(Method):
         for d in devices:
             rate = rate_of(d.choice) if d.choice is not None else tier_rate(self.wcfg, d.profile)
             tasks.append(Task(device=d.id, round=rnd, spec=self.spec(rnd, rate)))
-        self._planned = {t.device: rate_of(t.spec) for t in tasks}
-        self.deployed.update(self._planned)
+        self.deployed.update({t.device: rate_of(t.spec) for t in tasks})
         return tasks
 
     def spec(self, rnd: int, rate: float) -> SubModel:
@@ -211,13 +209,12 @@ class WidthMethod(Method):
         """Predicted training FLOPs per sample of a task at ``rate`` (FjORD: expected over its rates)."""
         return self.sub_profile(rate, input_shape).train_flops_per_sample
 
-    def validate(self, update: Update, state: State) -> str | None:
+    def validate(self, update: Update, state: State, planned: SubModel | None = None) -> str | None:
         rate = update.trained.rate if update.trained is not None else None
         if rate is None or float(rate) not in self.wcfg.rates:
             return f"update has no allowed width rate (got {rate!r})"
-        planned = self._planned.get(update.device)
-        if planned is not None and planned != float(rate):
-            return f"update trained rate {rate}, planned {planned}"
+        if planned is not None and planned.rate is not None and planned.rate != float(rate):
+            return f"update trained rate {rate}, planned {planned.rate}"
         return check_tensors(update.tensors, self.expected_shapes(float(rate), state), f"rate {rate}")
 
     def aggregate(self, rnd: int, state: State, updates: Sequence[Update]) -> State:

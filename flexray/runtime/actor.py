@@ -115,7 +115,7 @@ class DeviceHost:
             status, note = "lost", "went offline mid-task"
         elif req.deadline_s is not None and total > req.deadline_s:
             status = "straggler" if req.drop_stragglers else "late"
-        if status in ("ok", "late") and (reason := self.method.validate(update, state)):
+        if status in ("ok", "late") and (reason := self.method.validate(update, state, task.spec)):
             status, note = "rejected", reason
         report = self._report(
             req, task, dev, speed, update.samples, flops, wall, dl, comp, ul, bytes_down, bytes_up, update.metrics, status,

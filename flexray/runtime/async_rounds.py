@@ -29,7 +29,7 @@ from flexray.fleet.report import DeviceReport, RoundRequest
 from flexray.methods.base import Method
 from flexray.methods.policy import Arrivals, AsyncPolicy, HasPolicy
 from flexray.models.profile import ModelProfile
-from flexray.protocol import DeviceView, State, Task, Update, predict_times
+from flexray.protocol import DeviceView, State, SubModel, Task, Update, predict_times
 from flexray.runtime.rounds import RoundOutcome, SyncRounds
 
 _GIVE_UP_S = 365 * 86400.0  # a simulated year with no device online is a config problem
@@ -43,6 +43,7 @@ class Flight:
     version: int = field(compare=False)  # model version the device started from
     start_s: float = field(compare=False)
     future: Any = field(compare=False, default=None)
+    spec: SubModel = field(compare=False, default=SubModel())  # the sub-model its task gave it
 
 
 def policy_for(rounds: RoundsConfig, method: Method) -> AsyncPolicy:
@@ -91,7 +92,7 @@ class AsyncRounds(SyncRounds):
             for u in ups:
                 u.staleness = staleness
             reports.extend(reps)
-            ups = self.screen(reps, ups, state)
+            ups = self.screen(reps, ups, state, {flight.device: flight.spec})
             new = self.arrivals.arrive(flight.version, self.states[flight.version], state, ups, staleness)
             self._forget_unused(rnd)
             if new is not None:
@@ -112,6 +113,7 @@ class AsyncRounds(SyncRounds):
         state = self.states[f.version]
         view = DeviceView(dev.id, dev.profile, dev.trace.speed(f.start_s), len(dev.indices))
         task, view = self._plan(f.version, view, f.start_s, state)
+        f.spec = task.spec
         cost = self.method.cost(task, view, self.profile)
         predicted = sum(predict_times(dev.profile, view.speed, cost.flops, cost.bytes_down, cost.bytes_up))
         f.end_s = f.start_s + predicted + cost.server_s

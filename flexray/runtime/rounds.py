@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ from flexray.fleet.report import DeviceReport, RoundRequest
 from flexray.methods.base import Method
 from flexray.methods.policy import Arrivals, HasPolicy
 from flexray.models.profile import ModelProfile
-from flexray.protocol import DeviceProfile, DeviceView, State, Update
+from flexray.protocol import DeviceProfile, DeviceView, State, SubModel, Update
 from flexray.schedule.minmax import SubModelScheduler
 
 
@@ -112,6 +112,7 @@ class SyncRounds:
         views = [DeviceView(d.id, d.profile, d.trace.speed(clock_s), len(d.indices), deadline) for d in chosen]
         plan = self.scheduler.assign(views)
         tasks = self.method.plan(rnd, plan.views, state)
+        planned = {t.device: t.spec for t in tasks}
 
         state_ref = ray.put(state)  # shipped once, read zero-copy by every actor on the node
         if self.split_server is not None:
@@ -138,21 +139,24 @@ class SyncRounds:
                 self._actor_failed(ts[0].device, err)
                 reps, ups = [self.failed(rnd, clock_s, t.device, type(err).__name__) for t in ts], []
             reports.extend(reps)
-            updates.extend(self.screen(reps, ups, state))
+            updates.extend(self.screen(reps, ups, state, planned))
         reports.sort(key=lambda r: r.device)
         if not presum:
             updates = keep_first(reports, updates, target)
         if self.split_server is not None:  # server parts of the clients whose work counts
             kept = [r.device for r in reports if r.status in ("ok", "late")]
-            updates.extend(self.screen(reports, ray.get(self.split_server.end_round.remote(kept)), state))
+            updates.extend(self.screen(reports, ray.get(self.split_server.end_round.remote(kept)), state, planned))
         return self._close(clock_s, state, reports, updates)
 
-    def screen(self, reports: list[DeviceReport], updates: list[Update], state: State) -> list[Update]:
-        """Second line of defence after the actor's own check: never aggregate a bad tensor.
+    def screen(
+        self, reports: list[DeviceReport], updates: list[Update], state: State, planned: Mapping[int, SubModel],
+    ) -> list[Update]:
+        """Second line of defence after the actor's own check: never aggregate a bad tensor, nor
+        one trained on another sub-model than its task's (``planned``: device -> task spec).
         A bad pre-summed update (device -1) condemns every device it summed."""
         kept = []
         for u in updates:
-            reason = self.method.validate(u, state)
+            reason = self.method.validate(u, state, planned.get(u.device))
             if reason is None:
                 kept.append(u)
                 continue
