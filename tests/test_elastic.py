@@ -18,7 +18,8 @@ from flexray.methods import METHODS, method_class
 from flexray.methods.base import DeviceContext
 from flexray.methods.fedavg import FedAvg
 from flexray.methods.width import LABELS, WidthMethod, tier_rate
-from flexray.models import build_model, elastic, profile_model, state_bytes
+from flexray.models import build_model, elastic, profile_model, slices, state_bytes
+from flexray.models.channels import channel_groups
 from flexray.protocol import DeviceView, LocalData, SubModel, Task, Update
 from flexray.runtime.assembly import parse_config
 from tests.conftest import host_round
@@ -26,7 +27,8 @@ from tests.conftest import host_round
 REPO = Path(__file__).resolve().parents[1]
 DIGITS, CIFAR = (1, 8, 8), (3, 32, 32)
 RATES = (1.0, 0.5, 0.25, 0.125, 0.0625)
-MODELS = [("cnn", DIGITS), ("lenet", DIGITS), ("resnet8", DIGITS), ("resnet20", CIFAR), ("preresnet18", DIGITS)]
+MODELS = [("cnn", DIGITS), ("lenet", DIGITS), ("resnet8", DIGITS), ("resnet20", CIFAR), ("preresnet18", DIGITS),
+          ("torchvision:mobilenet_v2", CIFAR)]
 WIDTH = ("heterofl", "fjord", "fedrolex")
 
 
@@ -50,18 +52,22 @@ def random_state(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name,shape", MODELS, ids=[m for m, _ in MODELS])
-def test_narrow_matches_layout_and_runs(name: str, shape: tuple[int, int, int]) -> None:
-    full = build(name, shape)
-    layout = elastic.width_layout(full)
+def test_narrow_matches_index_and_is_the_masked_full_network(name: str, shape: tuple[int, int, int]) -> None:
+    full = build(name, shape).eval()
     state = full.state_dict()
-    assert set(layout) == set(state)
+    x = torch.randn(2, *shape)
     for rate in RATES:
-        sub = elastic.narrow(full, rate)
-        assert {k: v.shape for k, v in sub.state_dict().items()} == elastic.sub_shapes(layout, rate, state)
-        sub.load_state_dict(elastic.extract(state, elastic.sub_index(layout, rate, offset=int(rate * 16) + 3)))
-        assert sub(torch.randn(2, *shape)).shape == (2, 10)  # classifier keeps every label
+        for offset in (None, int(rate * 16) + 3):
+            sub = slices.narrow(full, rate, offset).eval()
+            assert {k: v.shape for k, v in sub.state_dict().items()} == slices.sub_shapes(full, rate)
+            sub.load_state_dict(elastic.extract(state, slices.sub_index(full, rate, offset)))
+            with torch.no_grad(), channel_groups(full).masked(full, slices.window(full, rate, offset)):
+                want = full(x)
+            got = sub(x)
+            assert got.shape == (2, 10)  # classifier keeps every label
+            assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (rate, offset, float((got - want).abs().max()))
     # first layer keeps its inputs, hidden channels shrink to ceil(p*C)
-    first = next(m for m in elastic.narrow(full, 0.25).modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    first = next(m for m in slices.narrow(full, 0.25).modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     orig = next(m for m in full.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     assert first.weight.shape[1] == orig.weight.shape[1]
     assert first.weight.shape[0] == math.ceil(0.25 * orig.weight.shape[0])
@@ -71,37 +77,32 @@ def test_narrow_matches_layout_and_runs(name: str, shape: tuple[int, int, int]) 
 def test_leading_sub_model_is_a_prefix_slice_of_global(name: str, shape: tuple[int, int, int]) -> None:
     full = build(name, shape)
     state = full.state_dict()
-    layout = elastic.width_layout(full)
     for rate in RATES[1:]:
-        sub = elastic.extract(state, elastic.sub_index(layout, rate))
+        sub = elastic.extract(state, slices.sub_index(full, rate))
         for k, v in sub.items():
             assert torch.equal(v, state[k][tuple(slice(0, n) for n in v.shape)]), k
 
 
 def test_rolling_window_wraps_and_keeps_groups() -> None:
-    ax = elastic.Axis(16)
-    assert elastic.channel_index(ax, 0.25, offset=14).tolist() == [14, 15, 0, 1]
-    assert elastic.channel_index(ax, 0.25, offset=16 + 3).tolist() == [3, 4, 5, 6]  # offset mod C
-    assert elastic.channel_index(ax, 0.25).tolist() == [0, 1, 2, 3]  # leading
-    assert elastic.channel_index(ax, 1.0, offset=5) is None  # whole dimension: never permuted
-    grouped = elastic.channel_index(elastic.Axis(4, group=3), 0.5, offset=3)  # Linear after Flatten
-    assert grouped.tolist() == [9, 10, 11, 0, 1, 2]
+    full = build("cnn", DIGITS)  # groups: conv1 (16 channels), conv2 (32)
+    keep = slices.window(full, 0.25, offset=30)
+    assert keep["conv2.0"].tolist() == [0, 1, 2, 3, 4, 5, 30, 31]  # wraps around, sorted
+    assert keep["conv1.0"].tolist() == [0, 1, 14, 15]  # offset 30 mod 16 = 14
+    assert slices.window(full, 0.25)["conv1.0"].tolist() == [0, 1, 2, 3]  # leading
+    assert slices.window(full, 1.0, offset=5) == {}  # whole groups: never permuted
     # cnn head: its input window covers the same channels as the last conv's output window
-    full = build("cnn", DIGITS)
-    index = elastic.sub_index(elastic.width_layout(full), 0.25, offset=30)
+    index = slices.sub_index(full, 0.25, offset=30)
     conv = index["conv2.0.weight"][0]
     head = index["head.2.weight"][1]
     group = full.head[2].in_features // full.conv2[0].out_channels
     assert torch.equal(head.view(-1, group)[:, 0] // group, conv)
-    assert conv.tolist() == [30, 31, 0, 1, 2, 3, 4, 5]
 
 
 @pytest.mark.parametrize("offset", [None, 5])
 def test_aggregate_identical_updates_is_exact_and_untouched_keep_value(offset: int | None) -> None:
     full = build("resnet8", DIGITS)
     state = random_state(full, 1)
-    layout = elastic.width_layout(full)
-    index = elastic.sub_index(layout, 0.5, offset)
+    index = slices.sub_index(full, 0.5, offset)
     update = elastic.extract(random_state(full, 2), index)  # what two devices both send
     parts = [elastic.Part(update, index, 3.0), elastic.Part(update, index, 7.0)]
     merged = elastic.aggregate(state, parts)
@@ -120,10 +121,9 @@ def test_aggregate_identical_updates_is_exact_and_untouched_keep_value(offset: i
 def test_aggregate_weighted_mean_and_masked_rows() -> None:
     full = build("cnn", DIGITS)
     state = random_state(full, 0)
-    layout = elastic.width_layout(full)
-    big, small = elastic.sub_index(layout, 1.0), elastic.sub_index(layout, 0.5)
+    big, small = slices.sub_index(full, 1.0), slices.sub_index(full, 0.5)
     a = {k: torch.full(v.shape, 1.0) for k, v in state.items() if v.is_floating_point()}
-    b = {k: torch.full(s, 4.0) for k, s in elastic.sub_shapes(layout, 0.5, state).items()}
+    b = {k: torch.full(s, 4.0) for k, s in slices.sub_shapes(full, 0.5).items()}
     rows = torch.arange(10) < 3
     head = elastic.classifier_keys(full)
     merged = elastic.aggregate(state, [elastic.Part(a, big, 1.0), elastic.Part(b, small, 2.0, rows)], head)
@@ -136,8 +136,8 @@ def test_aggregate_weighted_mean_and_masked_rows() -> None:
 
 def test_scaler_and_batch_stat_bn_helpers() -> None:
     full = build("cnn", DIGITS)
-    sub = elastic.add_scalers(elastic.narrow(full, 0.5), 0.5)
-    plain = elastic.narrow(full, 0.5)
+    sub = elastic.add_scalers(slices.narrow(full, 0.5), 0.5)
+    plain = slices.narrow(full, 0.5)
     plain.load_state_dict(sub.state_dict())
     x = torch.randn(4, *DIGITS)
     assert torch.equal(sub.eval()(x), plain.eval()(x))  # identity at evaluation
@@ -151,11 +151,10 @@ def test_scaler_and_batch_stat_bn_helpers() -> None:
 
 
 def test_unsupported_layer_is_a_one_line_error() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, groups=1), nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(), nn.LazyLinear(2))
-    with pytest.raises(FlexrayError, match="grouped"):
-        elastic.width_layout(model)
+    with pytest.raises(FlexrayError, match="input shape"):  # not built by the zoo: nothing to trace it with
+        channel_groups(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.LazyLinear(2)))
     with pytest.raises(FlexrayError, match="width rate"):
-        elastic.narrow(build("cnn", DIGITS), 1.5)
+        slices.narrow(build("cnn", DIGITS), 1.5)
 
 
 # ---------------------------------------------------------------- methods

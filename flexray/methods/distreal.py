@@ -152,7 +152,7 @@ class FilterDropout(Method):
         def build() -> nn.Module:
             with torch.random.fork_rng(devices=[]):
                 sub = filters.slim(full, width)
-            return filters.add_scalers(sub, width, layers) if self.dcfg.scaler else sub
+            return filters.add_scalers(sub, width, full) if self.dcfg.scaler else sub
 
         trainer = filters.DropoutSGD(full, width, sub=ctx.model(key, build))
         cfg, n = self.cfg, len(data)

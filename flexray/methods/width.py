@@ -22,7 +22,8 @@ from torch import nn
 from flexray.config import MethodConfig
 from flexray.errors import FlexrayError
 from flexray.methods.base import DeviceContext, Method, cast_like, check_tensors, copy_state, evaluate_model, sgd_train
-from flexray.models import elastic
+from flexray.models import elastic, slices
+from flexray.models.channels import channel_groups
 from flexray.models.profile import ModelProfile, ProfileCache, state_bytes, training_memory_bytes
 from flexray.protocol import Cost, DeviceProfile, DeviceView, LocalData, State, SubModel, Task, Update
 
@@ -89,7 +90,6 @@ class WidthMethod(Method):
 
     def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module]) -> None:
         super().__init__(cfg, model_fn)
-        self._layout: elastic.Layout | None = None
         self._index: dict[tuple[float, int | None], elastic.Index] = {}
         self._profiles = ProfileCache()
         self._eval_models: dict[float, nn.Module] = {}
@@ -100,12 +100,6 @@ class WidthMethod(Method):
         return self.cfg
 
     # ---- shared pieces
-    @property
-    def layout(self) -> elastic.Layout:
-        if self._layout is None:
-            self._layout = elastic.width_layout(self.full)
-        return self._layout
-
     def offset(self, rnd: int) -> int | None:
         """Start of the channel window in round ``rnd``; None keeps the leading channels."""
         return None
@@ -114,13 +108,13 @@ class WidthMethod(Method):
         key = (rate, self.offset(rnd))
         if key not in self._index:
             self._index = {k: v for k, v in self._index.items() if k[1] == key[1]}  # drop past windows
-            self._index[key] = elastic.sub_index(self.layout, rate, key[1])
+            self._index[key] = slices.sub_index(self.full, rate, key[1])
         return self._index[key]
 
     def build(self, rate: float, scaler: bool | None = None) -> nn.Module:
         """A width-``rate`` model (with HeteroFL's scaler hooks when configured)."""
         with torch.random.fork_rng(devices=[]):
-            model = elastic.narrow(self.full, rate)
+            model = slices.narrow(self.full, rate)
         if self.wcfg.scaler if scaler is None else scaler:
             elastic.add_scalers(model, rate)
         return model
@@ -133,7 +127,7 @@ class WidthMethod(Method):
         return not (self.wcfg.static_bn and elastic.is_bn_stat(key))
 
     def expected_shapes(self, rate: float, state: State) -> dict[str, torch.Size]:
-        shapes = elastic.sub_shapes(self.layout, rate, state)
+        shapes = slices.sub_shapes(self.full, rate)
         out = {k: s for k, s in shapes.items() if self.shipped(k)}
         if self.wcfg.masked_classifier:
             head = elastic.classifier_keys(self.full)
@@ -163,7 +157,7 @@ class WidthMethod(Method):
         return self._up_bytes[rate]
 
     def check(self) -> None:
-        _ = self.layout  # every layer must be width-scalable
+        channel_groups(self.full)  # the model's channel groups must trace, and slice exactly
 
     # ---- the scheduler's knob
     def options(self) -> list[SubModel]:
@@ -182,7 +176,7 @@ class WidthMethod(Method):
             model.load_state_dict(state)
             return model
         sub = self.build(rate, scaler=False)
-        sub.load_state_dict(elastic.extract(state, elastic.sub_index(self.layout, rate)))
+        sub.load_state_dict(elastic.extract(state, slices.sub_index(self.full, rate)))
         return sub
 
     # ---- server side
@@ -239,7 +233,7 @@ class WidthMethod(Method):
                 if rate not in self._eval_models:
                     self._eval_models[rate] = self.build(rate, scaler=False)
                 sub = self._eval_models[rate]
-                sub.load_state_dict(elastic.extract(state, elastic.sub_index(self.layout, rate)))
+                sub.load_state_dict(elastic.extract(state, slices.sub_index(self.full, rate)))
                 with elastic.batch_stat_bn(sub, self.wcfg.static_bn):
                     metrics[f"acc_p{rate:g}"] = evaluate_model(sub, data)["accuracy"]
             metrics["acc_p1"] = metrics["accuracy"]
@@ -252,6 +246,7 @@ class WidthMethod(Method):
         rate = rate_of(task.spec)
         sub = elastic.extract(state, self.index(rate, task.round))
         model = ctx.model(f"{self.name}:{rate}", lambda: self.build(rate))
+        slices.rewire(self.full, model, rate, self.offset(task.round))
         model.load_state_dict(sub)
         labels = self.label_mask(data, state)
         with elastic.mask_logits(model, labels):

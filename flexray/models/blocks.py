@@ -25,6 +25,12 @@ class Head(nn.Sequential):
     """Pooling / flatten / final linear: the classifier stage, always last."""
 
 
+def with_input(model: nn.Module, input_shape: Shape) -> nn.Module:
+    """Record the (C, H, W) a model was built for: tracing its channel groups feeds it one input."""
+    model.input_shape = tuple(int(s) for s in input_shape)
+    return model
+
+
 def stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The (name, module) stages of a model; a non-Sequential model is a single stage."""
     if isinstance(model, nn.Sequential):

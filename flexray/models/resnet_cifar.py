@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flexray.models.blocks import Head, Shape
+from flexray.models.blocks import Head, Shape, with_input
 
 
 class Stem(nn.Sequential):
@@ -27,15 +27,32 @@ def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 
 class ShortcutA(nn.Module):
-    """Parameter-free shortcut: subsample spatially, zero-pad the new channels."""
+    """Parameter-free shortcut: subsample spatially, zero-pad the new channels.
+
+    ``source`` (set when channels are pruned, ``flexray.models.channels``) says which input
+    channel each output channel copies (-1: zero); None is the centred zero-pad.
+    """
 
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
-        self.stride, self.extra = stride, cout - cin
+        self.stride, self.extra, self.cin = stride, cout - cin, cin
+        self.source: list[int] | None = None
+
+    def channel_map(self) -> list[int]:
+        if self.source is not None:
+            return list(self.source)
+        lo = self.extra // 2
+        return [-1] * lo + list(range(self.cin)) + [-1] * (self.extra - lo)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
+        if self.source is not None:
+            src = torch.tensor(self.source, device=x.device)
+            out = x.new_zeros(x.shape[0], len(self.source), *x.shape[2:])
+            live = src >= 0
+            out[:, live] = x[:, src[live]]
+            return out
         lo = self.extra // 2
         return F.pad(x, (0, 0, 0, 0, lo, self.extra - lo)) if self.extra else x
 
@@ -106,7 +123,7 @@ def cifar_resnet(depth: int, input_shape: Shape, num_classes: int) -> nn.Sequent
         *_blocks(BasicBlock, [16, 32, 64], [n, n, n], 16),
         ("head", Head(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(64, num_classes))),
     ]
-    return _init(nn.Sequential(OrderedDict(layers)))
+    return with_input(_init(nn.Sequential(OrderedDict(layers))), input_shape)  # type: ignore[return-value]
 
 
 def resnet8(input_shape: Shape, num_classes: int) -> nn.Sequential:
@@ -132,4 +149,4 @@ def preresnet18(input_shape: Shape, num_classes: int) -> nn.Sequential:
             Head(nn.BatchNorm2d(512), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(512, num_classes)),
         ),
     ]
-    return _init(nn.Sequential(OrderedDict(layers)))
+    return with_input(_init(nn.Sequential(OrderedDict(layers))), input_shape)  # type: ignore[return-value]

@@ -131,14 +131,16 @@ class _Evaluator:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.init = {k: v.clone() for k, v in model_fn().state_dict().items()}
-        self.layers = filters.droppable(self._fresh())
+        with torch.random.fork_rng(devices=[]):
+            self.model = model_fn()  # one object: its channel groups are traced once, not per candidate
+        self.layers = filters.droppable(self.model)
         self.memo: dict[tuple[float, ...], Point] = {}
 
     def _fresh(self) -> nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            model = self.model_fn()
-        model.load_state_dict(self.init)
-        return model
+        """The shared model, back at the search's initial weights."""
+        self.model.load_state_dict(self.init)
+        self.model.train()
+        return self.model
 
     def __call__(self, rates: tuple[float, ...]) -> Point:
         if rates in self.memo:
