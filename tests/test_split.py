@@ -11,10 +11,10 @@ from flexray.config import JobConfig, ModelConfig
 from flexray.fleet.profiles import CATALOG
 from flexray.fleet.synthetic import random_clients
 from flexray.models import build_model, profile_model
-from flexray.models.split import split_model, split_points
+from flexray.models.split import split_model, split_points, stage_names
 from flexray.protocol import ServerSpec, SubModel, Task
 from flexray.runtime.split_server import LocalPort, SplitServerHost
-from flexray.schedule.tlmp import Clients, baselines, brute_force, fit_cuts, terms, tlmp
+from flexray.schedule.tlmp import Clients, baselines, brute_force, exact_minmax, fit_cuts, min_target, terms, tlmp
 
 SERVER = CATALOG["edge_gpu_server"]
 MODELS = [("cnn", (1, 8, 8)), ("resnet8", (3, 16, 16)), ("torchvision:mobilenet_v2", (3, 32, 32))]
@@ -24,6 +24,12 @@ MODELS = [("cnn", (1, 8, 8)), ("resnet8", (3, 16, 16)), ("torchvision:mobilenet_
 def resnet_points(one_torch_thread):
     model = build_model(ModelConfig(name="resnet8"), (3, 32, 32), 10)
     return split_points(profile_model(model, (3, 32, 32)), 32)
+
+
+@pytest.fixture(scope="module")
+def resnet18(one_torch_thread):
+    model = build_model(ModelConfig(name="torchvision:resnet18"), (3, 32, 32), 10)
+    return stage_names(model), split_points(profile_model(model, (3, 32, 32)), 32)
 
 
 def _fleet(n: int, seed: int, points, tight_memory: float = 0.3) -> Clients:
@@ -122,8 +128,6 @@ def test_cut_regression_is_fitted_and_reports_its_error(resnet_points):
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_tlmp_respects_shares_and_memory(resnet_points, seed):
-    from flexray.schedule.tlmp import exact_minmax
-
     clients = _fleet(300, seed, resnet_points, tight_memory=0.5)
     plan = tlmp(clients, resnet_points, SERVER.flops)
     assert plan.theta.min() >= 0 and plan.theta.sum() <= 1 + 1e-9
@@ -161,3 +165,48 @@ def test_tlmp_is_deterministic(resnet_points):
     a = tlmp(_fleet(50, 5, resnet_points), resnet_points, SERVER.flops)
     b = tlmp(_fleet(50, 5, resnet_points), resnet_points, SERVER.flops)
     assert np.array_equal(a.cuts, b.cuts) and np.array_equal(a.theta, b.theta)
+
+
+# ---------------------------------------------------------------- block-granular cuts of torchvision models
+
+# (model, stages): stem + one stage per residual / (Fused)MBConv / inverted-residual block + head.
+BLOCK_STAGES = [("resnet18", 10), ("mobilenet_v2", 20), ("efficientnet_b0", 19), ("efficientnet_v2_s", 43)]
+
+
+@pytest.mark.parametrize(("name", "stages"), BLOCK_STAGES)
+def test_torchvision_models_cut_between_blocks(one_torch_thread, name, stages):
+    model = build_model(ModelConfig(name=f"torchvision:{name}"), (1, 32, 32), 10)
+    names = stage_names(model)
+    assert len(names) == stages  # one stage per block: the staged forward matched the original (tv.py)
+    pts = split_points(profile_model(model, (1, 32, 32)), 16)
+    fit = fit_cuts(pts)
+    assert len(pts) == stages and fit is not None and fit.max_cut == stages - 1  # regression sees every cut
+    if name.startswith("efficientnet"):  # torchvision's block groups survive as the name prefix
+        assert "features1_0" in names and len({n.split("_")[0] for n in names}) < len(names)
+
+
+def test_resnet18_has_a_cut_after_every_block(resnet18):
+    names, pts = resnet18
+    blocks = [f"layer{i}_{j}" for i in range(1, 5) for j in range(2)]
+    assert names == ["stem", *blocks, "head"]
+    assert sum(p.split for p in pts) >= 9  # stem + 8 blocks (was stem + 4 layers)
+    assert sorted({n.split("_")[0] for n in blocks}) == ["layer1", "layer2", "layer3", "layer4"]
+
+
+def test_tlmp_cuts_inside_a_resnet_layer_when_that_is_the_min_max_optimum(resnet18):
+    """Devices with memory up to layer2's first block and a slow uplink: cutting after layer2_0
+    ships half of layer1's activations and fits, layer2_1 does not fit, so the optimum is a cut
+    torchvision's layer2 used to hide; TLMP, the exact solver and brute force all find it."""
+    names, pts = resnet18
+    n, cut = 3, names.index("layer2_0") + 1
+    clients = Clients(flops=np.array([5e9, 4e9, 6e9]), uplink_bps=np.full(n, 2e6), downlink_bps=np.full(n, 2e7),
+                      memory_bytes=np.full(n, pts[cut - 1].client_memory_bytes), samples=np.array([500.0, 400.0, 600.0]))
+    plan = tlmp(clients, pts, SERVER.flops)
+    assert plan.cuts.tolist() == [cut] * n and names[cut] == "layer2_1"  # the cut splits layer2
+    assert exact_minmax(clients, pts, SERVER.flops).cuts.tolist() == [cut] * n
+    best, best_cuts = brute_force(clients, pts, SERVER.flops, grid=2000)
+    assert best_cuts.tolist() == [cut] * n and plan.max_latency <= best * (1 + 1e-6)
+    tm = terms(clients, pts, SERVER.flops)
+    coarse = np.array([names.index(g) + 1 for g in ("stem", "layer1_1", "layer2_1", "layer3_1", "layer4_1", "head")])
+    coarse_best = min_target(tm.A[:, coarse - 1], tm.B[:, coarse - 1])[0]
+    assert plan.max_latency < 0.95 * coarse_best  # the stage-level cuts alone lose > 5%

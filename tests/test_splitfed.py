@@ -54,6 +54,9 @@ def test_hybrid_round_mixes_fl_and_split_devices_into_one_model(one_torch_thread
     L = len(method.points)
     assert {cuts[0], cuts[1]} != {L} and L in cuts.values()  # slow devices split, others train whole
     assert sum(t.spec.theta for t in tasks) <= 1 + 1e-9
+    names = ["conv1", "conv2", "head"]  # flexray plan names the stage each cut follows
+    cut_note = next(n for n in method.plan_notes(tasks) if n.startswith("cuts (of 3 stages): "))
+    assert all(f"{c} after {names[c - 1]}" in cut_note for c in cuts.values() if c < L) and f"{L} no split" in cut_note
     assert all(r.status == "ok" for r in reports)
     for r in reports:  # virtual time is exactly what the plan predicted, server wait included
         assert r.end_s - r.start_s == pytest.approx(r.predicted_s, rel=1e-9)
@@ -114,3 +117,25 @@ def test_splitfed_job_on_ray_logs_predicted_and_simulated_latency(ray_cluster, m
         assert r["end_s"] - r["start_s"] == pytest.approx(r["predicted_s"], rel=1e-6)
     for h in res.history:
         assert h["round_predicted_s"] <= h["round_sim_s"]
+
+
+@pytest.mark.ray
+def test_splitfed_round_on_ray_cuts_mobilenet_v2_between_blocks(ray_cluster, mlflow_uri, one_torch_thread):
+    """One tiny round of a torchvision model (a stage per inverted-residual block) through Ray:
+    the slow device splits, the split server trains the rest, predicted = simulated time."""
+    from flexray.runtime.driver import run_job
+
+    slow = {"slow": {"flops": 2.0e6, "memory_bytes": 1.0e9, "uplink_bps": 1.0e8, "downlink_bps": 1.0e8,
+                     "power_active_w": 3, "power_idle_w": 1, "power_radio_w": 0.5}}
+    tree = job_tree(tracking__uri=mlflow_uri, method__name="splitfed", fleet__actors=1, rounds__num=1,
+                    model__name="torchvision:mobilenet_v2", data__samples_per_device=32, data__test_samples=64,
+                    fleet__profiles=slow, fleet__groups=[{"profile": "slow", "count": 1}, {"profile": "laptop_cpu", "count": 1}])
+    res = run_job(parse_config(tree))
+    assert len(res.history) == 1 and 0.0 <= res.history[0]["accuracy"] <= 1.0
+    path = MlflowClient(mlflow_uri).download_artifacts(res.run_id, "events.parquet")
+    rows = pq.read_table(path).to_pylist()
+    cuts = [json.loads(r["spec"])["cut"] for r in rows]
+    assert len(rows) == 2 and min(cuts) < 20  # 20 stages: stem, 17 blocks, last conv, head; 20 = no split
+    for r, cut in zip(rows, cuts):
+        assert (r["server_s"] > 0) == (cut < 20)
+        assert r["end_s"] - r["start_s"] == pytest.approx(r["predicted_s"], rel=1e-6)

@@ -12,6 +12,7 @@ update holding that tensor, so FL clients, client parts and server parts merge i
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -53,6 +54,7 @@ class SplitFed(Method):
 
     def attach(self, profile: ModelProfile, server: DeviceProfile) -> None:
         self.points: list[SplitPoint] = split_points(profile, self.cfg.batch_size)
+        self.layer_names = [layer.name for layer in profile.layers]
         self.server_flops, self.server_name = server.flops, server.name
         L = len(self.points)
         if self.cfg.cut is not None and self.cfg.cut > L:
@@ -132,6 +134,12 @@ class SplitFed(Method):
         if shares:
             notes.append(f"server shares: sum {sum(shares):.4f} over {sum(s > 0 for s in shares)} split clients "
                          f"(server {self.server_name})")
+        cuts = Counter(t.spec.cut for t in tasks if t.spec.cut is not None)
+        if cuts:  # which stage each cut follows: torchvision models cut between blocks, not block groups
+            L = len(self.layer_names)
+            where = ", ".join(f"{c} after {self.layer_names[c - 1]} x{k}" if c < L else f"{c} no split x{k}"
+                              for c, k in sorted(cuts.items()))
+            notes.append(f"cuts (of {L} stages): {where}")
         if tasks:
             notes.append(f"cut regression: leave-one-out relative error {self.fit_error:.3g} (exact at the integer cuts)")
         return notes

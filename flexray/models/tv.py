@@ -5,6 +5,12 @@ actors that never use it do not pay for the import. A model is split into stages
 its architecture is a known family (ResNet-like, or ``.features`` + ``.classifier``), and the
 split is then checked against the original forward on one input; anything else, or a split
 that does not reproduce the original, stays one stage.
+
+Stages are residual blocks, not torchvision's block groups: a ResNet's ``layer2`` becomes
+``layer2_0``, ``layer2_1``, ..., an EfficientNet's ``features3`` becomes ``features3_0``, ...
+(MobileNetV2's ``features`` already holds one block per child). Split learning cuts and FlexTrain
+depth prefixes work at stage granularity, so finer stages are finer cuts; the group survives as
+the name's prefix before ``_``.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import torch
 from torch import nn
 
 from flexray.errors import FlexrayError
-from flexray.models.blocks import Head, Shape
+from flexray.models.blocks import Head, Shape, with_input
 
 LIST_HINT = "python -c 'import torchvision; print(torchvision.models.list_models(module=torchvision.models))'"
 
@@ -40,19 +46,30 @@ class Stage(nn.Sequential):
 
 def _resnet_stages(m: nn.Module) -> list[tuple[str, nn.Module]]:
     stem = Stage(m.conv1, m.bn1, m.relu, m.maxpool)
-    layers = [(f"layer{i}", getattr(m, f"layer{i}")) for i in range(1, 5)]
-    return [("stem", stem), *layers, ("head", Head(m.avgpool, nn.Flatten(1), m.fc))]
+    blocks = [(f"layer{i}_{j}", b) for i in range(1, 5) for j, b in enumerate(getattr(m, f"layer{i}"))]
+    return [("stem", stem), *blocks, ("head", Head(m.avgpool, nn.Flatten(1), m.fc))]
+
+
+def _block_group(child: nn.Module) -> bool:
+    """A plain ``nn.Sequential`` of composite blocks (an EfficientNet stage of MBConvs), whose
+    blocks can be stages of their own; a conv-norm-act (a subclass) or a run of single layers cannot."""
+    return type(child) is nn.Sequential and len(child) > 0 and all(any(True for _ in b.children()) for b in child)
 
 
 def _group_features(features: nn.Module) -> list[tuple[str, nn.Module]]:
     """One stage per block/conv; activations, norms and pools join the stage before them."""
-    groups: list[list[nn.Module]] = []
+    groups: list[tuple[str, list[nn.Module]]] = []
+    k = 0  # the stage's number before block groups were split, so other models keep their names
     for child in features.children():
         if groups and isinstance(child, _LIGHT):
-            groups[-1].append(child)
+            groups[-1][1].append(child)
+            continue
+        if _block_group(child):
+            groups.extend((f"features{k}_{j}", [b]) for j, b in enumerate(child))
         else:
-            groups.append([child])
-    return [(f"features{i}", g[0] if len(g) == 1 else Stage(*g)) for i, g in enumerate(groups)]
+            groups.append((f"features{k}", [child]))
+        k += 1
+    return [(name, g[0] if len(g) == 1 else Stage(*g)) for name, g in groups]
 
 
 def _features_head(m: nn.Module) -> Head:
@@ -134,4 +151,4 @@ def torchvision_model(name: str, input_shape: Shape, num_classes: int) -> nn.Seq
     if c == 1:
         first_name, first = parts[0]
         parts[0] = (first_name, Stage(ToRGB(), *(first if isinstance(first, Stage) else [first])))
-    return nn.Sequential(OrderedDict(parts)).train(was_training)
+    return with_input(nn.Sequential(OrderedDict(parts)).train(was_training), input_shape)  # type: ignore[return-value]
