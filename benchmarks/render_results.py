@@ -166,7 +166,8 @@ SPECS: dict[str, list[Table]] = {
         ("max abs pred err s", val("max_abs_pred_err_s")), ("split clients / round", val("split_clients_per_round")),
         ("wall s", val("wall_s")), ("load 1m", val("load_avg_1m"))])],
     "tiled": [
-        Table([("devices", val("devices")), ("grid", grid("grid")), ("groups (plan for rpi3)", val("groups")),
+        Table([("model", lambda r: show(r.get("model", "vgg"))), ("input", grid("input")), ("batch", val("batch")),
+               ("devices", val("devices")), ("grid", grid("grid")), ("groups (plan for rpi3)", val("groups")),
                ("predicted step s", val("predicted_step_s")), ("sim speedup", times("sim_speedup")),
                ("grouping gain", times("grouping_gain_predicted")),
                ("redundant (grouped / one group)",

@@ -23,6 +23,13 @@ SGD momentum 0.9. For each device count N (all N devices get a tile):
   work with nothing exchanged (timed in turn with the same steps): the machine's own limit.
 
     python benchmarks/tiled.py [--steps 10] [--repeats 3] [--wait-load 0.8]
+    python benchmarks/tiled.py --model torchvision:vgg11_bn --size 128 --batch 4 --real 1,2
+
+``--model torchvision:vgg11_bn`` tiles torchvision's VGG-11 with BatchNorm (BN statistics and
+gradient sums all-gathered per BN; in-place ReLU) over every feature stage; its 100M-weight
+classifier runs untiled on device 0 either way and would only add a 400 MB gradient all-reduce
+per step to what is measured, so it is swapped for global pooling + linear (``"head"`` in the
+output says so). ``--model darknet19`` (``--width``) works the same way.
 
 Budget: about 3-6 minutes on 2 idle cores, plus load waits (at most --max-wait-s each). Prints
 one JSON line per device count, then one for the plain PyTorch step.
@@ -45,13 +52,15 @@ from torch import nn
 from flexray.data.datasets import Dataset
 from flexray.fleet.profiles import CATALOG
 from flexray.models.profile import profile_model
-from flexray.models.zoo import vgg
+from flexray.config import ModelConfig
+from flexray.models.blocks import Head, stages
+from flexray.models.tiling import tileable_prefix
+from flexray.models.zoo import build_model
 from flexray.protocol import DeviceProfile
 from flexray.runtime.tiled import TileActor, TileHost, TiledStep, fused_stack
 from flexray.schedule.tiling import TilingPlan, choose_plan
 
 OPT = {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0}
-FUSED = 3
 
 
 def synthetic(size: int, n: int = 64) -> Dataset:
@@ -61,9 +70,9 @@ def synthetic(size: int, n: int = 64) -> Dataset:
     return Dataset("random", x, y, x[:8], y[:8], 10, (0.5,) * 3, (0.25,) * 3)
 
 
-def measured_memory(model: nn.Module, plan: TilingPlan, data: Dataset, batch: int) -> float:
+def measured_memory(model: nn.Module, fused: int, plan: TilingPlan, data: Dataset, batch: int) -> float:
     """Max over devices of the measured peak fused-layer activation bytes in one step (in-process)."""
-    hosts = [TileHost(r, copy.deepcopy(model), FUSED, plan, OPT, data) for r in range(plan.n_tiles)]
+    hosts = [TileHost(r, copy.deepcopy(model), fused, plan, OPT, data) for r in range(plan.n_tiles)]
     rows = np.arange(batch)
     TiledStep(plan, hosts).step(rows, rows)
     return max(h.stats["peak_activation_bytes"] for h in hosts)
@@ -79,8 +88,8 @@ def wait_load(limit: float, max_wait_s: float) -> float:
 class RealRun:
     """``plan.n_tiles`` Ray actors (1 thread, 1 CPU each) kept alive so runs interleave step by step."""
 
-    def __init__(self, model: nn.Module, plan: TilingPlan, data_ref: ray.ObjectRef, batch: int) -> None:
-        self.actors = [TileActor.options(num_cpus=1).remote(r, model, FUSED, plan, OPT, data_ref, threads=1, measure_memory=False)
+    def __init__(self, model: nn.Module, fused: int, plan: TilingPlan, data_ref: ray.ObjectRef, batch: int) -> None:
+        self.actors = [TileActor.options(num_cpus=1).remote(r, model, fused, plan, OPT, data_ref, threads=1, measure_memory=False)
                        for r in range(plan.n_tiles)]
         self.runner, self.batch = TiledStep(plan, self.actors), batch
         ray.get([a.info.remote() for a in self.actors])
@@ -102,9 +111,9 @@ class RealRun:
 class Plain:
     """No tiling, no exchange: the fused stages' forward + backward on a fixed batch slice."""
 
-    def __init__(self, model: nn.Module, x: torch.Tensor) -> None:
+    def __init__(self, model: nn.Module, fused: int, x: torch.Tensor) -> None:
         torch.set_num_threads(1)
-        self.stack, self.x = model[:FUSED], x
+        self.stack, self.x = model[:fused], x
 
     def step(self) -> None:
         self.stack.zero_grad()
@@ -116,11 +125,11 @@ class Ceiling:
     on the whole batch vs two actors each computing half of its width at the same time, with
     nothing exchanged. Timed in turn with the tiled runs, so it sees the same machine."""
 
-    def __init__(self, model: nn.Module, data: Dataset, batch: int) -> None:
+    def __init__(self, model: nn.Module, fused: int, data: Dataset, batch: int) -> None:
         x = torch.as_tensor(data.x_train[:batch], dtype=torch.float32)
         half = x.shape[-1] // 2
-        self.one = Plain.remote(model, x)
-        self.two = [Plain.remote(model, x[..., :half + 1]), Plain.remote(model, x[..., half - 1:])]
+        self.one = Plain.remote(model, fused, x)
+        self.two = [Plain.remote(model, fused, x[..., :half + 1]), Plain.remote(model, fused, x[..., half - 1:])]
         self.times: list[float] = []
         ray.get([self.one.step.remote()] + [a.step.remote() for a in self.two])
 
@@ -186,6 +195,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--model", default="vgg", help="vgg | darknet19 | torchvision:vgg11_bn (see above)")
+    ap.add_argument("--fused", type=int, default=None, help="leading stages to tile (default: vgg 3, else every tileable one)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--counts", default="1,2,4,6")
     ap.add_argument("--real", default="1,2,4,6", help="device counts to also run on real actors")
@@ -197,8 +208,14 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     shape = (3, args.size, args.size)
-    model = vgg(shape, 10, args.width)
-    stack = fused_stack(model, shape, FUSED)
+    model = build_model(ModelConfig(name=args.model, width=args.width), shape, 10)
+    head = "model's own"
+    if args.model.startswith("torchvision:"):
+        width = [m for m in model.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+        model.head = Head(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(width, 10))
+        head = "global pool + linear (classifier swapped)"
+    fused = args.fused or (3 if args.model == "vgg" else tileable_prefix([s for _, s in stages(model)]))
+    stack = fused_stack(model, shape, fused)
     data = synthetic(args.size)
     counts = [int(c) for c in args.counts.split(",")]
     real = {int(c) for c in args.real.split(",")}
@@ -208,14 +225,14 @@ def main() -> None:
         best = choose_plan(stack, devs, args.batch, all_devices=True)
         flat = choose_plan(stack, devs, args.batch, groups=[(0, len(stack.geoms))], all_devices=True)
         rows.append({"n": n, "best": best, "flat": flat,
-                     "mem": measured_memory(model, best, data, args.batch),
-                     "mem_flat": measured_memory(model, flat, data, args.batch)})
+                     "mem": measured_memory(model, fused, best, data, args.batch),
+                     "mem_flat": measured_memory(model, fused, flat, data, args.batch)})
     # logical CPUs: every actor set stays alive while the runs interleave (idle ones cost no CPU)
     ray.init(address="local", num_cpus=16, include_dashboard=False, logging_level="WARNING")
     try:
         data_ref = ray.put(data)
         hop = hop_s()
-        single = RealRun(model, rows[0]["flat"], data_ref, args.batch)
+        single = RealRun(model, fused, rows[0]["flat"], data_ref, args.batch)
         host = host_profile(model, shape, args.batch, statistics.median(single.step(s) for s in range(3)))
         single.close()
         for r in rows:
@@ -232,9 +249,9 @@ def main() -> None:
             for key in ("real_plan", "real_flat"):
                 plan = r[key]
                 sig = (plan.grid, plan.groups)
-                runs.setdefault(sig, RealRun(model, plan, data_ref, args.batch))
+                runs.setdefault(sig, RealRun(model, fused, plan, data_ref, args.batch))
                 r[key + "_run"] = runs[sig]
-        ceiling = Ceiling(model, data, args.batch) if any(r["n"] == 2 for r in small) else None
+        ceiling = Ceiling(model, fused, data, args.batch) if any(r["n"] == 2 for r in small) else None
         loads = []
         for rep in range(args.repeats):
             loads.append(wait_load(args.wait_load, args.max_wait_s))
@@ -261,7 +278,7 @@ def main() -> None:
             if r["n"] in real and r["n"] > 2:
                 r["load"] = wait_load(args.wait_load, args.max_wait_s)
                 for key in ("real_plan", "real_flat"):
-                    run = RealRun(model, r[key], data_ref, args.batch)
+                    run = RealRun(model, fused, r[key], data_ref, args.batch)
                     r[key + "_s"] = statistics.median(run.step(s) for s in range(1, args.steps + 1))
                     run.close()
                 r["load_after"] = os.getloadavg()[0]
@@ -272,7 +289,8 @@ def main() -> None:
     for r in rows:
         best, flat, n = r["best"], r["flat"], r["n"]
         out = {
-            "bench": "tiled", "devices": n, "profile": args.profile, "input": list(shape), "batch": args.batch,
+            "bench": "tiled", "model": args.model, "head": head, "fused_stages": fused, "batch_norms": sum(
+                g.kind == "bn" for g in stack.geoms), "devices": n, "profile": args.profile, "input": list(shape), "batch": args.batch,
             "grid": list(best.grid), "groups": [list(g) for g in best.groups],
             "predicted_step_s": round(best.step_s, 4), "sim_speedup": round(base["best"].step_s / best.step_s, 3),
             "predicted_step_s_no_grouping": round(flat.step_s, 4),
@@ -298,7 +316,7 @@ def main() -> None:
             if "ceiling" in r:  # 2 actors, half the work each, nothing exchanged
                 out["parallel_ceiling_2_actors"] = round(r["ceiling"], 3)
         print(json.dumps(out), flush=True)
-    print(json.dumps({"bench": "tiled_plain_pytorch", "devices": 1, "input": list(shape), "batch": args.batch,
+    print(json.dumps({"bench": "tiled_plain_pytorch", "model": args.model, "devices": 1, "input": list(shape), "batch": args.batch,
                       "real_step_s": round(plain, 4), "load_1min": round(os.getloadavg()[0], 2)}), flush=True)
 
 

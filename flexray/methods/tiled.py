@@ -5,7 +5,9 @@ in parallel (halos included, fused over consecutive layers); the rest runs on de
 weight gradients are all-reduced. This is not a federated round, so the method names the engine
 that runs it (``engine = "tiled"``, see ``flexray/runtime/engines.py``); the engine calls
 ``batches`` for the data order, and ``local_update`` is the single-device reference of exactly
-the same steps (tests hold the tiled engine to it).
+the same steps (tests hold the tiled engine to it) for models without dropout: the engine draws
+dropout masks from per-step seeds so that every tile slices the same mask, ``local_update``
+from torch's global stream.
 """
 
 from __future__ import annotations

@@ -5,13 +5,16 @@ the layers backwards from the output tile gives that region per layer; regions a
 the feature map and the clipped part is re-created as explicit padding, so a tile computed with
 ``padding=0`` on its padded region equals the same pixels of the full-map computation, at the
 edges too. Backward uses the same regions: the gradient a tile sends to a layer's input lands
-on exactly the (clipped) input region it read, and overlapping halos are summed.
+on exactly the (clipped) input region it read, and overlapping halos are summed. A BatchNorm's
+region is widened to the tile's owned cell of its map, so the tiles together normalise every
+position one device would (``models/tile_norm.py`` does the statistics).
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +35,8 @@ def _pair(v: int | Sequence[int]) -> Pair:
 
 @dataclass(frozen=True)
 class LayerGeom:
-    """Spatial behaviour of one layer; ``kind`` is conv | maxpool | avgpool | pointwise."""
+    """Spatial behaviour of one layer; ``kind`` is conv | maxpool | avgpool | pointwise | bn | dropout
+    (bn and dropout are pointwise in space, but need the whole map's statistics / mask)."""
 
     kind: str
     kernel: Pair = (1, 1)
@@ -54,8 +58,8 @@ class LayerGeom:
 
 
 def layer_geom(m: nn.Module) -> LayerGeom | None:
-    """Geometry of a tileable layer, or None when a tile cannot compute it alone
-    (BatchNorm needs whole-map statistics, dropout's mask would differ per tile, ...)."""
+    """Geometry of a tileable layer, or None when a tile cannot compute it (string padding,
+    ceil-mode pools, layers that are not spatial, ...)."""
     if isinstance(m, nn.Conv2d):
         if isinstance(m.padding, str) or m.padding_mode != "zeros":
             return None
@@ -66,8 +70,12 @@ def layer_geom(m: nn.Module) -> LayerGeom | None:
     if isinstance(m, nn.AvgPool2d) and not m.ceil_mode and m.count_include_pad and m.divisor_override is None:
         stride = m.stride if m.stride is not None else m.kernel_size
         return LayerGeom("avgpool", _pair(m.kernel_size), _pair(stride), _pair(m.padding))
-    if isinstance(m, POINTWISE) and not getattr(m, "inplace", False):
+    if isinstance(m, POINTWISE):  # in-place ones run out of place on tiles (``run_layer``)
         return LayerGeom("pointwise")
+    if isinstance(m, nn.BatchNorm2d):
+        return LayerGeom("bn")
+    if isinstance(m, nn.Dropout):
+        return LayerGeom("dropout")
     return None
 
 
@@ -119,11 +127,14 @@ class Region:
 class TileSpec:
     """One tile of a group: ``regions[i]`` is the clipped region of layer i's input it reads
     (``regions[-1]`` is its output tile) and ``pads[i]`` the (left, right, top, bottom) padding
-    layer i adds back. ``regions[i + 1]`` is also what layer i computes, halo included."""
+    layer i adds back. ``regions[i + 1]`` is also what layer i computes, halo included.
+    ``owned[i]`` is, for a BatchNorm, the tile's cell of its map (the cells partition the map);
+    its input region then covers that cell and its output is cut to what the next layer reads."""
 
     index: int
     regions: tuple[Region, ...]
     pads: tuple[tuple[int, int, int, int], ...]
+    owned: tuple[Region | None, ...] = ()
 
     @property
     def input(self) -> Region:
@@ -152,17 +163,24 @@ def plan_tiles(geoms: Sequence[LayerGeom], size: Pair, grid: Pair) -> list[TileS
     if grid[0] > out_h or grid[1] > out_w:
         raise FlexrayError(f"tiling: grid {grid[0]}x{grid[1]} is finer than the {out_h}x{out_w} output; use a coarser method.grid")
     tiles = []
-    for (h0, h1) in split(out_h, grid[0]):
-        for (w0, w1) in split(out_w, grid[1]):
+    for ri, (h0, h1) in enumerate(split(out_h, grid[0])):
+        for ci, (w0, w1) in enumerate(split(out_w, grid[1])):
             region = Region(h0, h1, w0, w1)
-            regions, pads = [region], []
+            regions, pads, owned = [region], [], []
             for g, (n_h, n_w) in zip(reversed(geoms), reversed(sizes[:-1])):
+                cell = None
+                if g.kind == "bn":  # the tiles together must normalise the whole map
+                    (a, b), (c, d) = split(n_h, grid[0])[ri], split(n_w, grid[1])[ci]
+                    cell = Region(a, b, c, d)
+                    if cell.area:
+                        region = Region(min(region.h0, a), max(region.h1, b), min(region.w0, c), max(region.w1, d))
                 a, b, top, bottom = g.needed(region.h0, region.h1, 0, n_h)
                 c, d, left, right = g.needed(region.w0, region.w1, 1, n_w)
                 region = Region(a, b, c, d)
                 regions.append(region)
                 pads.append((left, right, top, bottom))
-            tiles.append(TileSpec(len(tiles), tuple(reversed(regions)), tuple(reversed(pads))))
+                owned.append(cell)
+            tiles.append(TileSpec(len(tiles), tuple(reversed(regions)), tuple(reversed(pads)), tuple(reversed(owned))))
     return tiles
 
 
@@ -185,8 +203,19 @@ def _conv(m: nn.Conv2d, pad: tuple[int, int, int, int], x: torch.Tensor) -> torc
     return y[:, :, h0:h0 + out_h, w0:w0 + out_w]
 
 
+def out_of_place(m: nn.Module) -> nn.Module:
+    """``m`` without ``inplace``: an in-place activation would overwrite a tile that autograd
+    saved or that is a leaf (a halo-assembled input); out of place it saves the same bytes."""
+    if not getattr(m, "inplace", False):
+        return m
+    m = copy.copy(m)
+    m.inplace = False
+    return m
+
+
 def run_layer(m: nn.Module, g: LayerGeom, pad: tuple[int, int, int, int], x: torch.Tensor) -> torch.Tensor:
-    """Layer ``m`` on a clipped tile with its (left, right, top, bottom) edge padding."""
+    """Layer ``m`` on a clipped tile with its (left, right, top, bottom) edge padding; BatchNorm
+    and dropout as pointwise (right in eval mode; training runs them through ``run_span``)."""
     if g.kind == "conv":
         assert isinstance(m, nn.Conv2d)
         return _conv(m, pad, x)
@@ -195,14 +224,32 @@ def run_layer(m: nn.Module, g: LayerGeom, pad: tuple[int, int, int, int], x: tor
         return F.max_pool2d(x, g.kernel, g.stride, 0, g.dilation)
     if g.kind == "avgpool":
         return F.avg_pool2d(F.pad(x, pad) if any(pad) else x, g.kernel, g.stride, 0)
-    return m(x)
+    return out_of_place(m)(x)
+
+
+Special = Callable[[int, torch.Tensor], torch.Tensor]  # (group-relative layer index, its input) -> output
+
+
+def run_span(layers: Sequence[nn.Module], geoms: Sequence[LayerGeom], tile: TileSpec, lo: int, hi: int,
+             x: torch.Tensor, special: Special | None = None) -> torch.Tensor:
+    """Layers ``lo..hi-1`` of a group (indices relative to it) on one tile: ``x`` holds
+    ``tile.regions[lo]``; returns ``tile.regions[hi]``. ``special`` runs training-mode dropout
+    (and whatever else needs more than the tile); a BatchNorm's output is cut to the next region."""
+    for i in range(lo, hi):
+        m, g = layers[i], geoms[i]
+        if special is not None and g.kind == "dropout" and m.training:
+            x = special(i, x)
+        else:
+            x = run_layer(m, g, tile.pads[i], x)
+        if g.kind == "bn" and tile.regions[i + 1] != tile.regions[i]:
+            x = x[(..., *tile.regions[i + 1].within(tile.regions[i]))]
+    return x
 
 
 def run_tile(layers: Sequence[nn.Module], geoms: Sequence[LayerGeom], tile: TileSpec, x: torch.Tensor) -> torch.Tensor:
-    """The fused stack on one tile: ``x`` holds ``tile.input``; returns ``tile.output``."""
-    for m, g, pad in zip(layers, geoms, tile.pads):
-        x = run_layer(m, g, pad, x)
-    return x
+    """The fused stack on one tile: ``x`` holds ``tile.input``; returns ``tile.output``
+    (BatchNorm and dropout pointwise: eval mode)."""
+    return run_span(layers, geoms, tile, 0, len(layers), x)
 
 
 Tile = torch.Tensor | np.ndarray  # tiles travel between actors as numpy (Ray reads those zero-copy)
@@ -252,7 +299,11 @@ def layer_stats(layers: Sequence[nn.Module], channels: int, size: Pair) -> tuple
         for m, g, (h, w) in zip(layers, geoms, sizes[1:]):
             tile = plan_tiles([g], (x.shape[2], x.shape[3]), (1, 1))[0]  # type: ignore[list-item]
             with FlopCounterMode(display=False) as counter:
-                x = run_layer(m, g, tile.pads[0], x)  # type: ignore[arg-type]
+                if g.kind == "bn":  # pointwise cost, without touching the running statistics
+                    ones = torch.ones(x.shape[1], dtype=x.dtype)
+                    x = F.batch_norm(x, ones * 0, ones, m.weight, m.bias, False, 0.0, m.eps)  # type: ignore[arg-type]
+                else:
+                    x = run_layer(m, g, tile.pads[0], x)  # type: ignore[arg-type]
             flops.append(counter.get_total_flops() / (h * w))
             chans.append(int(x.shape[1]))
     return flops, chans

@@ -138,8 +138,8 @@ def torchvision_model(name: str, input_shape: Shape, num_classes: int) -> nn.Seq
             except Exception as err:  # noqa: BLE001
                 msg = str(err).splitlines()[0] if str(err) else type(err).__name__
                 raise FlexrayError(
-                    f"model.name: torchvision:{name} cannot take {h}x{w} inputs ({msg}); "
-                    "pick a model that down-samples less, e.g. resnet20 or torchvision:resnet18"
+                    f"config error: model.name: torchvision:{name} cannot take {h}x{w} inputs ({msg}); "
+                    "use a model that down-samples less (resnet20, torchvision:resnet18) or larger images"
                 ) from None
             parts = _staged(model)
             staged = nn.Sequential(OrderedDict(parts)) if parts else None

@@ -10,6 +10,13 @@ halos at group boundaries, summed where halos overlap), then every device fetche
 device's weight gradients, sums them in rank order and applies the same optimizer step, so the
 weights stay identical everywhere without a parameter server.
 
+A training-mode BatchNorm splits its group into segments: every device returns its owned
+positions' statistics, and the next segment's call on every device takes all of them (the same
+all-gather as the weight gradients, at the size of a few floats per channel); backward does the
+same with the sums BN's input gradient needs (``models/tile_norm.py``). Dropout masks and the
+tail's random draws come from a per-step seed, so every tile and the tail see what one device
+seeded alike would draw.
+
 ``TileHost`` is the device logic, free of Ray so tests can run it in-process;
 ``TileActor`` is the Ray actor. ``TiledStep`` drives one step over either.
 """
@@ -31,7 +38,9 @@ from flexray.data.datasets import Dataset, to_tensor
 from flexray.errors import FlexrayError
 from flexray.models.blocks import stages
 from flexray.models.profile import profile_model
-from flexray.models.tiling import LayerGeom, Region, assemble, layer_geom, layer_stats, leaves, run_tile, scatter_add
+from flexray.models.tile_norm import TileNorm, dropout_mask, local_stats
+from flexray.models.tiling import (
+    LayerGeom, Region, assemble, feature_sizes, layer_geom, layer_stats, leaves, run_span, scatter_add)
 from flexray.schedule.tiling import FusedStack, TilingPlan
 
 Batch = Any  # a float tensor holding the whole input batch, or row indices into the host's dataset
@@ -48,7 +57,7 @@ def split_model(model: nn.Module, fused: int) -> tuple[list[nn.Module], list[Lay
             if layer_geom(m) is None:
                 raise FlexrayError(
                     f"config error: method.fused_stages: stage {name!r} has a {type(m).__name__}, which a tile cannot "
-                    "compute alone; fuse fewer stages or use model cnn / vgg")
+                    "compute alone; fuse fewer stages or use model cnn, vgg, darknet19 or torchvision:vgg11_bn")
             layers.append(m)
         ends.append(len(layers))
     geoms = [layer_geom(m) for m in layers]
@@ -84,8 +93,13 @@ class TileHost:
         self.opt = torch.optim.SGD(self.params, lr=opt["lr"], momentum=opt["momentum"], weight_decay=opt["weight_decay"])
         self.loss_fn = nn.CrossEntropyLoss()
         self.pace = list(pace) if pace else None  # sleep throttle: wall seconds per (forward, backward) of a step
-        self.graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.saved: dict[int, int] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, TileNorm | None]] = {}
+        self.pending: dict[int, torch.Tensor] = {}  # a segment's output waiting for its BN statistics
+        self.norms: dict[int, tuple[torch.Tensor, TileNorm]] = {}  # a BN segment waiting for the gradient sums
+        self.saved: dict[Any, int] = {}
+        self.sizes = feature_sizes(self.geoms, plan.size) if plan.size != (0, 0) else []
+        self.seed = 0
+        self.calls = sum(len(plan.bounds(g)) - 1 for g in range(len(plan.groups)))  # forward calls per step
         self.measure_memory = measure_memory  # off for pure timing runs: the hook runs per saved tensor
         self.reset_stats()
 
@@ -120,7 +134,7 @@ class TileHost:
         x = self.data.x_train[batch][:, :, region.h0:region.h1, region.w0:region.w1]
         return to_tensor(np.ascontiguousarray(x), self.data.mean, self.data.std)
 
-    def _saving(self, bucket: int) -> Any:
+    def _saving(self, bucket: Any) -> Any:
         """Measure activation memory: bytes of the non-parameter tensors autograd keeps for backward."""
         if not self.measure_memory:
             return contextlib.nullcontext()
@@ -135,22 +149,48 @@ class TileHost:
 
         return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
-    def forward(self, g: int, batch: Batch, ids: Sequence[int], *parts: torch.Tensor) -> torch.Tensor:
+    def _dropout(self, a: int, tile_regions: Sequence[Region]) -> Any:
+        """Training-mode dropout of group-relative layer i: this tile's slice of the whole map's mask."""
+        def run(i: int, x: torch.Tensor) -> torch.Tensor:
+            m, (h, w), r = self.layers[a + i], self.sizes[a + i], tile_regions[i]
+            full = dropout_mask(self.seed * 1009 + a + i, (x.shape[0], x.shape[1], h, w), m.p, x.dtype)  # type: ignore[arg-type]
+            return x * full[:, :, r.h0:r.h1, r.w0:r.w1]
+        return run
+
+    def forward(self, g: int, s: int, batch: Batch, seed: int, ids: Sequence[int], *parts: Any) -> Any:
+        """Segment ``s`` of group ``g``: returns its output tile, or (when a BN follows) the
+        owned positions' statistics; ``parts`` are halo tiles (s = 0) or every device's statistics."""
         t0 = time.perf_counter()
         tile = self.plan.tiles[g][self.rank]
-        a, b = self.plan.groups[g]
-        if g == 0:
+        bounds = self.plan.bounds(g)
+        a, lo, hi = bounds[0], bounds[s], bounds[s + 1]
+        norm = None
+        if s == 0 and g == 0:
             self.saved.clear()
+            self.seed = seed
             x = self._input(batch, tile.input)
-        else:
+        elif s == 0:
             prev = self.plan.tiles[g - 1]
             x = assemble(tile.input, [(prev[u].output, p) for u, p in zip(ids, parts)]).requires_grad_()
-        with self._saving(g):
-            out = run_tile(self.layers[a:b], self.geoms[a:b], tile, x)
-        self.graphs[g] = (x, out)
-        if g == len(self.plan.groups) - 1:
+        else:
+            x = self.pending.pop(g).detach().requires_grad_()
+        with self._saving((g, s)):
+            y = x
+            if s:  # the BN this segment starts with, on the whole map's statistics
+                own = tile.owned[lo - a].within(tile.regions[lo - a])  # type: ignore[union-attr]
+                norm, y = TileNorm.apply(self.layers[lo], x, parts, own)  # type: ignore[arg-type]
+                if tile.regions[lo - a + 1] != tile.regions[lo - a]:
+                    y = y[(..., *tile.regions[lo - a + 1].within(tile.regions[lo - a]))]
+                lo += 1
+            out = run_span(self.layers[a:], self.geoms[a:], tile, lo - a, hi - a, y, self._dropout(a, tile.regions))
+        self.graphs[(g, s)] = (x, out, norm)
+        last = s == len(bounds) - 2
+        if g == len(self.plan.groups) - 1 and last:
             self.stats["peak_activation_bytes"] = max(self.stats["peak_activation_bytes"], float(sum(self.saved.values())))
         self._spent(t0, 0)
+        if not last:
+            self.pending[g] = out
+            return local_stats(out[(..., *tile.owned[hi - a].within(tile.regions[hi - a]))])  # type: ignore[union-attr]
         return out.detach().numpy()
 
     def tail(self, y: Batch, *parts: np.ndarray) -> Any:
@@ -162,7 +202,8 @@ class TileHost:
         fmap = assemble(full, [(t.output, p) for t, p in zip(last, parts)]).requires_grad_()
         labels = y if isinstance(y, torch.Tensor) else torch.as_tensor(self.data.y_train[y], dtype=torch.long)  # type: ignore[union-attr]
         self.saved[-1] = 0
-        with self._saving(-1):
+        with self._saving(-1), torch.random.fork_rng(devices=[]):  # the step's seed, not this process's stream
+            torch.manual_seed(self.seed)
             loss = self.loss_fn(self.tail_net(fmap), labels)
         loss.backward()
         self.stats["tail_activation_bytes"] = max(self.stats["tail_activation_bytes"], float(self.saved.pop(-1)))
@@ -172,19 +213,28 @@ class TileHost:
         self.stats["compute_s"] += time.perf_counter() - t0
         return tiles if len(tiles) > 1 else tiles[0]
 
-    def backward(self, g: int, ids: Sequence[int], *parts: torch.Tensor) -> Any:
-        """Back-propagate tile ``g``; returns its input-gradient, or for group 0 every weight gradient."""
+    def backward(self, g: int, s: int, ids: Sequence[int], *parts: Any) -> Any:
+        """Back-propagate segment ``s`` of group ``g``; returns the BN gradient sums (s > 0),
+        the input-gradient (s = 0), or for group 0 every weight gradient. ``parts`` are the
+        output gradient's pieces (last segment) or every device's sums for the next BN."""
         t0 = time.perf_counter()
-        x, out = self.graphs.pop(g)
+        x, out, norm = self.graphs.pop((g, s))
         tile = self.plan.tiles[g][self.rank]
-        if g == len(self.plan.groups) - 1:
+        if s < len(self.plan.bounds(g)) - 2:
+            nx, nnorm = self.norms.pop(g)
+            grad = nnorm.input_grad(nx.grad, parts)
+        elif g == len(self.plan.groups) - 1:
             grad = torch.from_numpy(np.array(parts[0]))
         else:
             nxt = self.plan.tiles[g + 1]
             grad = scatter_add(tile.output, [(nxt[u].input, p) for u, p in zip(ids, parts)])
-        out.backward(grad)
-        self.saved.pop(g, None)
+        if out.requires_grad:
+            out.backward(grad)
+        self.saved.pop((g, s), None)
         self._spent(t0, 1)
+        if s:
+            self.norms[g] = (x, norm)  # type: ignore[assignment]
+            return norm.local_sums()  # type: ignore[union-attr]
         if g:
             return x.grad.numpy()  # type: ignore[union-attr]
         self.stats["steps"] += 1
@@ -202,7 +252,7 @@ class TileHost:
         wall = time.perf_counter() - t0
         self.stats["compute_s"] += wall
         if self.pace is not None:  # sleep throttle: this group's share of the device's predicted compute
-            time.sleep(max(0.0, self.pace[phase] / len(self.plan.groups) - wall))
+            time.sleep(max(0.0, self.pace[phase] / self.calls - wall))
 
 
 TileActor = ray.remote(TileHost)
@@ -211,7 +261,7 @@ TileActor = ray.remote(TileHost)
 class TiledStep:
     """Runs training steps over hosts: Ray actor handles, or in-process ``TileHost``s."""
 
-    def __init__(self, plan: TilingPlan, hosts: Sequence[Any]) -> None:
+    def __init__(self, plan: TilingPlan, hosts: Sequence[Any], seed: int = 0) -> None:
         self.plan, self.hosts = plan, list(hosts)
         self.remote = not isinstance(self.hosts[0], TileHost)
         n, groups = plan.n_tiles, len(plan.groups)
@@ -223,6 +273,12 @@ class TiledStep:
                         for g in range(1, groups)]
         self.bwd_src = [[[u for u in range(n) if tiles[g + 1][u].input.overlap(tiles[g][t].output)] for t in range(n)]
                         for g in range(groups - 1)]
+        self.segments = [len(plan.bounds(g)) - 1 for g in range(groups)]
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Step k draws its dropout masks and tail randomness from ``seed`` and k."""
+        self.seed, self.count = seed, 0
 
     def call(self, rank: int, name: str, *args: Any) -> Any:
         host = self.hosts[rank]
@@ -234,16 +290,25 @@ class TiledStep:
     def all(self, name: str, *args: Any) -> list[Any]:
         return self.get([self.call(r, name, *args) for r in range(len(self.hosts))])
 
+    def step_seed(self) -> int:
+        return (self.seed * 1_000_003 + self.count) % 2**40
+
     def backprop(self, x: Batch, y: Batch) -> tuple[list[Any], list[Any]]:
         """Queue one forward/backward: (the last group's output tiles, every device's weight gradients)."""
         n, groups = self.plan.n_tiles, len(self.plan.groups)
+        seed = self.step_seed()
+        self.count += 1
         outs: list[list[Any]] = []
         for g in range(groups):
             if g == 0:
-                outs.append([self.call(t, "forward", 0, x, ()) for t in range(n)])
+                cur = [self.call(t, "forward", 0, 0, x, seed, ()) for t in range(n)]
             else:
                 src = self.fwd_src[g - 1]
-                outs.append([self.call(t, "forward", g, None, tuple(src[t]), *(outs[g - 1][u] for u in src[t])) for t in range(n)])
+                cur = [self.call(t, "forward", g, 0, None, seed, tuple(src[t]), *(outs[g - 1][u] for u in src[t]))
+                       for t in range(n)]
+            for s in range(1, self.segments[g]):  # each BN: every device takes every device's statistics
+                cur = [self.call(t, "forward", g, s, None, seed, (), *cur) for t in range(n)]
+            outs.append(cur)
         if self.remote:
             tail = self.hosts[0].tail.options(num_returns=n).remote(y, *outs[-1])
         else:
@@ -251,11 +316,15 @@ class TiledStep:
         tail = tail if n > 1 else [tail]
         grads: list[Any] = [None] * groups
         for g in reversed(range(groups)):
+            last = self.segments[g] - 1
             if g == groups - 1:
-                grads[g] = [self.call(t, "backward", g, (t,), tail[t]) for t in range(n)]
+                cur = [self.call(t, "backward", g, last, (t,), tail[t]) for t in range(n)]
             else:
                 src = self.bwd_src[g]
-                grads[g] = [self.call(t, "backward", g, tuple(src[t]), *(grads[g + 1][u] for u in src[t])) for t in range(n)]
+                cur = [self.call(t, "backward", g, last, tuple(src[t]), *(grads[g + 1][u] for u in src[t])) for t in range(n)]
+            for s in reversed(range(last)):  # each BN: every device takes every device's gradient sums
+                cur = [self.call(t, "backward", g, s, (), *cur) for t in range(n)]
+            grads[g] = cur
         return outs[-1], grads[0]
 
     def apply(self, grads: list[Any]) -> list[Any]:

@@ -39,8 +39,12 @@ def plan_for(cfg: JobConfig, devices: list[Device], input_shape: tuple[int, int,
     mcfg: TiledConfig = cfg.method  # type: ignore[assignment]
     fused = mcfg.fused_stages or tileable_prefix([s for _, s in stages(model)])
     if fused == 0:
-        raise FlexrayError(f"config error: model.name: {cfg.model.name!r} starts with no tileable conv/pool stage; use cnn or vgg")
+        raise FlexrayError(f"config error: model.name: {cfg.model.name!r} starts with no tileable conv/pool stage; "
+                           "use cnn, vgg, darknet19 or torchvision:vgg11_bn")
     stack = fused_stack(model, input_shape, fused)
+    while mcfg.fused_stages is None and fused > 1 and stack.sizes[-1][0] * stack.sizes[-1][1] < len(devices):
+        fused -= 1  # a default that pools the map below one pixel per device could not be tiled
+        stack = fused_stack(model, input_shape, fused)
     ordered = [devices[i] for i in speed_order([(d.profile, d.trace.speed(0.0)) for d in devices])]
     groups = None
     if mcfg.groups is not None:
@@ -126,6 +130,7 @@ class TiledRounds:
         self.opt_state = None
         self.runner.all("reset_stats")
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, rnd, 11))
+        self.runner.reseed(derive_seed(cfg.seed, rnd, 13))
         t0 = time.perf_counter()
         pending: list[Any] = []
         for idx in batches(len(self.pool), mcfg.batch_size, steps, gen):

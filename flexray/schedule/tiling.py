@@ -8,7 +8,10 @@ each as long as its slowest device (the paper's synchronous schedule):
   boundary a halo exchange (each device sends the parts of its output tile other tiles read);
 - the rest of the network on device 0 (it receives every output tile, sends their gradients);
 - per group in reverse: backward compute (2x forward) and the reverse halo exchange;
-- a ring all-reduce of the weight gradients (2 (n-1)/n of the weights through every radio).
+- a ring all-reduce of the weight gradients (2 (n-1)/n of the weights through every radio);
+- per BatchNorm in a fused group, two all-gathers (forward: count, sum, centred sum of squares
+  per channel; backward: sum of dy and of dy * xhat), each a phase of its own in which every
+  device sends its small record to and receives one from every other device.
 
 Radios are half duplex (Wi-Fi), so a device's exchange time is send + receive, plus a fixed
 ``message_s`` per message it sends or receives (radio round trip, task hop: on 2 real actors
@@ -32,6 +35,7 @@ BYTES = 4  # float32 activations and gradients
 BACKWARD = 2.0  # backward FLOPs per forward FLOP (input grad + weight grad)
 MAX_CUTS = 12  # beyond this many cut candidates, cut only at stage boundaries
 MESSAGE_S = 0.003  # default fixed cost per message: a Wi-Fi round trip / a Ray task hop
+STAT_BYTES = 8  # BatchNorm statistics travel as float64
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class DeviceCost:
     bytes_down: int
     bytes_up: int
     activation_bytes: int  # fused-layer activations kept for backward (predicted)
+    messages: int = 0  # messages sent + received per step
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,13 @@ class TilingPlan:
     step_s: float  # predicted step time
     devices: tuple[DeviceCost, ...] = field(default=())
     redundant: float = 0.0  # fraction of fused FLOPs computed more than once (halos)
+    syncs: tuple[tuple[int, ...], ...] = ()  # per group, the BatchNorm layers whose statistics are all-reduced
+    size: Pair = (0, 0)  # the fused stack's input H, W
+
+    def bounds(self, g: int) -> list[int]:
+        """Layer bounds of group ``g``'s segments: a segment ends where a BN all-reduce starts."""
+        a, b = self.groups[g]
+        return [a, *(self.syncs[g] if self.syncs else ()), b]
 
     @property
     def n_tiles(self) -> int:
@@ -124,10 +136,11 @@ class _Model:
     def evaluate(self, grid: Pair, groups: Sequence[Pair]) -> TilingPlan:
         st, n = self.stack, grid[0] * grid[1]
         tiles = [self.tiles(a, b, grid) for a, b in groups]
+        syncs = tuple(tuple(j for j in range(a, b) if st.geoms[j].kind == "bn") for a, b in groups)
         comp = [0.0] * n
         comm = [0.0] * n
         flops = [0.0] * n
-        down, up, act = [0] * n, [0] * n, [0] * n
+        down, up, act, messages = [0] * n, [0] * n, [0] * n, [0] * n
         step = 0.0
 
         def phase_comm(sent: Sequence[int], recv: Sequence[int], msgs: Sequence[int]) -> float:
@@ -136,6 +149,7 @@ class _Model:
                 comm[d] += times[d]
                 up[d] += sent[d]
                 down[d] += recv[d]
+                messages[d] += msgs[d]
             return max(times)
 
         def phase_compute(work: Sequence[float]) -> float:
@@ -153,6 +167,10 @@ class _Model:
                 boundaries.append(self.exchange(tiles[gi - 1], ts, st.channels[a]))
                 step += 2 * phase_comm(*boundaries[-1])  # forward halos now, their gradients later
             step += (1 + BACKWARD) * phase_compute([self.flops(a, t) for t in ts])
+            for j in syncs[gi] if n > 1 else ():  # BN statistics all-gathers: forward (3 C), backward (2 C)
+                for words in (3, 2):
+                    b = words * STAT_BYTES * st.channels[j] * (n - 1)
+                    step += phase_comm([b] * n, [b] * n, [2 * (n - 1)] * n)
             for d, t in enumerate(ts):
                 act[d] += self.saved(a, t)
         out_bytes = [self.batch * BYTES * st.channels[-1] * t.output.area for t in tiles[-1]]
@@ -170,8 +188,9 @@ class _Model:
             comp[d] += self.compute_s(d, BACKWARD * group_flops)
         full = self.batch * sum(f * h * w for f, (h, w) in zip(st.flops_px, self.sizes[1:]))
         computed = sum(self.flops(a, t) for (a, _), ts in zip(groups, tiles) for t in ts)
-        costs = tuple(DeviceCost(comp[d], comm[d], flops[d], down[d], up[d], act[d]) for d in range(n))
-        return TilingPlan(grid, tuple(groups), tuple(tiles), step, costs, max(0.0, 1 - full / computed) if computed else 0.0)
+        costs = tuple(DeviceCost(comp[d], comm[d], flops[d], down[d], up[d], act[d], messages[d]) for d in range(n))
+        return TilingPlan(grid, tuple(groups), tuple(tiles), step, costs, max(0.0, 1 - full / computed) if computed else 0.0,
+                          syncs, st.size)
 
 
 def grids(n_devices: int, out: Pair) -> list[Pair]:
@@ -182,7 +201,7 @@ def grids(n_devices: int, out: Pair) -> list[Pair]:
 def groupings(stack: FusedStack) -> list[tuple[Pair, ...]]:
     """Contiguous groupings; a group starts at a conv or pool (activations stay with their layer)."""
     n = len(stack.geoms)
-    cuts = [i for i in range(1, n) if stack.geoms[i].kind != "pointwise"]
+    cuts = [i for i in range(1, n) if stack.geoms[i].kind in ("conv", "maxpool", "avgpool")]
     if len(cuts) > MAX_CUTS:
         cuts = [i for i in stack.stage_ends if 0 < i < n]
     out = []
