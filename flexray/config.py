@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from flexray.errors import FlexrayError
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100")
-BUILTIN_MODELS = ("cnn", "lenet", "resnet8", "resnet20", "resnet56", "preresnet18", "vgg")
+BUILTIN_MODELS = ("cnn", "lenet", "resnet8", "resnet20", "resnet56", "preresnet18", "vgg", "vit", "darknet19")
 
 
 class _Frozen(BaseModel):
@@ -45,7 +45,8 @@ class DataConfig(_Frozen):
 
 class ModelConfig(_Frozen):
     name: str = Field("cnn", description="built-in name or torchvision:<name>")
-    width: int = Field(32, ge=1, description="base channel count of cnn and vgg")
+    width: int = Field(32, ge=1, description="base channel count of cnn, vgg and darknet19; vit: token width")
+    depth: int = Field(6, ge=1, description="vit: transformer encoder blocks")
     stage_heads: bool = Field(
         False, description="resnet8/20/56: one classifier per narrower stage for depth prefixes (experimental: diverged)"
     )

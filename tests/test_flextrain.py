@@ -79,7 +79,7 @@ def test_registered_and_config_errors() -> None:
             parse_config({**base, "method": {"name": "flextrain", **bad}})
         assert "\n" not in str(err.value)
     cfg = parse_config({**base, "method": {"name": "flextrain"}}).method
-    assert cfg.beta == 0.2 and cfg.depths == {}
+    assert cfg.beta == 0.2 and cfg.depths == {} and cfg.aggregation == "paper"
 
 
 def test_plan_gives_faster_devices_deeper_prefixes(digits) -> None:
@@ -101,7 +101,7 @@ def test_plan_gives_faster_devices_deeper_prefixes(digits) -> None:
         if k > 1:
             assert method.flops_per_sample(k, probe) <= ratio * full * (1 + 1e-9)
     pinned, _, _ = make(shape, "resnet20", depths={"rpi3": 7})
-    assert pinned.plan(0, [view(0, "rpi3")], state)[0].spec == SubModel(k=7)
+    assert pinned.plan(0, [view(0, "rpi3")], state)[0].spec == SubModel(k=7, mode=flextrain.LABELS)  # weakest tier
     too_deep, _, _ = make(shape, "resnet20", depths={"rpi3": 10})
     with pytest.raises(FlexrayError, match="depths"):
         too_deep.plan(0, [view(0, "rpi3")], state)
@@ -153,7 +153,7 @@ def test_distillation_only_above_the_smallest_configuration(digits) -> None:
 def test_stage_heads_give_each_stage_its_own_classifier(digits) -> None:
     """resnet8 has one block per stage (16, 32, 64 channels): k = 1 and k = 2 end in narrower stages."""
     local, _, shape = digits
-    method, state, model_fn = make(shape, stage_heads=True)
+    method, state, model_fn = make(shape, stage_heads=True, aggregation="coverage")
     plain, plain_state, plain_fn = make(shape)
     assert (method.head_rule, plain.head_rule) == ("stage_heads", "zero_pad")
     exits = {f"head.exits.{c}.{p}" for c in (16, 32) for p in ("weight", "bias")}
@@ -229,8 +229,9 @@ def test_validate_rejects_nan_and_wrong_keys(digits) -> None:
 
 
 def test_aggregate_is_an_exact_uniform_mean_and_keeps_untouched(digits) -> None:
+    """The ``coverage`` rule; the paper's is in test_elastic_depth.py."""
     _, _, shape = digits
-    method, _, model_fn = make(shape)
+    method, _, model_fn = make(shape, aggregation="coverage")
     full = model_fn()
     state = random_state(full.state_dict(), 0)
     k1, k2 = depth.prefix_keys(full, 1), depth.prefix_keys(full, 2)

@@ -4,7 +4,8 @@ A device class is the depth configuration ``k`` a device can run (its FlexTrain 
 scheduler's choice): devices of class ``k`` train, with plain FedAvg among themselves, their own
 copy of configuration ``k``. Classes share nothing, so each sees only its members' data; that is
 the point of the comparison with FlexTrain's shared prefixes. The global state holds every
-class's model under the key prefix ``k{k}/``.
+class's model under the key prefix ``k{k}/``. FlexTrain's ``aggregation`` does not apply: a class
+is plain FedAvg, and a FedBuff buffer averages an entry over the arrivals of its class.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ class FedClass(FlexTrain):
         if k is None or float(k) not in self.configs:
             return f"update has no valid depth configuration k (got {k!r})"
         return super().validate(update, self.class_state(state, int(k)), planned)
+
+    def buffer_rule(self) -> Literal["coverage", "devices"]:
+        return "coverage"
 
     def aggregate(self, rnd: int, state: State, updates: Sequence[Update]) -> State:
         """FedAvg (sample-weighted) within each class; other classes keep their weights."""

@@ -4,44 +4,39 @@ Configuration ``k`` runs the stem, the first ``k`` residual blocks and the class
 (``flexray.models.depth``); this method uses ``k = 1..K`` (``K`` = every block). Device ``j`` has a
 fixed ``k_j`` from its capability (static tier) and trains prefix ``W~_{k_j}`` for ``local_epochs``
 with ``CE(f_{k_j}(x), y) + beta * ||f_{k_j - 1}(x) - stopgrad(f_{k_j}(x))||^2`` (teacher: its own
-``k_j``; student: ``k_j - 1``; no distillation term at the smallest configuration, ``k = 1``). It
-sends back exactly the entries of configuration ``k_j``; the server sets every global entry to the
-*uniform* mean over the updates that hold it (paper eq. 8 / Algorithm 2), the rest keep their value.
+``k_j``; student: ``k_j - 1``). The weakest tier, the shallowest ``k`` the server has assigned so
+far, and ``k = 1`` train on labels only (the paper; tasks carry ``mode: labels``). It sends back
+exactly the entries of configuration ``k_j``. ``aggregation: paper`` (default,
+Algorithm 2): every global entry becomes the uniform mean over the round's devices ``C``, a device
+that did not train it entering with its current global value. ``coverage``: the uniform mean over
+the updates holding it, the rest keep their value. Async rounds (``flexray.methods.policy``):
+``C`` is one arrival under FedAsync (both rules mix in only what it trained) and the buffer under
+FedBuff (``buffer_rule``: ``paper`` averages an entry over every buffered arrival).
 
-Classifier rule (``FlexTrain.head_rule``, from the model; ``flexray.models.depth``): by default
-(``zero_pad``) a prefix that ends inside a narrower stage reaches the one shared classifier through
-the skipped blocks' option-A identity shortcuts, i.e. its features zero-padded to the classifier's
-width. With ``model.stage_heads: true`` (``stage_heads``) each narrower stage has its own linear
-classifier and a prefix uses its stage's; when the student ``k_j - 1`` ends in another stage than
-the teacher, the device also loads, trains (by distillation) and returns the student's head.
+Classifier rule (``FlexTrain.head_rule``; ``flexray.models.depth``): ``zero_pad`` by default;
+with ``stage_heads`` a device whose student ends in another stage also trains and returns its head.
 
 Static tiers: ``depths`` maps a device class to ``k``; else a device gets the largest ``k`` whose
-predicted per-sample training FLOPs fit ``flops / full_depth_flops`` of the full model's (at
-least 1). Planning has no input shape, so those FLOPs are profiled at ``(C, 32, 32)``; for the
-global-pooled residual nets the per-``k`` *ratios* do not depend on the spatial size. ``cost``
-profiles each prefix at the real input shape (once per ``k``).
-
-Which ``k`` a device trains is the scheduler's choice (``flexray.schedule.minmax``): its static
-tier above (``schedule.mode: static``) or the largest prefix meeting the round's min-max latency.
-``k`` forces one configuration on every device (FedSmall).
+per-sample training FLOPs, profiled at ``(C, 32, 32)`` (planning has no input shape; the per-``k``
+ratios barely depend on it), fit ``flops / full_depth_flops`` of the full model's (at least 1).
+The scheduler (``flexray.schedule.minmax``) picks that tier or the largest prefix meeting the
+round's min-max latency; ``k`` forces one configuration on every device (FedSmall).
 
 Centralised mode (``mode: centralised``; one device, or data-parallel over many): every step
 samples ``k ~ pi`` and minimises ``CE(f_k(x), y) + beta * ||f_k(x) - stopgrad(f_{k+1}(x))||^2``
 (``k' = k + 1``, none at ``k = K``); devices return whole models, averaged by samples.
+``stochastic_depth: p`` also drops block ``l`` of ``f_k`` with probability ``l / K x p`` per step
+(Huang et al. 2016's linear rule) to its parameter-free shortcut; teacher and evaluation run every
+block, unscaled (a dropped block is a skipped layer, as in a prefix); FLOPs count the whole prefix.
 
-The squared distance is averaged over the logits (MSE, as ``F.mse_loss``), not summed: with the
-sum, beta = 0.2 made the shared weights diverge at lr 0.05 (loss 2 -> 290 within three epochs on
-digits); the mean keeps the paper's beta usable.
+The squared distance is averaged over the logits (MSE), not summed: with the sum, beta = 0.2
+diverged at lr 0.05 (loss 2 -> 290 within three epochs on digits).
 
 Anchor (``anchor``, flexray's option; 0 = the paper): every device deeper than ``k = 1`` also
 adds ``anchor x CE(f_1(x), y)``, so the shortest prefix, which the weakest devices deploy, learns
-from every device's labels instead of only from the ``k = 1`` devices and ``k = 2``'s distillation.
-Under ``zero_pad`` a prefix is the full network with later residual branches removed, so this also
-trains the residual stream the full model reads. Measured on CIFAR-10 (ResNet-20, 20 devices, 30
-rounds, three seeds): mean device accuracy 26.9% -> 30.25%, ahead of FedSmall and FedClass (README).
+from every device's labels (docs/elastic.md, "The anchor", has the measurements).
 
-BN: the student's forward pass shares the teacher's BN modules, so in training mode it updates
-their running statistics too (as in the paper's shared-weight formulation).
+BN: the student shares the teacher's BN modules, so it updates their running statistics too.
 """
 
 from __future__ import annotations
@@ -58,14 +53,7 @@ from torch import nn
 from flexray.config import MethodConfig
 from flexray.errors import FlexrayError
 from flexray.methods.base import (
-    DeviceContext,
-    Method,
-    cast_like,
-    check_tensors,
-    evaluate_model,
-    sgd_train,
-    state_bytes,
-    weighted_mean,
+    DeviceContext, Method, cast_like, check_tensors, evaluate_model, sgd_train, state_bytes, weighted_mean,
 )
 from flexray.models import depth, elastic
 from flexray.models.profile import ModelProfile, ProfileCache, training_memory_bytes
@@ -73,6 +61,8 @@ from flexray.protocol import Cost, DeviceProfile, DeviceView, LocalData, State, 
 
 PROBE_HW = (32, 32)
 """Spatial size the planning FLOPs are profiled at (see module doc)."""
+LABELS = "labels"
+"""``SubModel.mode`` of a weakest-tier task: no self-distillation."""
 
 
 class FlexTrainConfig(MethodConfig):
@@ -82,22 +72,20 @@ class FlexTrainConfig(MethodConfig):
     pi: list[float] | None = Field(
         None, description="centralised: sampling weights of k = 1..K (normalised); default uniform"
     )
-    beta: float = Field(0.2, ge=0, description="self-distillation weight (paper: 0.2)")
+    beta: float = Field(0.2, ge=0, allow_inf_nan=False, description="self-distillation weight (paper: 0.2)")
     anchor: float = Field(
         0.0, ge=0, description="federated: weight of an extra CE term at k = 1 on every deeper device (paper: 0)"
     )
     k: int | None = Field(None, ge=1, description="federated: every device trains this k (e.g. FedSmall)")
+    aggregation: Literal["paper", "coverage"] = Field("paper", description="federated: paper: each entry the mean "
+        "over the round's devices, untrained ones entering with its global value; coverage: over those that trained it")
+    stochastic_depth: float = Field(
+        0.0, ge=0, lt=1, description="centralised: drop probability of the last block, linear in depth (Huang 2016)"
+    )
     depths: dict[str, int] = Field(default_factory=dict, description="device class -> depth configuration k (>= 1)")
     full_depth_flops: float = Field(
         100e9, gt=0, description="FLOP/s that earns the full depth; slower: largest k fitting flops/this of its FLOPs"
     )
-
-    @field_validator("beta")
-    @classmethod
-    def _beta_finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError(f"beta must be finite, got {v}")
-        return v
 
     @field_validator("pi")
     @classmethod
@@ -126,7 +114,7 @@ class FlexTrain(Method):
         self._residual_checked = False
         self._profiles = ProfileCache()
         self._keys: dict[int, list[str]] = {}
-        self._bytes: dict[int, int] = {}
+        self._bytes: dict[tuple[int, bool], int] = {}
 
     @property
     def fcfg(self) -> FlexTrainConfig:
@@ -157,32 +145,38 @@ class FlexTrain(Method):
     def derived_params(self) -> dict[str, str]:
         return {"method.head_rule": self.head_rule}
 
+    def buffer_rule(self) -> Literal["coverage", "devices"]:
+        """How a FedBuff buffer averages an entry (``flexray.methods.policy.BufferRule``)."""
+        return "devices" if self.fcfg.aggregation == "paper" and not self.centralised else "coverage"
+
     def keys(self, k: int) -> list[str]:
         if k not in self._keys:
             self._keys[k] = depth.prefix_keys(self.full, k)
         return self._keys[k]
 
-    def trained_configs(self, k: int) -> list[int]:
+    def trained_configs(self, k: int, labels: bool = False) -> list[int]:
         """The configurations a device at ``k`` runs each step: ``k``, the student ``k - 1``, the anchor 1."""
-        return list(dict.fromkeys([k, *([k - 1] if self.distills(k) else []), *([1] if self.anchors(k) else [])]))
+        student = [k - 1] if self.distills(k, labels) else []
+        return list(dict.fromkeys([k, *student, *([1] if self.anchors(k) else [])]))
 
-    def update_keys(self, k: int) -> list[str]:
+    def update_keys(self, k: int, labels: bool = False) -> list[str]:
         """What a device at ``k`` loads, trains and returns: the prefixes it runs. With ``zero_pad``
         that is its own prefix; with ``stage_heads`` also the student's and anchor's heads."""
-        return list(dict.fromkeys(key for c in self.trained_configs(k) for key in self.keys(c)))
+        return list(dict.fromkeys(key for c in self.trained_configs(k, labels) for key in self.keys(c)))
 
     def prefix_profile(self, k: int, input_shape: tuple[int, ...]) -> ModelProfile:
         return self._profiles.get(k, input_shape, lambda: depth.depth_prefix(self.full, k))
 
-    def distills(self, k: int) -> bool:
-        return k > 1 and self.fcfg.beta > 0
+    def distills(self, k: int, labels: bool = False) -> bool:
+        return k > 1 and self.fcfg.beta > 0 and not labels
 
     def anchors(self, k: int) -> bool:
         return k > 1 and self.fcfg.anchor > 0
 
-    def flops_per_sample(self, k: int, input_shape: tuple[int, ...]) -> float:
+    def flops_per_sample(self, k: int, input_shape: tuple[int, ...], labels: bool = False) -> float:
         """Training FLOPs per sample at ``k``: the prefix, the student ``k - 1``, the anchor ``1``."""
-        return sum(self.prefix_profile(c, input_shape).train_flops_per_sample for c in self.trained_configs(k))
+        configs = self.trained_configs(k, labels)
+        return sum(self.prefix_profile(c, input_shape).train_flops_per_sample for c in configs)
 
     def _probe_shape(self) -> tuple[int, ...]:
         conv = next((m for m in self.full.modules() if isinstance(m, nn.Conv2d)), None)
@@ -204,11 +198,11 @@ class FlexTrain(Method):
         fits = [k for k in self.configs if self.flops_per_sample(k, shape) <= budget * (1 + 1e-9)]
         return max(fits) if fits else 1
 
-    def _prefix_bytes(self, k: int) -> int:
-        if k not in self._bytes:
+    def _prefix_bytes(self, k: int, labels: bool = False) -> int:
+        if (k, labels) not in self._bytes:
             like = self.full.state_dict()
-            self._bytes[k] = state_bytes({key: like[key] for key in self.update_keys(k)})
-        return self._bytes[k]
+            self._bytes[k, labels] = state_bytes({key: like[key] for key in self.update_keys(k, labels)})
+        return self._bytes[k, labels]
 
     @property
     def centralised(self) -> bool:
@@ -225,6 +219,9 @@ class FlexTrain(Method):
     def check(self) -> None:
         """Residual blocks to drop, and ``pi`` / ``k`` / ``depths`` within their number."""
         _ = self.pi if self.centralised else self.max_k
+        if self.fcfg.stochastic_depth and not self.centralised:
+            raise FlexrayError("config error: method.stochastic_depth: applies to centralised training only; "
+                               "set method.mode: centralised or remove it")
         for name, k in {"k": self.fcfg.k, **{f"depths: {n}": v for n, v in self.fcfg.depths.items()}}.items():
             if k is not None and k > self.max_k:
                 raise FlexrayError(f"config error: method.{name}: k={k} exceeds the model's {self.max_k} blocks")
@@ -257,12 +254,11 @@ class FlexTrain(Method):
     def plan(self, rnd: int, devices: Sequence[DeviceView], state: State) -> list[Task]:
         if self.centralised:
             return [Task(device=d.id, round=rnd, spec=SubModel(mode="centralised")) for d in devices]
-        tasks = [
-            Task(device=d.id, round=rnd, spec=SubModel(k=depth_of(d.choice) if d.choice is not None else self.tier_depth(d.profile)))
-            for d in devices
-        ]
-        self.deployed.update({t.device: depth_of(t.spec) for t in tasks})
-        return tasks
+        ks = {d.id: depth_of(d.choice) if d.choice is not None else self.tier_depth(d.profile) for d in devices}
+        self.deployed.update(ks)
+        weakest = min(self.deployed.values(), default=1)
+        mode = {k: LABELS if k == weakest and self.distills(k) else None for k in ks.values()}
+        return [Task(device=i, round=rnd, spec=SubModel(k=k, mode=mode[k])) for i, k in ks.items()]
 
     def cost(self, task: Task, device: DeviceView, profile: ModelProfile) -> Cost:
         if profile.input_shape is None:
@@ -271,9 +267,9 @@ class FlexTrain(Method):
         if self.centralised:
             per = sum(float(p) * self.centralised_flops(k, profile.input_shape) for k, p in zip(self.configs, self.pi))
             return Cost(samples * per, profile.param_bytes, profile.param_bytes)
-        k = depth_of(task.spec)
-        nbytes = self._prefix_bytes(k)
-        return Cost(samples * self.flops_per_sample(k, profile.input_shape), nbytes, nbytes)
+        k, labels = depth_of(task.spec), task.spec.mode == LABELS
+        nbytes = self._prefix_bytes(k, labels)
+        return Cost(samples * self.flops_per_sample(k, profile.input_shape, labels), nbytes, nbytes)
 
     def validate(self, update: Update, state: State, planned: SubModel | None = None) -> str | None:
         if self.centralised:
@@ -283,16 +279,21 @@ class FlexTrain(Method):
         k = update.trained.k if update.trained is not None else None
         if k is None or not math.isfinite(float(k)) or float(k) != int(k) or int(k) not in self.configs:
             return f"update has no valid depth configuration k (got {k!r})"
-        return check_tensors(update.tensors, {key: state[key].shape for key in self.update_keys(int(k))}, f"k={int(k)}")
+        keys = self.update_keys(int(k), update.trained.mode == LABELS)  # type: ignore[union-attr]
+        return check_tensors(update.tensors, {key: state[key].shape for key in keys}, f"k={int(k)}")
 
     def aggregate(self, rnd: int, state: State, updates: Sequence[Update]) -> State:
-        """Federated: uniform mean over the updates holding each entry (eq. 8), untouched entries
-        keep their value. Centralised: data-parallel, i.e. the sample-weighted mean."""
+        """Federated, ``paper``: every entry becomes the uniform mean over the round's devices, a
+        device that did not train it entering with its current value (Algorithm 2); ``coverage``:
+        the mean over the updates holding it, the rest keep their value. Centralised:
+        data-parallel, i.e. the sample-weighted mean."""
         if not updates:
             return state
         if self.centralised:
             return cast_like(weighted_mean(updates), state)
-        parts = [elastic.Part(u.tensors, elastic.whole_index(u.tensors), 1.0) for u in updates]
+        paper = self.fcfg.aggregation == "paper"
+        held = [{**state, **u.tensors} if paper else u.tensors for u in updates]
+        parts = [elastic.Part(t, elastic.whole_index(t), 1.0) for t in held]
         return cast_like(elastic.aggregate(state, parts), state)
 
     def evaluate(self, state: State, model: nn.Module, data: LocalData) -> dict[str, float]:
@@ -306,24 +307,24 @@ class FlexTrain(Method):
     def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
         if self.centralised:
             return self._centralised_update(state, data, ctx)
-        k = depth_of(task.spec)
+        k, labels = depth_of(task.spec), task.spec.mode == LABELS
         if k not in self.configs:
             raise FlexrayError(f"method {self.name}: depth configuration k={k} out of range 1..{self.max_k}")
         model = ctx.model(self.name)
-        keys = self.update_keys(k)
+        keys = self.update_keys(k, labels)
         sub = {key: state[key] for key in keys}
         model.load_state_dict(sub, strict=False)  # entries outside the prefix are never used
-        nets = {c: depth.depth_prefix(model, c) for c in self.trained_configs(k)}  # at k = 2 student = anchor
+        nets = {c: depth.depth_prefix(model, c) for c in self.trained_configs(k, labels)}  # at k = 2 student = anchor
         teacher = nets[k]
-        student = nets[k - 1] if self.distills(k) else None
+        student = nets[k - 1] if self.distills(k, labels) else None
         anchor = nets[1] if self.anchors(k) else None
         samples, loss = self._train(teacher, student, anchor, data, ctx.generator)
         trained = model.state_dict()
         tensors = {key: trained[key].detach().clone() for key in keys}
-        per_sample = self.flops_per_sample(k, tuple(data.x.shape[1:]))
+        per_sample = self.flops_per_sample(k, tuple(data.x.shape[1:]), labels)
         return Update(
             tensors, weight=1.0, samples=samples, flops=samples * per_sample, bytes_down=state_bytes(sub),
-            metrics={"train_loss": loss, "k": float(k)}, trained=SubModel(k=k),
+            metrics={"train_loss": loss, "k": float(k)}, trained=SubModel(k=k, mode=task.spec.mode),
         )
 
     def _train(
@@ -357,18 +358,24 @@ class FlexTrain(Method):
         return flops
 
     def _centralised_update(self, state: State, data: LocalData, ctx: DeviceContext) -> Update:
-        """Each step samples k ~ pi and minimises CE(f_k) + beta * ||f_k - stopgrad(f_{k+1})||^2."""
+        """Each step samples k ~ pi and minimises CE(f_k) + beta * ||f_k - stopgrad(f_{k+1})||^2,
+        ``f_k``'s blocks dropped by ``stochastic_depth``."""
         model = ctx.model(self.name)
         model.load_state_dict(state)
         prefixes = {k: depth.depth_prefix(model, k) for k in self.configs}
         pi, shape = self.pi.float(), tuple(data.x.shape[1:])
+        drop = depth.drop_probs(self.max_k, self.fcfg.stochastic_depth)
         flops = 0.0
 
         def loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             nonlocal flops
             k = int(torch.multinomial(pi, 1, generator=ctx.generator)) + 1
             flops += len(xb) * self.centralised_flops(k, shape)
-            out = prefixes[k](xb)
+            net = prefixes[k]
+            if self.fcfg.stochastic_depth > 0:
+                keep = (torch.rand(self.max_k, generator=ctx.generator) >= drop).tolist()
+                net = depth.depth_subnet(model, [i < k and on for i, on in enumerate(keep)])
+            out = net(xb)
             total = F.cross_entropy(out, yb)
             if k < self.max_k and self.fcfg.beta > 0:
                 with torch.no_grad():

@@ -59,6 +59,15 @@ class HasPolicy(Protocol):
     def policy(self) -> AsyncPolicy: ...
 
 
+@runtime_checkable
+class BufferRule(Protocol):
+    """A method that says how a FedBuff step averages an entry: over the arrivals that trained it
+    (``coverage``, also without this) or over every buffered arrival, one that did not train it
+    adding no change (``devices``: FlexTrain's ``aggregation: paper``, the buffer being its round)."""
+
+    def buffer_rule(self) -> Literal["coverage", "devices"]: ...
+
+
 @dataclass
 class _Arrival:
     delta: dict[str, torch.Tensor]  # float64, zero where the device trained nothing
@@ -119,11 +128,14 @@ class Arrivals:
         return cast_like(out, state)
 
     def _flush(self, state: State) -> State:
-        """FedBuff: one step by the buffered deltas, each entry averaged over the arrivals that trained it."""
+        """FedBuff: one step by the buffered deltas, each entry averaged over the arrivals that trained
+        it (or over all of them, for a ``BufferRule`` method's ``devices``)."""
         lr, out = self.policy.server_lr, {}
+        every = isinstance(self.method, BufferRule) and self.method.buffer_rule() == "devices"
         for k, w in state.items():
             num = sum(a.scale * a.delta[k] for a in self.buffer)
             den = sum(a.mask[k].to(torch.float64) for a in self.buffer)
+            den = torch.where(den > 0, torch.full_like(den, float(len(self.buffer))), den) if every else den
             step = torch.where(den > 0, num / den.clamp_min(1.0), torch.zeros_like(num))
             out[k] = w.to(torch.float64) + lr * step
         self.buffer = []

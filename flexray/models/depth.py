@@ -2,7 +2,10 @@
 arXiv 2310.20457).
 
 Configuration ``k`` runs the stem, the first ``k`` residual blocks and a classifier; the blocks
-after ``k`` act as identity. Two rules for the classifier of a prefix that ends inside a narrower
+after ``k`` act as identity. The blocks are the stages between stem and head: a CIFAR ResNet's
+basic blocks, a torchvision ResNet's basic or bottleneck blocks (``flexray.models.tv`` makes each
+one a stage) and a ViT's encoder blocks (``flexray.models.vit``, shape-preserving, so skipping one
+is the identity). Two rules for the classifier of a prefix that ends inside a narrower
 stage (``head_rule(model)``; the model config's ``stage_heads`` picks one, logged as a param):
 
 - ``zero_pad`` (default): the skipped blocks' option-A identity shortcuts (stride-2 subsampling
@@ -32,24 +35,34 @@ from torch import nn
 from flexray.errors import FlexrayError
 from flexray.models.blocks import Head, stages
 from flexray.models.resnet_cifar import BasicBlock, PreActBlock, ShortcutA
+from flexray.models.vit import EncoderBlock
 
 HEAD_RULE = "zero_pad"
 """The default way a shallow prefix meets the classifier: skipped blocks' shortcuts zero-pad channels."""
 
-_BLOCKS = (BasicBlock, PreActBlock)
+_BLOCKS = (BasicBlock, PreActBlock, EncoderBlock)
+_TV_BLOCKS = ("BasicBlock", "Bottleneck")  # torchvision.models.resnet, one stage each (flexray.models.tv)
+RESIDUAL_MODELS = "resnet8, resnet20, resnet56, preresnet18, vit or torchvision:resnet18/34/50"
 
 
 class Skip(nn.Sequential):
     """The identity shortcuts of the skipped blocks that change shape (parameter-free)."""
 
 
+def _residual(block: nn.Module) -> bool:
+    kind = type(block)
+    torchvision = kind.__module__ == "torchvision.models.resnet" and kind.__name__ in _TV_BLOCKS
+    return isinstance(block, _BLOCKS) or torchvision
+
+
 def block_names(model: nn.Module) -> list[str]:
     """Names of the residual blocks between the stem (first stage) and the head (last stage)."""
     named = stages(model)
     middle = named[1:-1]
-    if len(named) < 3 or not all(isinstance(m, _BLOCKS) for _, m in middle):
-        raise FlexrayError("config error: model.name: depth prefixes (flextrain, fedclass) need a residual model; "
-                           "use resnet8, resnet20, resnet56 or preresnet18")
+    if len(named) < 3 or not all(_residual(m) for _, m in middle):
+        raise FlexrayError("config error: model.name: depth prefixes (flextrain, fedclass) skip residual blocks, and "
+                           "this model's stages are not all residual (a skipped one would cut the path to the "
+                           f"classifier); use {RESIDUAL_MODELS}")
     return [n for n, _ in middle]
 
 
@@ -59,8 +72,22 @@ def num_configs(model: nn.Module) -> int:
 
 
 def _io(block: nn.Module) -> tuple[int, int, int]:
-    """(input channels, output channels, stride) of a basic or pre-activation block."""
-    return block.conv1.in_channels, block.conv2.out_channels, block.conv1.stride[0]  # type: ignore[union-attr,index]
+    """(input channels, output channels, stride) of a residual conv block: its first and last
+    convolution outside the shortcut; (0, 0, 1) for a shape-preserving block without convs (ViT)."""
+    convs = [m for n, m in block.named_modules()
+             if isinstance(m, nn.Conv2d) and not n.startswith(("shortcut", "downsample"))]
+    if not convs:
+        return 0, 0, 1
+    return convs[0].in_channels, convs[-1].out_channels, max(int(c.stride[0]) for c in convs)
+
+
+def shortcut(block: nn.Module) -> nn.Module | None:
+    """The parameter-free path a skipped block leaves (None: identity). A block that changes the
+    shape (stride 2, more channels) leaves option-A's subsampling with zero-padded channels, also
+    where the full model projects (preresnet18, torchvision's ``downsample``), so a prefix holds
+    exactly its blocks' parameters and a shallow device never trains a deeper block's projection."""
+    cin, cout, stride = _io(block)
+    return ShortcutA(cin, cout, stride) if stride > 1 or cout != cin else None
 
 
 class StageHead(Head):
@@ -124,20 +151,42 @@ def depth_prefix(model: nn.Module, k: int) -> nn.Sequential:
     names = block_names(model)
     if not 0 <= k <= len(names):
         raise FlexrayError(f"depth configuration k={k} out of range 0..{len(names)}")
+    return depth_subnet(model, [i < k for i in range(len(names))])
+
+
+def depth_subnet(model: nn.Module, keep: list[bool]) -> nn.Sequential:
+    """The model with block ``i`` run only where ``keep[i]``; a dropped block leaves its
+    parameter-free ``shortcut``. ``depth_prefix`` keeps a prefix; stochastic depth any subset."""
+    names = block_names(model)
     named = dict(stages(model))
     first, last = stages(model)[0][0], stages(model)[-1][0]
-    layers: list[tuple[str, nn.Module]] = [(first, named[first]), *((n, named[n]) for n in names[:k])]
+    layers: list[tuple[str, nn.Module]] = [(first, named[first])]
     head = named[last]
     if isinstance(head, StageHead):  # global pooling: the skipped blocks' subsampling changes nothing
-        channels = _io(named[names[k - 1]])[1] if k else _io(named[names[0]])[0]
+        kept = [n for n, on in zip(names, keep) if on]
+        layers += [(n, named[n]) for n in kept]
+        channels = _io(named[kept[-1]])[1] if kept else _io(named[names[0]])[0]
         layers.append((last, ExitView(head, channels)))
         return nn.Sequential(OrderedDict(layers))
-    skips = [ShortcutA(cin, cout, stride) for cin, cout, stride in map(_io, (named[n] for n in names[k:]))]
-    skips = [s for s in skips if s.stride > 1 or s.extra]
+    skips: list[nn.Module] = []
+    for n, on in zip(names, keep):
+        if on:
+            if skips:
+                layers.append((f"skip_{n}", Skip(*skips)))
+                skips = []
+            layers.append((n, named[n]))
+        elif (s := shortcut(named[n])) is not None:
+            skips.append(s)
     if skips:
         layers.append(("skip", Skip(*skips)))
     layers.append((last, head))
     return nn.Sequential(OrderedDict(layers))
+
+
+def drop_probs(num_blocks: int, p_max: float) -> torch.Tensor:
+    """Stochastic depth's drop probability of block ``l = 1..L``: ``l / L x p_max`` (Huang et al.
+    2016: survival falls linearly from 1 at the input to ``1 - p_max`` at the last block)."""
+    return torch.arange(1, num_blocks + 1, dtype=torch.float32) / num_blocks * p_max
 
 
 def prefix_keys(model: nn.Module, k: int) -> list[str]:
@@ -151,6 +200,6 @@ def prefix_state(state: dict[str, torch.Tensor], model: nn.Module, k: int) -> di
 
 
 __all__ = [
-    "HEAD_RULE", "ExitView", "Skip", "StageHead", "block_names", "depth_prefix", "head_rule", "num_configs",
-    "prefix_keys", "prefix_state", "with_stage_heads",
+    "HEAD_RULE", "RESIDUAL_MODELS", "ExitView", "Skip", "StageHead", "block_names", "depth_prefix", "depth_subnet",
+    "drop_probs", "head_rule", "num_configs", "prefix_keys", "prefix_state", "shortcut", "with_stage_heads",
 ]

@@ -15,11 +15,12 @@ from torch import nn
 from flexray.config import ModelConfig
 from flexray.errors import FlexrayError
 from flexray.models import resnet_cifar
-from flexray.models.blocks import ConvBlock, FCBlock, Head, Shape, run_stages, stages
+from flexray.models.blocks import ConvBlock, FCBlock, Head, Shape, run_stages, stages, with_input
 from flexray.models.depth import with_stage_heads
 from flexray.models.tv import torchvision_model
+from flexray.models.vit import vit
 
-__all__ = ["ConvBlock", "FCBlock", "Head", "Shape", "build_model", "cnn", "he_init", "lenet", "run_stages", "stages", "vgg"]
+__all__ = ["ConvBlock", "FCBlock", "Head", "Shape", "build_model", "cnn", "darknet19", "he_init", "lenet", "run_stages", "stages", "vgg", "vit"]
 
 def _pool(size: tuple[int, int]) -> tuple[nn.Module, tuple[int, int]]:
     """2x2 max-pool along each dim that still has >= 2 pixels, so tiny inputs never hit 0."""
@@ -66,7 +67,7 @@ def cnn(input_shape: Shape, num_classes: int, width: int = 32) -> nn.Sequential:
         conv2=ConvBlock(nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), pool2),
         head=Head(nn.AdaptiveAvgPool2d(out), nn.Flatten(1), nn.Linear(2 * width * out[0] * out[1], num_classes)),
     )
-    return he_init(nn.Sequential(layers))
+    return with_input(he_init(nn.Sequential(layers)), input_shape)  # type: ignore[return-value]
 
 
 def lenet(input_shape: Shape, num_classes: int) -> nn.Sequential:
@@ -91,7 +92,7 @@ def lenet(input_shape: Shape, num_classes: int) -> nn.Sequential:
         fc2=FCBlock(nn.Linear(120, 84), nn.ReLU()),
         head=Head(nn.Linear(84, num_classes)),
     )
-    return he_init(nn.Sequential(layers))
+    return with_input(he_init(nn.Sequential(layers)), input_shape)  # type: ignore[return-value]
 
 
 def vgg(input_shape: Shape, num_classes: int, width: int = 16) -> nn.Sequential:
@@ -106,7 +107,33 @@ def vgg(input_shape: Shape, num_classes: int, width: int = 16) -> nn.Sequential:
                                            nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU(), pool)
         cin = cout
     blocks["head"] = Head(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(cin, num_classes))
-    return he_init(nn.Sequential(blocks))
+    return with_input(he_init(nn.Sequential(blocks)), input_shape)  # type: ignore[return-value]
+
+
+def _cbl(cin: int, cout: int, k: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.1, inplace=True)]
+
+
+def darknet19(input_shape: Shape, num_classes: int, width: int = 32) -> nn.Sequential:
+    """Darknet-19, YOLOv2's backbone (Redmon & Farhadi 2016): 3x3 convs with 1x1 bottlenecks,
+    each conv - BatchNorm - LeakyReLU(0.1), five 2x2 max-pools, and a 1x1 conv classifier with
+    global average pooling. ``width`` is the first conv's channels (32 in the paper; the rest
+    scale with it), so tests can train a narrow one. Pools skip dims already at 1 pixel."""
+    c, h, w = input_shape
+    size, blocks, cin = (h, w), OrderedDict(), c
+    plan = [(1, 1), (2, 1), (4, 3), (8, 3), (16, 5), (32, 5)]  # (channels / width, convs) per stage
+    for i, (mult, convs) in enumerate(plan):
+        cout, layers = mult * width, []
+        for j in range(convs):  # 3x3 at full width, 1x1 bottlenecks at half in between
+            k, co = (3, cout) if j % 2 == 0 else (1, cout // 2)
+            layers += _cbl(cin, co, k)
+            cin = co
+        if i < len(plan) - 1:
+            pool, size = _pool(size)
+            layers.append(pool)
+        blocks[f"conv{i + 1}"] = ConvBlock(*layers)
+    blocks["head"] = Head(nn.Conv2d(cin, num_classes, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    return nn.Sequential(blocks)
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
@@ -119,7 +146,7 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes
     model = _build(cfg, input_shape, num_classes)
     if cfg.stage_heads:
         model = with_stage_heads(model)
-    return model
+    return with_input(model, input_shape)
 
 
 def _build(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
@@ -130,6 +157,10 @@ def _build(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int
         return lenet(input_shape, num_classes)
     if name == "vgg":
         return vgg(input_shape, num_classes, width=cfg.width)
+    if name == "darknet19":
+        return darknet19(input_shape, num_classes, width=cfg.width)
+    if name == "vit":
+        return vit(input_shape, num_classes, width=cfg.width, depth=cfg.depth)
     if name in ("resnet8", "resnet20", "resnet56", "preresnet18"):
         return getattr(resnet_cifar, name)(input_shape, num_classes)
     if name.startswith("torchvision:"):
