@@ -19,6 +19,7 @@ uploads from every device every round).
 
     python benchmarks/distreal_reft.py [--data ../shared/data/cifar10.npz] [--rounds 30] [--seeds 0,1,2]
     python benchmarks/distreal_reft.py --only fedavg_wait,reft,reft_no_distill --target 0.274   # REFT ablation
+    python benchmarks/distreal_reft.py --model resnet20 --samples 50 --rounds 10 --dse-scale 0.1 --test-samples 1000 --seeds 0,1,2
 
 Prints one JSON line per method. Budget: about 8 minutes per seed on 2 idle CPU cores.
 """
@@ -53,12 +54,13 @@ REFT = {"proxy_samples": 1000, "ratios": [0.3, 0.45, 0.6, 0.75, 0.85]}
 
 
 def job(data: Path, uri: str, name: str, method: dict, rounds: int, deadline: float, stragglers: str = "drop",
-        seed: int = 0, width: int = WIDTH) -> dict:
+        seed: int = 0, width: int = WIDTH, model: str = "cnn", samples: int = SAMPLES, test_samples: int = 2000) -> dict:
     trace = {"kind": "random_walk", "sigma": 0.35, "step_s": deadline, "min_speed": 0.25, "max_speed": 3.0}
     return job_tree(
         "distreal_reft", name, uri,
-        data={"name": "cifar10", "path": str(data), "samples_per_device": SAMPLES, "partition": {"kind": "dirichlet", "alpha": 0.5}},
-        model={"name": "cnn", "width": width}, groups=[{"profile": p, "count": n, "trace": trace} for p, n in FLEET],
+        data={"name": "cifar10", "path": str(data), "samples_per_device": samples, "test_samples": test_samples,
+              "partition": {"kind": "dirichlet", "alpha": 0.5}},
+        model={"name": model, "width": width}, groups=[{"profile": p, "count": n, "trace": trace} for p, n in FLEET],
         method={"lr": 0.05, "momentum": 0.9, **method},
         rounds={"num": rounds, "deadline_s": deadline, "stragglers": stragglers, "eval_every": 1},
         schedule={"mode": "static"}, seed=seed)  # static: the papers' tiers for HeteroFL (minmax puts all on 1/16)
@@ -73,11 +75,11 @@ class Run:
     events: list[dict]
 
 
-def variants(epoch_flops: float, deadline: float, dse_cache: str) -> dict[str, dict]:
+def variants(epoch_flops: float, deadline: float, dse_cache: str, dse_scale: float = 1.0) -> dict[str, dict]:
     # rates up to 0.5: a device that cannot afford that is late and dropped rather than send a
     # quarter-network's update (README, issue 4 section: DISTREAL measured with both grids)
-    dse = {"grid": CAP, "proxy_samples": 2000, "proxy_steps": 100, "pop_size": 10, "generations": 5,
-           "cache_dir": dse_cache}
+    dse = {"grid": CAP, "proxy_samples": 2000, "proxy_steps": max(10, int(100 * dse_scale)), "pop_size": 10,
+           "generations": max(2, int(5 * dse_scale)), "cache_dir": dse_cache}
     return {
         "fedavg_drop_stragglers": {"name": "fedavg"},
         "uniform_dropout": {"name": "uniform_dropout"},
@@ -92,14 +94,15 @@ def variants(epoch_flops: float, deadline: float, dse_cache: str) -> dict[str, d
     }
 
 
-def line(name: str, runs: list[Run], target: float, fedavg_up: float, deadline: float, width: int) -> dict:
+def line(name: str, runs: list[Run], target: float, fedavg_up: float, deadline: float, width: int, model: str,
+         samples: int) -> dict:
     """The JSON line of one method: means over seeds, and the per-seed values that matter."""
     finals = [r.history[-1]["accuracy"] for r in runs]
     times = [time_to(r.history, target) for r in runs]
     ups = [sum(e["bytes_up"] for e in r.events) for r in runs]
     kept = [sum(e["status"] in ("ok", "late") for e in r.events) for r in runs]
     out = {
-        "benchmark": "distreal_reft", "method": name, "width": width, "rounds": len(runs[0].history), "seeds": len(runs),
+        "benchmark": "distreal_reft", "method": name, "model": model, "samples_per_device": samples, "width": width, "rounds": len(runs[0].history), "seeds": len(runs),
         "deadline_s": deadline, "final_accuracy": round(mean(finals), 4),
         "final_accuracy_per_seed": [round(f, 4) for f in finals],
         "best_accuracy": round(mean([max(h["accuracy"] for h in r.history) for r in runs]), 4),
@@ -131,16 +134,20 @@ def main() -> None:
     ap.add_argument("--seeds", default="0", help="comma-separated seeds; every method runs every seed")
     ap.add_argument("--width", type=int, default=WIDTH, help="cnn width (filters of the first conv); the deadline scales with it")
     ap.add_argument("--only", default="", help="comma-separated subset of methods")
+    ap.add_argument("--model", default="cnn", help="any zoo model the structured methods take, e.g. resnet20")
+    ap.add_argument("--samples", type=int, default=SAMPLES, help="training images per device")
+    ap.add_argument("--test-samples", type=int, default=2000, help="test images evaluated every round")
+    ap.add_argument("--dse-scale", type=float, default=1.0, help="DISTREAL search budget (proxy steps, generations) x this")
     ap.add_argument("--target", type=float, default=None, help="default: 0.95 x the lowest mean final accuracy")
     args = ap.parse_args()
     if not args.data.is_file():
         raise SystemExit(f"CIFAR-10 not found at {args.data}; pass --data path/to/cifar10.npz")
     seeds = [int(s) for s in args.seeds.split(",")]
-    per_sample = profile_model(build_model(ModelConfig(name="cnn", width=args.width), (3, 32, 32), 10), (3, 32, 32))
-    epoch_flops = SAMPLES * per_sample.train_flops_per_sample
+    per_sample = profile_model(build_model(ModelConfig(name=args.model, width=args.width), (3, 32, 32), 10), (3, 32, 32))
+    epoch_flops = args.samples * per_sample.train_flops_per_sample
     deadline = round(epoch_flops / (1.2 * PHONE_FLOPS), 4)
     with tempfile.TemporaryDirectory() as tmp:
-        chosen = {k: v for k, v in variants(epoch_flops, deadline, f"{tmp}/dse").items()
+        chosen = {k: v for k, v in variants(epoch_flops, deadline, f"{tmp}/dse", args.dse_scale).items()
                   if not args.only or k in args.only.split(",")}
         results: dict[str, list[Run]] = defaultdict(list)
         fronts = {}
@@ -152,7 +159,8 @@ def main() -> None:
                     t0 = time.perf_counter()
                     method = dict(method)
                     stragglers = method.pop("stragglers", "drop")
-                    tree = job(args.data, uri, name, method, args.rounds, deadline, stragglers, seed, args.width)
+                    tree = job(args.data, uri, name, method, args.rounds, deadline, stragglers, seed, args.width, args.model,
+                               args.samples, args.test_samples)
                     res = run_job(parse_config(tree))
                     wall = time.perf_counter() - t0
                     client = MlflowClient(uri)
@@ -167,7 +175,7 @@ def main() -> None:
     base = results.get("fedavg_wait")
     fedavg_up = mean([sum(e["bytes_up"] for e in r.events) for r in base]) if base else 0.0
     for name, runs in results.items():
-        out = line(name, runs, target, fedavg_up, deadline, args.width)
+        out = line(name, runs, target, fedavg_up, deadline, args.width, args.model, args.samples)
         if name in fronts:
             front = fronts[name]
             out["front"] = [

@@ -30,7 +30,11 @@ pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
 PAGE = REPO / "docs" / "matrix.md"
 METHODS = list(_PATHS)
-MODELS = ["cnn", "lenet", "vgg", "resnet8", "resnet20", "preresnet18", "torchvision:resnet18", "torchvision:mobilenet_v2"]
+MODELS = ["cnn", "lenet", "vgg", "resnet8", "resnet20", "preresnet18", "darknet19", "torchvision:resnet18",
+          "torchvision:mobilenet_v2", "torchvision:vgg11_bn", "torchvision:efficientnet_b0"]
+# Models that down-sample 8x8 digits to nothing train on 32x32 images (the CIFAR-100 subset in the repo's data).
+LARGE_INPUT = {"torchvision:vgg11_bn"}
+SHARED_DATA = REPO.parent / "shared" / "data"
 MODES = ("sync", "async")
 CELLS = [(method, model, mode) for method in METHODS for model in MODELS for mode in MODES]
 
@@ -55,7 +59,9 @@ def job_yaml(tmp_path: Path, method: str, model: str, mode: str, mlflow_uri: str
     tree = {
         "name": f"matrix-{method}-{model}-{mode}",
         "seed": 0,
-        "data": {"name": "digits", "samples_per_device": 20, "test_samples": 32},
+        "data": ({"name": "cifar100", "source": "npz", "path": str(SHARED_DATA / "cifar100_subset.npz"),
+                  "samples_per_device": 20, "test_samples": 32} if model in LARGE_INPUT
+                 else {"name": "digits", "samples_per_device": 20, "test_samples": 32}),
         "model": {"name": model, "width": 8},
         "fleet": {"actors": 1, "groups": [{"profile": "rpi3", "count": 1}, {"profile": "laptop_cpu", "count": 1}]},
         "method": m,
@@ -186,7 +192,8 @@ def render(outcomes: dict[tuple[str, str, str], str]) -> str:
         f"**{sync}** train in sync rounds, **{asyn}** in async rounds, **{refused}** are refused by "
         "`flexray plan` (and `flexray run`) with one line naming the field, before Ray starts.",
         "",
-        "Each cell is `sync/async`: ✓ is one round of a tiny digits job (2 devices, one actor) through a real "
+        "Each cell is `sync/async`: ✓ is one round of a tiny digits job (2 devices, one actor; "
+        + ", ".join(f"`{m}`" for m in sorted(LARGE_INPUT)) + " on 32x32 CIFAR-100 images) through a real "
         "Ray cluster into a real MLflow store, finished with finite metrics; – is refused, the number points to "
         "the refusal below. `tests/test_matrix.py` runs every cell and renders this page.",
         "",

@@ -111,8 +111,9 @@ def _probe(module: nn.Module, handler: Callable[[nn.Module, Sequence[int]], Any]
 
 
 def _classifier(model: nn.Module) -> nn.Module | None:
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1] if linears else None
+    """The last conv/linear layer: its outputs are the labels (a 1x1 conv in Darknet), never pruned."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return layers[-1] if layers else None
 
 
 def _input_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -338,27 +339,25 @@ class ChannelGroups:
         return sub
 
     def _check(self, model: nn.Module) -> None:
-        """Sub-network == masked full network on one input, for a random keep of half of each group."""
+        """Sub-network == masked full network on one batch, for a random keep of half of each group
+        (a guard against a wrongly traced graph, which differs by the activations' own size)."""
         gen = torch.Generator().manual_seed(0)
         keep = self.random({g.name: max(1, g.channels // 2) for g in self.groups}, gen)
-        x = torch.randn(2, *_input_shape(model), generator=gen)
-        was = model.training
-        model.eval()
+        x = torch.randn(8, *_input_shape(model), generator=gen)
         try:
-            with torch.no_grad():
-                sub = self.slim(model, keep).eval()
-                sub.load_state_dict(elastic.extract(model.state_dict(), self.index(keep)))
+            sub = self.slim(model, keep)
+            sub.load_state_dict(elastic.extract(model.state_dict(), self.index(keep)))
+            with torch.no_grad(), elastic.batch_statistics(model, sub):
                 with self.masked(model, keep):
                     want = model(x)
                 got = sub(x)
         except Exception as err:  # noqa: BLE001
             raise FlexrayError(f"config error: model.name: kept-channel sub-networks of this model do not run "
                                f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); {_HINT}") from None
-        finally:
-            model.train(was)
-        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()) + 1e-6):
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()) + 1e-6):
+            diff = float((got - want).abs().max()) if got.shape == want.shape else float("nan")
             raise FlexrayError(f"config error: model.name: kept-channel sub-networks of this model differ from its "
-                               f"masked full network (by {float((got - want).abs().max()):.3g}); {_HINT}")
+                               f"masked full network (by {diff:.3g}); {_HINT}")
 
 
 def _mask(ix: torch.Tensor, n: int) -> torch.Tensor:

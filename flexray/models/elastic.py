@@ -183,11 +183,34 @@ def batch_stat_bn(model: nn.Module, enabled: bool = True) -> Iterator[None]:
             m.running_mean, m.running_var = mean, var
 
 
+@contextmanager
+def batch_statistics(*models: nn.Module) -> Iterator[None]:
+    """Evaluation mode except BatchNorm, which normalises with the batch's statistics: the
+    comparison of a sub-network with its masked full network then sees activations of order one
+    (running statistics of a fresh deep net shrink them towards zero) and no random dropout or
+    stochastic depth. BatchNorm buffers are restored afterwards."""
+    saved = []
+    for model in models:
+        saved.append((model, model.training, {k: v.clone() for k, v in model.named_buffers()}))
+        model.eval()
+        for m in model.modules():
+            if isinstance(m, _BN):
+                m.train()
+    try:
+        yield
+    finally:
+        for model, was, buffers in saved:
+            with torch.no_grad():
+                for k, v in model.named_buffers():
+                    v.copy_(buffers[k])
+            model.train(was)
+
+
 def is_bn_stat(key: str) -> bool:
     return key.rpartition(".")[2] in BN_STATS
 
 
 __all__ = [
-    "BN_STATS", "Index", "Part", "Scaler", "add_scalers", "aggregate", "batch_stat_bn", "check_rate",
+    "BN_STATS", "Index", "Part", "Scaler", "add_scalers", "aggregate", "batch_stat_bn", "batch_statistics", "check_rate",
     "classifier_keys", "extract", "is_bn_stat", "leading_view", "mask_logits", "scaled", "whole_index",
 ]
