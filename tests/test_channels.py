@@ -99,6 +99,7 @@ def test_option_a_shortcut_maps_kept_channels_across_stages() -> None:
 
 
 def test_a_model_the_groups_cannot_cover_is_refused_in_one_line() -> None:
-    with pytest.raises(FlexrayError, match=r"^config error: model\.name: .*; use ") as err:
-        channel_groups(build_model(ModelConfig(name="torchvision:vit_b_16"), (3, 32, 32), 10))
-    assert "\n" not in str(err.value)
+    for name, why in [("torchvision:vit_b_16", "attention"), ("torchvision:regnet_x_400mf", "grouped convolutions")]:
+        with pytest.raises(FlexrayError, match=rf"^config error: model\.name: .*{why}.*; use ") as err:
+            channel_groups(build_model(ModelConfig(name=name), (3, 32, 32), 10))
+        assert "\n" not in str(err.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -31,14 +32,11 @@ def tiled_tree(**kw):
     return job_tree(**{**base, **kw})
 
 
-def test_tiled_actors_match_single_device_training(ray_cluster, one_torch_thread):
-    """Tile actors (2x1 grid, two groups) end the round with the weights one device gets alone."""
-    cfg = parse_config(tiled_tree(method__grid=[2, 1], method__groups=[3]))
+def tiled_round_and_one_device(cfg):  # noqa: ANN001, ANN201
+    """One round on tile actors and the same steps trained by one device (``local_update``):
+    (engine, state before, tiled weights after, the round's outcome, the one-device update)."""
     ds = load_dataset(cfg.data)
-    devices = build_fleet(cfg, ds.y_train)
-    engine = TiledEngine(cfg, devices, ds)
-    assert engine.plan.grid == (2, 1) and engine.plan.groups == ((0, 3), (3, 6))
-    assert engine.tile_devices[0].profile.name == "rpi4"  # fastest device takes tile 0 (and the tail)
+    engine = TiledEngine(cfg, build_fleet(cfg, ds.y_train), ds)
     actors, _ = engine.start()
     try:
         torch.manual_seed(cfg.seed)
@@ -48,13 +46,20 @@ def test_tiled_actors_match_single_device_training(ray_cluster, one_torch_thread
         new, out = rounds.step(0, 0.0, state)
     finally:
         for _, h in actors:
-            __import__("ray").kill(h)
+            ray.kill(h)
     method = method_class("tiled")(cfg.method, lambda: build_model(cfg.model, ds.input_shape, ds.num_classes))
-    pool = rounds.pool
-    data = LocalData(to_tensor(ds.x_train[pool], ds.mean, ds.std), torch.as_tensor(ds.y_train[pool]))
+    data = LocalData(to_tensor(ds.x_train[rounds.pool], ds.mean, ds.std), torch.as_tensor(ds.y_train[rounds.pool]))
     ctx = DeviceContext(method.model_fn)
     ctx.generator.manual_seed(derive_seed(cfg.seed, 0, 11))
-    ref = method.local_update(Task(0, 0), state, data, ctx)
+    return engine, state, new, out, method.local_update(Task(0, 0), state, data, ctx)
+
+
+def test_tiled_actors_match_single_device_training(ray_cluster, one_torch_thread):
+    """Tile actors (2x1 grid, two groups) end the round with the weights one device gets alone."""
+    cfg = parse_config(tiled_tree(method__grid=[2, 1], method__groups=[3]))
+    engine, state, new, out, ref = tiled_round_and_one_device(cfg)
+    assert engine.plan.grid == (2, 1) and engine.plan.groups == ((0, 3), (3, 6))
+    assert engine.tile_devices[0].profile.name == "rpi4"  # fastest device takes tile 0 (and the tail)
     for k in state:
         torch.testing.assert_close(new[k], ref.tensors[k], atol=1e-4, rtol=1e-4)
     assert not torch.equal(new["conv1.0.weight"], state["conv1.0.weight"])
@@ -72,25 +77,8 @@ def test_tiled_actors_batchnorm_darknet19(ray_cluster, one_torch_thread):
     ~1e-6 per step) by orders of magnitude over further steps, on one device as much as tiled."""
     cfg = parse_config(tiled_tree(model__name="darknet19", model__width=4, method__grid=[2, 1], method__fused_stages=2,
                                   method__steps_per_round=1, method__batch_size=16))
-    ds = load_dataset(cfg.data)
-    engine = TiledEngine(cfg, build_fleet(cfg, ds.y_train), ds)
+    engine, state, new, _, ref = tiled_round_and_one_device(cfg)
     assert engine.plan.syncs and all(len(s) >= 1 for s in engine.plan.syncs)
-    actors, _ = engine.start()
-    try:
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, ds.input_shape, ds.num_classes)
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-        rounds = engine.rounds(None, actors, CATALOG["edge_gpu_server"], profile_model(model, ds.input_shape))
-        new, _ = rounds.step(0, 0.0, state)
-    finally:
-        for _, h in actors:
-            __import__("ray").kill(h)
-    method = method_class("tiled")(cfg.method, lambda: build_model(cfg.model, ds.input_shape, ds.num_classes))
-    pool = rounds.pool
-    data = LocalData(to_tensor(ds.x_train[pool], ds.mean, ds.std), torch.as_tensor(ds.y_train[pool]))
-    ctx = DeviceContext(method.model_fn)
-    ctx.generator.manual_seed(derive_seed(cfg.seed, 0, 11))
-    ref = method.local_update(Task(0, 0), state, data, ctx)
     worst = max(float((new[k].double() - ref.tensors[k].double()).abs().max()) for k in state)
     assert worst <= 1e-4, f"max abs diff {worst:.3g}"
     assert not torch.equal(new["conv1.1.running_mean"], state["conv1.1.running_mean"])

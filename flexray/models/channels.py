@@ -131,6 +131,9 @@ class ChannelGroups:
             if isinstance(m, nn.MultiheadAttention):
                 raise FlexrayError(f"config error: model.name: channel groups do not cover attention layers "
                                    f"({name}); {_HINT}")
+            if isinstance(m, nn.Conv2d) and 1 < m.groups < m.out_channels:  # depthwise (groups == C) is covered
+                raise FlexrayError(f"config error: model.name: channel groups do not cover grouped convolutions "
+                                   f"({name}, groups={m.groups}; depthwise ones are covered); {_HINT}")
         names = {m: n for n, m in model.named_modules()}
         example = torch.zeros(2, *_input_shape(model))
         head = _classifier(model)
