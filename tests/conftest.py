@@ -156,7 +156,7 @@ def job_tree(**overrides: object) -> dict:
 MLFLOW = str(Path(sys.executable).with_name("mlflow")) if Path(sys.executable).with_name("mlflow").exists() else "mlflow"
 
 
-def start_mlflow_server(root: Path, port: int, env: dict[str, str], *extra: str, timeout_s: float = 120) -> subprocess.Popen:
+def start_mlflow_server(root: Path, port: int, env: dict[str, str], *extra: str, timeout_s: float = 300) -> subprocess.Popen:
     """A real ``mlflow server`` on 127.0.0.1 (its own process group), returned once /health answers."""
     import urllib.request
 
