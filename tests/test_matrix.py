@@ -33,7 +33,7 @@ METHODS = list(_PATHS)
 MODELS = ["cnn", "lenet", "vgg", "resnet8", "resnet20", "preresnet18", "darknet19", "torchvision:resnet18",
           "torchvision:mobilenet_v2", "torchvision:vgg11_bn", "torchvision:efficientnet_b0"]
 # Models that down-sample 8x8 digits to nothing train on 32x32 images (the CIFAR-100 subset in the repo's data).
-LARGE_INPUT = {"torchvision:vgg11_bn"}
+LARGE_INPUT = {"torchvision:vgg11_bn", "torchvision:efficientnet_b0"}
 SHARED_DATA = REPO.parent / "shared" / "data"
 MODES = ("sync", "async")
 CELLS = [(method, model, mode) for method in METHODS for model in MODELS for mode in MODES]
