@@ -137,7 +137,7 @@ SPECS: dict[str, list[Table]] = {
         ("energy J", val("energy_j"))])],
     "distreal_reft": [Table([
         ("method", val("method")), ("model", lambda r: r.get("model", "cnn")), ("width", val("width")),
-        ("images / device", lambda r: r.get("samples_per_device", 250)), ("rounds", val("rounds")), ("seeds", val("seeds")),
+        ("images / device", lambda r: str(r.get("samples_per_device", 250))), ("rounds", val("rounds")), ("seeds", val("seeds")),
         ("final acc (mean)", pct("final_accuracy")), ("per seed", pct("final_accuracy_per_seed")),
         ("best acc", pct("best_accuracy")), ("target", pct("target_accuracy")),
         ("sim s to target (mean)", val("sim_time_to_target_s")), ("per seed", val("sim_time_to_target_per_seed")),
