@@ -178,10 +178,6 @@ class ChannelGroups:
 
     # ------------------------------------------------------------ keeps
 
-    def widths(self, rates: Mapping[str, float], default: float = 0.0) -> dict[str, int]:
-        """Kept channels per group for drop ``rates`` (per group name): ``ceil((1 - d) * C)``."""
-        return {g.name: elastic.scaled(g.channels, 1.0 - float(rates.get(g.name, default))) for g in self.groups}
-
     def leading(self, width: Mapping[str, int], offset: int | None = None) -> Keep:
         """The first ``width`` channels of each group, or a window from ``offset`` wrapping around."""
         out: Keep = {}
