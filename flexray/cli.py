@@ -17,14 +17,14 @@ from flexray import phases
 from flexray.errors import FlexrayError
 from flexray.fleet.fleet import assign_actors
 from flexray.fleet.latency import predict, round_time
-from flexray.fleet.placement import connected_placement
+from flexray.fleet.placement import check_local_gpus, connected_placement
 from flexray.fleet.probe import default_name, measure, nearest_class, profile_line
 from flexray.fleet.profiles import CATALOG
 from flexray.protocol import DeviceView, PlanNotes, SubModel
 from flexray.runtime.assembly import load_config
 from flexray.runtime.driver import run_job, use_ray_auth_mode
 from flexray.runtime.engines import engine_for
-from flexray.runtime.job import Job
+from flexray.runtime.job import Job, local_gpus
 from flexray.schedule.minmax import SubModelScheduler
 from flexray.tracking.mlflow_logger import check_access, resolve_uri
 
@@ -62,10 +62,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     specs = assign_actors(cfg, devices)
     actor_of = {d: s.label for s in specs for d in s.devices}
+    gpu_of = {d: f"{s.num_gpus:g}" for s in specs for d in s.devices if s.num_gpus}  # each actor's GPU share
     node_of: dict[int, str] = {}
     if args.address:
         placement = connected_placement(args.address, specs)
         node_of = {d: placement.describe(s.index) for s in specs for d in s.devices}
+    else:  # the local Ray `flexray run` would start gets this machine's GPUs
+        check_local_gpus(specs, local_gpus())
 
     method = job.method()
     mprof = job.model_profile
@@ -78,10 +81,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     tasks = method.plan(0, plan.views, method.init(job.model()))
     preds = predict(method, tasks, {d.id: d for d in devices}, 0.0, mprof, cfg.method.batch_size, deadline)
     knobs = {t.device: _knobs(t.spec) for t in tasks}  # what the method chose per device (cut, share, k, p, ...)
-    rows = [(p.name, actor_of[p.device], *([node_of[p.device]] if node_of else []), knobs[p.device], p.samples, p.flops,
+    rows = [(p.name, actor_of[p.device], *([gpu_of[p.device]] if gpu_of else []), *([node_of[p.device]] if node_of else []),
+             knobs[p.device], p.samples, p.flops,
              p.download_s, p.compute_s, p.server_s, p.upload_s, p.total_s, p.energy_j, "yes" if p.fits_memory else "NO")
             for p in preds]
-    print(_table(["device", "actor", *(["node"] if node_of else []), "plan", "samples", "flops", "down_s", "compute_s",
+    print(_table(["device", "actor", *(["gpu"] if gpu_of else []), *(["node"] if node_of else []), "plan", "samples", "flops", "down_s", "compute_s",
                   "server_s", "up_s", "total_s", "energy_j", "fits_mem"], rows))
     left_out = sorted({v.id for v in views} - {v.id for v in plan.views})
     if left_out:

@@ -9,7 +9,7 @@ and device classes are checked by ``flexray.runtime.assembly.load_config``, stil
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -114,6 +114,16 @@ class FleetConfig(_Frozen):
     throttle: Literal["virtual", "sleep", "none"] = "virtual"
     time_scale: float = Field(1.0, gt=0, description="sleep mode: wall seconds per simulated second")
     server_profile: str = "edge_gpu_server"
+    num_gpus_per_actor: float = Field(0.0, ge=0, description="GPU share each device actor asks Ray for (fractional)")
+    compute_device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA where the actor got a GPU")
+    batch_clients: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+        "auto", description="devices trained stacked: auto (CUDA on, CPU off) or a chunk size (1 = one by one)")
+
+    @model_validator(mode="after")
+    def _cuda_needs_a_share(self) -> FleetConfig:
+        if self.compute_device == "cuda" and not self.num_gpus_per_actor:
+            raise ValueError("compute_device: cuda needs a GPU share per actor; set fleet.num_gpus_per_actor (e.g. 0.25)")
+        return self
 
 
 class MethodConfig(BaseModel):

@@ -24,6 +24,7 @@ from flexray import cli
 from flexray.runtime.assembly import load_config
 from flexray.methods import _PATHS
 from flexray.runtime import driver
+from flexray.runtime.actor import warm_actors
 
 pytestmark = pytest.mark.ray
 
@@ -99,6 +100,14 @@ def dse_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread(one_torch_thread: None) -> None:
     """On a busy 2-core machine two torch threads make ``plan``'s FLOP count 10-20x slower."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _warm(ray_cluster) -> Iterator[None]:
+    """Every cell hosts the same two devices on one actor: keep that actor warm from cell to cell
+    (importing torch in a new actor is most of a one-round job), killed after the last cell."""
+    with warm_actors():
+        yield
 
 
 def assert_one_line_refusal(rc: int, out: str, err: str, what: str) -> str:

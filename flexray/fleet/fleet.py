@@ -51,16 +51,16 @@ def build_fleet(cfg: JobConfig, labels: np.ndarray) -> list[Device]:
 def assign_actors(cfg: JobConfig, devices: list[Device]) -> list[ActorSpec]:
     """Pinned devices (custom resources or node labels) and ``sleep``-throttled devices get an actor each,
     because their wall clock must be theirs alone; the rest share ``fleet.actors`` actors."""
-    cpus = cfg.fleet.num_cpus_per_actor
+    cpus, gpus = cfg.fleet.num_cpus_per_actor, cfg.fleet.num_gpus_per_actor
     specs: list[ActorSpec] = []
     shared: list[Device] = []
     for d in devices:
         if d.resources or d.node_labels or cfg.fleet.throttle == "sleep":
-            specs.append(ActorSpec(len(specs), (d.id,), cpus, d.resources, dict(d.node_labels)))
+            specs.append(ActorSpec(len(specs), (d.id,), cpus, d.resources, dict(d.node_labels), gpus))
         else:
             shared.append(d)
     n = min(cfg.fleet.actors, len(shared))
     for k in range(n):
         ids = tuple(d.id for d in shared[k::n])
-        specs.append(ActorSpec(len(specs), ids, cpus, {}))
+        specs.append(ActorSpec(len(specs), ids, cpus, {}, num_gpus=gpus))
     return specs

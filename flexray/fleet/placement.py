@@ -32,6 +32,7 @@ class ActorSpec:
     num_cpus: float
     resources: dict[str, float]
     labels: dict[str, str] = field(default_factory=dict)  # node label selector (see check_selector)
+    num_gpus: float = 0.0  # a share of one GPU (or whole GPUs), as Ray's num_gpus
 
     @property
     def label(self) -> str:
@@ -84,6 +85,8 @@ def actor_options(spec: ActorSpec) -> dict[str, Any]:
     """The ``.options(...)`` for a device actor: CPUs, custom resources and node labels."""
     resources = dict(spec.resources)
     opts: dict[str, Any] = {"num_cpus": spec.num_cpus}
+    if spec.num_gpus:
+        opts["num_gpus"] = spec.num_gpus
     if spec.labels and label_selector_supported():
         opts["label_selector"] = dict(spec.labels)
     else:
@@ -128,8 +131,20 @@ def live_nodes() -> list[Node]:
     return nodes
 
 
+def check_local_gpus(specs: Sequence[ActorSpec], gpus: int) -> None:
+    """Before a local Ray starts (it gets this machine's ``gpus``): a fleet asking for more fails
+    with one line instead of waiting forever for a GPU."""
+    need = sum(s.num_gpus for s in specs)
+    if need > gpus + _EPS:
+        raise FlexrayError(f"config error: fleet.num_gpus_per_actor: {len(specs)} actors x {specs[0].num_gpus:g} GPU "
+                           f"need {need:g} GPUs but this machine has {gpus}; use 0 (CPU actors), fewer fleet.actors, "
+                           "or a cluster with GPUs (cluster.address)")
+
+
 def _need(spec: ActorSpec) -> dict[str, float]:
     need = {"CPU": float(spec.num_cpus)} if spec.num_cpus else {}
+    if spec.num_gpus:
+        need["GPU"] = float(spec.num_gpus)
     for k, v in spec.resources.items():
         need[k] = need.get(k, 0.0) + float(v)
     return need
@@ -189,8 +204,9 @@ def check_placement(specs: Sequence[ActorSpec], nodes: Sequence[Node] | None = N
             total[k] = total.get(k, 0.0) + v
     for key, amount in total.items():
         if have.get(key, 0.0) + _EPS < amount:
-            fix = ("lower fleet.actors or fleet.num_cpus_per_actor, or add nodes" if key == "CPU"
-                   else f"start a node with: ray start --address ... --resources '{{\"{key}\": 1}}'")
+            fix = {"CPU": "lower fleet.actors or fleet.num_cpus_per_actor, or add nodes",
+                   "GPU": "set fleet.num_gpus_per_actor: 0 (CPU) or lower it, or add GPU nodes"}.get(
+                key, f"start a node with: ray start --address ... --resources '{{\"{key}\": 1}}'")
             raise FlexrayError(f"fleet: the cluster has {have.get(key, 0.0):g} {key} but the fleet needs {amount:g}; {fix}")
 
     candidates = {s.index: [i for i, n in enumerate(nodes) if _eligible(s, n) and _fits(_need(s), n.resources)] for s in specs}

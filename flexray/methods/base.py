@@ -52,8 +52,10 @@ class DeviceContext:
     """Device-side helpers: a model cache (one module per spec), the task's RNG and, for split
     methods, the runtime's server port (``grad, loss = ctx.server(smashed, labels)``)."""
 
-    def __init__(self, model_fn: Callable[[], nn.Module]) -> None:
+    def __init__(self, model_fn: Callable[[], nn.Module], compute: torch.device | None = None) -> None:
         self._model_fn = model_fn
+        self.compute = compute or torch.device("cpu")
+        """Where the models live and train (the actor's ``fleet.compute_device``); data is there too."""
         self._models: dict[str, nn.Module] = {}
         self.generator = torch.Generator()
         self.device: DeviceView | None = None
@@ -62,7 +64,7 @@ class DeviceContext:
 
     def model(self, key: str = "full", build: Callable[[], nn.Module] | None = None) -> nn.Module:
         if key not in self._models:
-            self._models[key] = (build or self._model_fn)()
+            self._models[key] = (build or self._model_fn)().to(self.compute)
         return self._models[key]
 
     def seed(self, seed: int) -> None:
@@ -254,7 +256,8 @@ def sgd_train(
 
 
 def copy_state(model: nn.Module) -> State:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """The model's weights as an update carries them: copies on the CPU (the object store's side)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 __all__ = [

@@ -15,20 +15,23 @@ capability             what the runtime does with it                        who 
 ``Deploys``            the per-device model that is logged at the end       width methods, FlexTrain
 ``HasPolicy``          its own aggregation policy, in sync and async rounds FedAsync, FedBuff
 ``PlanNotes``          lines printed under ``flexray plan``'s table         SplitFed
+``BatchesClients``     trains same-shaped devices stacked (batch_clients)   FedAvg, FedProx, async
 =====================  ===================================================  =========================
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import nn
 
-from flexray.methods.base import ServerData
+from flexray.methods.base import DeviceContext, ServerData
 from flexray.methods.policy import HasPolicy
 from flexray.models.profile import ModelProfile
-from flexray.protocol import DeviceProfile, PlanNotes, ServerSpec, State, SubModel, SubModelKnob
+from flexray.protocol import DeviceProfile, LocalData, PlanNotes, ServerSpec, State, SubModel, SubModelKnob, Task, Update
 
 
 @runtime_checkable
@@ -62,6 +65,21 @@ class Deploys(Protocol):
     def device_model(self, state: State, model: nn.Module, option: SubModel | None) -> nn.Module: ...
 
 
+@runtime_checkable
+class BatchesClients(Protocol):
+    """Devices whose local update is plain SGD on one model shape train together
+    (``fleet.batch_clients``): the actor hands the tasks with equal ``batch_key`` (None: this
+    task trains alone) to one ``local_updates`` call, which must return what ``local_update``
+    returns task after task, each task with its own seeded generator."""
+
+    def batch_key(self, task: Task, ctx: DeviceContext) -> Hashable | None: ...
+
+    def local_updates(
+        self, tasks: Sequence[Task], state: State, datas: Sequence[LocalData], generators: Sequence[torch.Generator],
+        ctx: DeviceContext,
+    ) -> list[Update]: ...
+
+
 def deployed_model(method: object, state: State, model: nn.Module) -> nn.Module:
     """The model a run logs: the method's own choice (``Deploys``), else the full model."""
     if isinstance(method, Deploys):
@@ -70,4 +88,4 @@ def deployed_model(method: object, state: State, model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["Attaches", "Deploys", "HasPolicy", "NeedsSplitServer", "PlanNotes", "Prepares", "SubModelKnob", "deployed_model"]
+__all__ = ["Attaches", "BatchesClients", "Deploys", "HasPolicy", "NeedsSplitServer", "PlanNotes", "Prepares", "SubModelKnob", "deployed_model"]

@@ -23,6 +23,9 @@ class FedProx(FedAvg):
     Config = FedProxConfig
     cfg: FedProxConfig
 
+    def prox_mu(self) -> float:
+        return self.cfg.mu
+
     def extra_loss(self, state: State) -> Callable[[nn.Module], torch.Tensor]:
         mu = self.cfg.mu
         anchors: dict[str, torch.Tensor] = {}

@@ -11,9 +11,11 @@ the throttle mode:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,10 +28,22 @@ from flexray.fleet import placement
 from flexray.fleet.fleet import ActorSpec, Device, derive_seed
 from flexray.fleet.report import DeviceReport, RoundRequest
 from flexray.methods.base import DeviceContext
+from flexray.methods.capabilities import BatchesClients
 from flexray.models import state_bytes
 from flexray.protocol import DeviceView, State, Task, Update, energy_j, predict_times
+from flexray.runtime.compute import clients_per_stack, compute_device, on_device
 from flexray.runtime.job import Job
 from flexray.runtime.split_server import make_port
+
+
+@dataclass(frozen=True)
+class _Started:
+    """A task about to train: its device, its view (speed now, deadline), the predicted time, its seed."""
+
+    dev: Device
+    view: DeviceView
+    predicted: float
+    seed: int
 
 
 class DeviceHost:
@@ -38,11 +52,13 @@ class DeviceHost:
     def __init__(self, cfg: JobConfig, spec: ActorSpec, devices: Sequence[Device], dataset: Dataset) -> None:
         torch.set_num_threads(max(1, int(spec.num_cpus)))
         self.cfg, self.spec = cfg, spec
+        self.compute = compute_device(cfg.fleet.compute_device, spec.num_gpus)
+        self.chunk = clients_per_stack(cfg.fleet.batch_clients, self.compute)
         job = Job(cfg, dataset, list(devices))  # the same assembly as the driver's, for these devices
         self.devices = {d.id: d for d in devices}
-        self.data = {d.id: job.local_data(d) for d in devices}
+        self.data = {d.id: on_device(job.local_data(d), self.compute) for d in devices}  # moved once, used every round
         self.method = job.method()
-        self.ctx = DeviceContext(job.model)
+        self.ctx = DeviceContext(job.model, self.compute)
         self.ctx.model()  # built now: inside the first task it would draw from that task's seeded RNG
         self.model_profile = job.model_profile
         self.node = _node_id()
@@ -55,12 +71,25 @@ class DeviceHost:
         return {"pid": os.getpid(), "node": self.node, "devices": list(self.devices)}
 
     def run_round(self, req: RoundRequest, state: State) -> tuple[list[DeviceReport], list[Update]]:
-        """Train every task of this actor; pre-sum accepted updates when the method allows."""
+        """Train every task of this actor (same-shaped ones stacked, ``fleet.batch_clients``);
+        pre-sum accepted updates when the method allows."""
         shipped = state_bytes(state)
+        done: dict[int, tuple[DeviceReport, Update | None]] = {}
+        stacks: dict[Hashable, list[int]] = {}
+        for i, task in enumerate(req.tasks):
+            key = self._batch_key(req, task)
+            if key is None:
+                done[i] = self._run_task(req, task, state, shipped)
+            else:
+                stacks.setdefault(key, []).append(i)
+        for members in stacks.values():  # every task is seeded by its device: the order does not matter
+            for start in range(0, len(members), self.chunk):
+                part = members[start : start + self.chunk]
+                done.update(zip(part, self._run_stack(req, [req.tasks[i] for i in part], state, shipped)))
         reports: list[DeviceReport] = []
         accepted: list[Update] = []
-        for task in req.tasks:
-            report, update = self._run_task(req, task, state, shipped)
+        for i in range(len(req.tasks)):
+            report, update = done[i]
             reports.append(report)
             if update is not None:
                 accepted.append(update)
@@ -68,33 +97,66 @@ class DeviceHost:
             accepted = [self.method.combine(accepted)]
         return reports, accepted
 
-    def _run_task(self, req: RoundRequest, task: Task, state: State, shipped: int) -> tuple[DeviceReport, Update | None]:
-        dev = self.devices[task.device]
-        data = self.data[task.device]
-        speed = dev.trace.speed(req.start_s)
-        view = DeviceView(dev.id, dev.profile, speed, len(data), req.deadline_s)
-        throttle = self.cfg.fleet.throttle
-        deadline = req.deadline_s if req.drop_stragglers else None
+    def _batch_key(self, req: RoundRequest, task: Task) -> Hashable | None:
+        if self.chunk < 2 or req.server is not None or not isinstance(self.method, BatchesClients):
+            return None
+        return self.method.batch_key(task, self.ctx)
 
+    def _run_task(self, req: RoundRequest, task: Task, state: State, shipped: int) -> tuple[DeviceReport, Update | None]:
+        pre = self._start(req, task)
+        if isinstance(pre, DeviceReport):
+            return pre, None
+        self.ctx.seed(pre.seed)
+        self.ctx.device = pre.view
+        port = self.ctx.server = make_port(req.server, task.device) if req.server is not None else None
+        t0 = time.perf_counter()
+        try:
+            update = self.method.local_update(task, state, self.data[task.device], self.ctx)
+        finally:
+            self.ctx.server = None
+        return self._finish(req, task, state, pre, update, time.perf_counter() - t0, shipped, port)
+
+    def _run_stack(self, req: RoundRequest, tasks: list[Task], state: State, shipped: int) -> list[tuple[DeviceReport, Update | None]]:
+        """Tasks of one shape trained together; each keeps the generator its device's seed gives,
+        so the updates equal ``_run_task``'s. The chunk's wall time is shared evenly."""
+        assert isinstance(self.method, BatchesClients)
+        pres = [self._start(req, t) for t in tasks]
+        out: dict[int, tuple[DeviceReport, Update | None]] = {
+            i: (p, None) for i, p in enumerate(pres) if isinstance(p, DeviceReport)}
+        live = [(i, p) for i, p in enumerate(pres) if not isinstance(p, DeviceReport)]
+        if live:
+            gens = [torch.Generator().manual_seed(p.seed) for _, p in live]
+            self.ctx.device = None
+            t0 = time.perf_counter()
+            updates = self.method.local_updates(
+                [tasks[i] for i, _ in live], state, [self.data[tasks[i].device] for i, _ in live], gens, self.ctx)
+            wall = (time.perf_counter() - t0) / len(live)
+            for (i, p), update in zip(live, updates):
+                out[i] = self._finish(req, tasks[i], state, p, update, wall, shipped)
+        return [out[i] for i in range(len(tasks))]
+
+    def _start(self, req: RoundRequest, task: Task) -> _Started | DeviceReport:
+        """The task's device, cost and seed, or the report of a sure straggler (not trained)."""
+        dev = self.devices[task.device]
+        speed = dev.trace.speed(req.start_s)
+        view = DeviceView(dev.id, dev.profile, speed, len(self.data[task.device]), req.deadline_s)
+        deadline = req.deadline_s if req.drop_stragglers else None
         cost = self.method.cost(task, view, self.model_profile)
         predicted = sum(predict_times(dev.profile, speed, cost.flops, cost.bytes_down, cost.bytes_up)) + cost.server_s
-        if throttle == "virtual" and deadline is not None and predicted > deadline:
+        if self.cfg.fleet.throttle == "virtual" and deadline is not None and predicted > deadline:
             # Virtual time is exact, so a sure straggler's training would be thrown away anyway.
             dl, comp, ul = predict_times(dev.profile, speed, cost.flops, cost.bytes_down, cost.bytes_up)
             rep = self._report(req, task, dev, speed, 0, cost.flops, 0.0, dl, comp, ul, cost.bytes_down, 0, {}, "straggler")
             rep.predicted_s = predicted
-            return rep, None
+            return rep
+        return _Started(dev, view, predicted, derive_seed(self.cfg.seed, req.round, task.device, req.draw))
 
-        self.ctx.seed(derive_seed(self.cfg.seed, req.round, task.device, req.draw))
-        self.ctx.device = view
-        port = self.ctx.server = make_port(req.server, task.device) if req.server is not None else None
-        t0 = time.perf_counter()
-        try:
-            update = self.method.local_update(task, state, data, self.ctx)
-        finally:
-            self.ctx.server = None
-        wall = time.perf_counter() - t0
-
+    def _finish(
+        self, req: RoundRequest, task: Task, state: State, pre: _Started, update: Update, wall: float, shipped: int,
+        port: Any = None,
+    ) -> tuple[DeviceReport, Update | None]:
+        """Simulated time and energy of a trained task, its status, and the update if kept."""
+        dev, speed, throttle = pre.dev, pre.view.speed, self.cfg.fleet.throttle
         flops = update.flops if update.flops is not None else update.samples * self.model_profile.train_flops_per_sample
         bytes_down = update.bytes_down if update.bytes_down is not None else shipped
         bytes_up = state_bytes(update.tensors)
@@ -121,7 +183,7 @@ class DeviceHost:
             req, task, dev, speed, update.samples, flops, wall, dl, comp, ul, bytes_down, bytes_up, update.metrics, status,
             server_s,
         )
-        report.note, report.predicted_s = note, predicted
+        report.note, report.predicted_s = note, pre.predicted
         return report, (update if status in ("ok", "late") else None)
 
     def _inject_faults(self, rnd: int, update: Update) -> None:
@@ -162,9 +224,13 @@ def _node_id() -> str:
 
 @dataclass(frozen=True)
 class ActorInputs:
-    """An actor's devices and the dataset, as object-store refs held by the driver for the job."""
+    """What an actor hosts for one job: object-store refs held by the driver for the job.
 
-    devices: ray.ObjectRef  # list[Device] of this actor
+    ``job`` tells a warm actor (kept from the driver's previous job, see ``release_actors``) that
+    it must rebuild its host."""
+
+    job: str
+    setup: ray.ObjectRef  # (JobConfig, ActorSpec, list[Device]) of this actor
     dataset: ray.ObjectRef  # Dataset, shared zero-copy by every actor on a node
 
 
@@ -172,24 +238,30 @@ class ActorInputs:
 class DeviceActor:
     """The Ray actor around a :class:`DeviceHost`, built from its inputs on first use.
 
-    Its constructor takes no object-store refs, because Ray cannot promise to restart an actor
-    whose constructor arguments live in the object store (it logs an ERROR for every such actor,
-    ray-project/ray#53727). Every call brings the refs instead (nested in ``ActorInputs``, so
-    Ray does not resolve them per call); a fresh or restarted actor loads them once.
+    Its constructor takes only the label Ray shows, so one process can serve job after job of
+    the same devices (importing torch is most of an actor's start-up), and because Ray cannot
+    promise to restart an actor whose constructor arguments live in the object store
+    (ray-project/ray#53727). Every call brings the refs instead (nested in ``ActorInputs``, so Ray
+    does not resolve them per call); a fresh, restarted or reused actor loads them once per job.
     """
 
-    def __init__(self, cfg: JobConfig, spec: ActorSpec, names: tuple[str, ...]) -> None:
-        self.cfg, self.spec, self.names = cfg, spec, names
+    def __init__(self, label: str) -> None:
+        self.label = label
         self.host: DeviceHost | None = None
+        self.job = ""
 
     def _host(self, inputs: ActorInputs) -> DeviceHost:
-        if self.host is None:
-            devices, dataset = ray.get([inputs.devices, inputs.dataset])
-            self.host = DeviceHost(self.cfg, self.spec, devices, dataset)
+        if self.host is None or self.job != inputs.job:
+            self.host = None  # the previous job's models and data go before the next ones load
+            (cfg, spec, devices), dataset = ray.get([inputs.setup, inputs.dataset])
+            self.host, self.job = DeviceHost(cfg, spec, devices, dataset), inputs.job
         return self.host
 
     def __repr__(self) -> str:  # Ray shows it in logs, the dashboard and the state API
-        return f"DeviceActor({self.spec.label}: {','.join(self.names)[:200]})"
+        return f"DeviceActor({self.label[:200]})"
+
+    def ping(self) -> bool:
+        return True
 
     def info(self, inputs: ActorInputs) -> dict[str, object]:
         return self._host(inputs).info()
@@ -204,6 +276,7 @@ class DeviceActorHandle:
 
     actor: Any  # ray.actor.ActorHandle of DeviceActor
     inputs: ActorInputs
+    key: str = ""  # resource request and devices: a warm actor serves the next job whose key is equal
 
     def info(self) -> ray.ObjectRef:
         return self.actor.info.remote(self.inputs)
@@ -212,20 +285,91 @@ class DeviceActorHandle:
         return self.actor.run_round.remote(req, state, self.inputs)
 
 
+# Device actors of this driver's finished jobs, by resource request and devices, for its next job
+# inside ``warm_actors()`` (like Ray Tune's ``reuse_actors``). Only this process holds them.
+_WARM: dict[str, list[Any]] = {}
+_WARM_SESSION = [""]  # the Ray job id the warm actors belong to
+_SCOPES = [0]  # open ``warm_actors()`` blocks
+
+
+@contextlib.contextmanager
+def warm_actors() -> Iterator[None]:
+    """Keep device actors alive between the jobs run inside this block (a sweep, a benchmark, a
+    test session): the next job hosting the same devices with the same resources takes them
+    instead of starting processes that import torch again. They are killed when the block ends,
+    so they never hold the cluster's CPUs past it."""
+    _SCOPES[0] += 1
+    try:
+        yield
+    finally:
+        _SCOPES[0] -= 1
+        if not _SCOPES[0] and ray.is_initialized():
+            drop_warm()
+
+
+def _session() -> str:
+    return ray.get_runtime_context().get_job_id()
+
+
+def _take_warm(keys: list[str]) -> list[Any | None]:
+    """A live warm actor for each key where there is one (None elsewhere); every other warm
+    actor is killed, so the new job's actors find the CPUs they need."""
+    if _WARM_SESSION[0] != _session():
+        _WARM.clear()  # a new Ray session: the old handles went with the old one
+    taken = [_WARM[k].pop() if _WARM.get(k) else None for k in keys]
+    drop_warm()
+    pings = {i: h.ping.remote() for i, h in enumerate(taken) if h is not None}
+    ready, _ = ray.wait(list(pings.values()), num_returns=len(pings), timeout=10) if pings else ([], [])
+    for i, ref in pings.items():  # a warm actor whose node left, or that is restarting, is replaced
+        ok = ref in ready
+        if ok:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError:
+                ok = False
+        if not ok:
+            ray.kill(taken[i])
+            taken[i] = None
+    return taken
+
+
+def release_actors(actors: list[tuple[ActorSpec, Any]], ok: bool) -> None:
+    """End a job's actors: inside ``warm_actors()`` the device actors of a job that ended ``ok``
+    wait for the next job; everything else (tile actors, any actor of a failed job) is killed."""
+    for _, handle in actors:
+        if ok and _SCOPES[0] and isinstance(handle, DeviceActorHandle):
+            _WARM_SESSION[0] = _session()
+            _WARM.setdefault(handle.key, []).append(handle.actor)
+        else:
+            ray.kill(handle.actor if isinstance(handle, DeviceActorHandle) else handle)
+
+
+def drop_warm() -> None:
+    """Kill the warm actors (before this process shuts its Ray session down)."""
+    for h in (h for hs in _WARM.values() for h in hs):
+        ray.kill(h)
+    _WARM.clear()
+
+
 def start_actors(
     cfg: JobConfig, specs: list[ActorSpec], devices: list[Device], dataset: Dataset
 ) -> tuple[list[tuple[ActorSpec, Any]], Any]:
-    """Create the actors without waiting: they import torch and load data while the driver
-    sets up MLflow. ``wait_ready`` surfaces their start-up errors before the first round."""
+    """Create the actors (or take warm ones) without waiting: they import torch and load data
+    while the driver sets up MLflow. ``wait_ready`` surfaces their start-up errors before the
+    first round."""
     placement.check_placement(specs)  # fail fast, naming the fix, instead of waiting forever
+    labels = [f"{s.label}: {','.join(devices[i].name for i in s.devices)}" for s in specs]
+    keys = [f"{sorted(placement.actor_options(s).items())!r} {label}" for s, label in zip(specs, labels)]
+    warm = _take_warm(keys)
+    job = uuid.uuid4().hex
     data_ref = ray.put(dataset)  # once; actors on this node read it zero-copy
     actors = []
-    for s in specs:
+    for s, label, key, actor in zip(specs, labels, keys, warm):
         hosted = [devices[i] for i in s.devices]
-        inputs = ActorInputs(ray.put(hosted), data_ref)
-        handle = DeviceActor.options(**placement.actor_options(s), max_restarts=3).remote(
-            cfg, s, tuple(d.name for d in hosted))
-        actors.append((s, DeviceActorHandle(handle, inputs)))
+        inputs = ActorInputs(job, ray.put((cfg, s, hosted)), data_ref)
+        if actor is None:
+            actor = DeviceActor.options(**placement.actor_options(s), max_restarts=3).remote(label)
+        actors.append((s, DeviceActorHandle(actor, inputs, key)))
         actors[-1][1].info()  # start loading now; wait_ready's call queues behind it
     return actors, data_ref  # the handles hold their refs for the job: a restarted actor reloads from them
 

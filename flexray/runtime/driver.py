@@ -21,12 +21,13 @@ from tqdm import tqdm
 from flexray import phases
 from flexray.config import JobConfig, flatten
 from flexray.errors import FlexrayError
-from flexray.fleet.fleet import ActorSpec
+from flexray.fleet.fleet import ActorSpec, assign_actors
+from flexray.fleet.placement import check_local_gpus
 from flexray.methods.base import Method
 from flexray.methods.capabilities import NeedsSplitServer, deployed_model
-from flexray.runtime.actor import DeviceActorHandle, wait_ready
+from flexray.runtime.actor import drop_warm, release_actors, wait_ready
 from flexray.runtime.engines import Engine, engine_for
-from flexray.runtime.job import Job
+from flexray.runtime.job import Job, local_gpus
 from flexray.runtime.rounds import RoundOutcome
 from flexray.runtime.split_server import start_split_server
 from flexray.tracking.callbacks import Callback, FitEnd, RoundEnd, tracking_callbacks
@@ -82,11 +83,8 @@ def ray_session(cfg: JobConfig) -> Iterator[None]:
     try:
         yield
     finally:
+        drop_warm()
         ray.shutdown()
-
-
-def _ray_actor(handle: Any) -> Any:
-    return handle.actor if isinstance(handle, DeviceActorHandle) else handle
 
 
 def _check_resume(cfg: JobConfig, saved: dict[str, Any]) -> None:
@@ -103,12 +101,14 @@ def run_job(cfg: JobConfig, resume: str | None = None, callbacks: Sequence[Callb
     round ends."""
     wall0 = time.perf_counter()
     job = Job.assemble(cfg)  # every refusal of the config happens here, before Ray
+    if not (ray.is_initialized() or cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
+        check_local_gpus(assign_actors(cfg, job.devices), local_gpus())  # a cluster is checked on joining
     engine = engine_for(job)  # the method names its engine; rounds unless it says otherwise
     phases.mark("data_and_fleet")
     with ThreadPoolExecutor(1) as pool:
         # MLflow's store set-up is Python work; Ray's start-up is mostly waiting: overlap them.
         tracker_future = pool.submit(Tracker, cfg, resume)
-        driving = False
+        driving = done = False
         try:
             with ray_session(cfg):
                 phases.mark("ray_init")
@@ -121,9 +121,9 @@ def run_job(cfg: JobConfig, resume: str | None = None, callbacks: Sequence[Callb
                     result, fit_end = _drive(job, resume, tracker, engine, actors, loop, wall0)
                     # The files need no cluster: write them while Ray shuts down.
                     finishing = pool.submit(_finish, tracker, loop, fit_end)
+                    done = True
                 finally:
-                    for _, handle in actors:
-                        ray.kill(_ray_actor(handle))
+                    release_actors(actors, ok=done)
             phases.mark("ray_shutdown")
             finishing.result()
             phases.mark("artifacts")

@@ -30,6 +30,11 @@ from flexray.models.profile import ModelProfile
 from flexray.protocol import DeviceProfile, LocalData
 
 
+def local_gpus() -> int:
+    """The GPUs a local Ray started on this machine gets: the CUDA devices torch sees."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 @dataclass
 class Job:
     """A resolved config with its data and devices (on an actor: only the devices it hosts)."""

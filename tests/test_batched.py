@@ -1,0 +1,91 @@
+"""Batched clients (``fleet.batch_clients``): devices of one shape trained stacked with
+torch.func equal client-after-client training, whatever the chunking; GPU shares in the fleet."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexray.config import MethodConfig
+from flexray.methods.base import LocalData, sgd_train
+from flexray.methods.batched import batched_sgd_train, why_not_batched
+from flexray.models import build_model
+from flexray.runtime.compute import clients_per_stack
+from tests.conftest import host_round
+
+SIZES = (37, 20, 64, 9)  # unequal: different step counts and short last batches
+
+
+def _clients(shape: tuple[int, int, int], seed: int = 0) -> list[LocalData]:
+    g = torch.Generator().manual_seed(seed)
+    return [LocalData(torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g)) for n in SIZES]
+
+
+@pytest.mark.parametrize("name", ["cnn", "lenet"])
+@pytest.mark.parametrize("mu", [0.0, 0.1])
+def test_stacked_clients_equal_client_after_client(name: str, mu: float) -> None:
+    from flexray.config import ModelConfig
+
+    shape = (1, 8, 8)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name, width=8), shape, 10)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = MethodConfig(batch_size=16, lr=0.05, momentum=0.9, weight_decay=1e-4, local_epochs=2)
+    datas = _clients(shape)
+
+    alone = []
+    for i, data in enumerate(datas):
+        model.load_state_dict(start)
+        anchor = {n: start[n] for n, _ in model.named_parameters()}
+
+        def prox(m: torch.nn.Module) -> torch.Tensor:
+            return 0.5 * mu * sum(((p - anchor[n]) ** 2).sum() for n, p in m.named_parameters())
+
+        seen, loss = sgd_train(model, data, cfg, torch.Generator().manual_seed(100 + i), prox if mu else None)
+        alone.append(({k: v.clone() for k, v in model.state_dict().items()}, seen, loss))
+
+    model.load_state_dict(start)
+    stacked = batched_sgd_train(model, datas, cfg, [torch.Generator().manual_seed(100 + i) for i in range(len(datas))], mu)
+    worst = 0.0
+    for i, ((state, seen, loss), got) in enumerate(zip(alone, stacked)):
+        assert got.samples == seen == 2 * len(datas[i])
+        assert got.loss == pytest.approx(loss, abs=1e-5)
+        assert list(got.state) == list(state)
+        worst = max(worst, max(float((got.state[k] - state[k]).abs().max()) for k in state))
+    assert worst <= 1e-5, worst
+    assert any(float((stacked[0].state[k] - start[k]).abs().max()) > 1e-3 for k in start)  # it did train
+
+
+def test_models_that_couple_a_batch_train_alone() -> None:
+    from flexray.config import ModelConfig
+
+    assert why_not_batched(build_model(ModelConfig(name="cnn", width=8), (1, 8, 8), 10)) is None
+    reason = why_not_batched(build_model(ModelConfig(name="resnet8", width=8), (1, 8, 8), 10))
+    assert reason is not None and "BatchNorm2d" in reason
+
+
+def test_auto_stacks_on_cuda_only() -> None:
+    assert clients_per_stack("auto", torch.device("cpu")) == 1
+    assert clients_per_stack("auto", torch.device("cuda", 0)) == 64
+    assert clients_per_stack(3, torch.device("cpu")) == 3
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedprox", "fedbuff"])
+def test_an_actor_round_does_not_depend_on_the_chunking(method: str) -> None:
+    """The actor's own code path: one by one, stacks of 3 (a chunk of 3 and one of 1) and one
+    stack of all 4 give the same reports and updates."""
+    base = [f"method.name={method}", "model.name=lenet", "method.momentum=0.9"]
+    runs = {}
+    for chunk in (1, 3, 4):
+        torch.manual_seed(0)  # host_round's global model is drawn from torch's RNG
+        runs[chunk] = host_round([*base, f"fleet.batch_clients={chunk}"])
+    _, _, _, ref_reports, ref_updates = runs[1]
+    for chunk in (3, 4):
+        _, _, _, reports, updates = runs[chunk]
+        assert [r.status for r in reports] == [r.status for r in ref_reports]
+        assert [r.samples for r in reports] == [r.samples for r in ref_reports]
+        for a, b in zip(reports, ref_reports):
+            assert a.metrics["train_loss"] == pytest.approx(b.metrics["train_loss"], abs=1e-5)
+        assert len(updates) == len(ref_updates)
+        for a, b in zip(updates, ref_updates):
+            assert max(float((a.tensors[k] - b.tensors[k]).abs().max()) for k in a.tensors) <= 1e-5
