@@ -89,3 +89,44 @@ def test_an_actor_round_does_not_depend_on_the_chunking(method: str) -> None:
         assert len(updates) == len(ref_updates)
         for a, b in zip(updates, ref_updates):
             assert max(float((a.tensors[k] - b.tensors[k]).abs().max()) for k in a.tensors) <= 1e-5
+
+
+# ---------------------------------------------------------------- GPU settings (no Ray)
+
+QUICKSTART = "jobs/quickstart.yaml"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU for the local Ray")
+def test_plan_refuses_gpu_actors_on_a_machine_without_gpus(capsys: pytest.CaptureFixture[str]) -> None:
+    from flexray.cli import main
+
+    assert main(["plan", QUICKSTART, "--set", "fleet.num_gpus_per_actor=0.25"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("flexray: error: config error: fleet.num_gpus_per_actor: 2 actors x 0.25 GPU need 0.5 GPUs "
+                           "but this machine has 0; use 0 (CPU actors)"), line
+
+
+def test_cuda_without_a_gpu_share_is_a_config_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from flexray.cli import main
+
+    assert main(["plan", QUICKSTART, "--set", "fleet.compute_device=cuda"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "config error: fleet: compute_device: cuda needs a GPU share per actor; set fleet.num_gpus_per_actor" in line
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (benchmarks/gpu_check.sh)")
+@pytest.mark.parametrize("method", ["fedavg", "fedprox"])
+def test_cuda_actor_round_equals_the_cpu_one(method: str) -> None:
+    """An actor with a whole GPU trains there (one by one, and stacked) and returns CPU updates
+    equal to the CPU actor's to float tolerance."""
+    base = [f"method.name={method}", "model.name=lenet", "fleet.num_gpus_per_actor=1", "method.momentum=0.9"]
+    torch.manual_seed(0)
+    _, _, _, cpu_reports, cpu_updates = host_round([*base, "fleet.compute_device=cpu"])
+    for chunk in (1, 4):
+        torch.manual_seed(0)
+        _, _, _, reports, updates = host_round([*base, "fleet.compute_device=cuda", f"fleet.batch_clients={chunk}"])
+        assert [r.samples for r in reports] == [r.samples for r in cpu_reports]
+        for a, b in zip(updates, cpu_updates):
+            assert all(v.device.type == "cpu" for v in a.tensors.values())
+            assert max(float((a.tensors[k] - b.tensors[k]).abs().max()) for k in a.tensors) <= 1e-4

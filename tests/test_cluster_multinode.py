@@ -39,13 +39,14 @@ def _alive_node_with(resource: str) -> str | None:
     return next((n["NodeID"] for n in ray.nodes() if n["Alive"] and resource in n["Resources"]), None)
 
 
-def join_node(head: str, device: str, env: dict[str, str], num_cpus: int = 1) -> WorkerNode:
-    """Start a worker node with the operator's script, as a board would join."""
+def join_node(head: str, device: str, env: dict[str, str], num_cpus: int = 1, *extra: str) -> WorkerNode:
+    """Start a worker node with the operator's script, as a board would join (``extra``: more
+    ``ray start`` options, e.g. ``--num-gpus=1``)."""
     temp = Path("/tmp") / f"frx-{device}-{os.getpid()}"  # short: Ray's socket paths must stay < 108 chars
     ports = [f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
              f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
     cmd = ["bash", str(JOIN), head, device, "--num-cpus", str(num_cpus), "--",
-           f"--temp-dir={temp}", "--node-ip-address=127.0.0.1", *ports]
+           f"--temp-dir={temp}", "--node-ip-address=127.0.0.1", *ports, *extra]
     try:
         subprocess.run(cmd, check=True, env=env, capture_output=True, text=True, timeout=180)
         deadline = time.monotonic() + 60
@@ -59,17 +60,22 @@ def join_node(head: str, device: str, env: dict[str, str], num_cpus: int = 1) ->
     return WorkerNode(node, temp)
 
 
+def leave(node: WorkerNode, device: str) -> None:
+    """Stop a node joined by ``join_node`` and wait until the head marks it dead."""
+    stop_ray_node(node.temp_dir)
+    deadline = time.monotonic() + 30
+    while _alive_node_with(f"device:{device}") and time.monotonic() < deadline:
+        time.sleep(0.5)  # let the head mark it dead, so later tests see the head alone
+    shutil.rmtree(node.temp_dir, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def node_b(ray_cluster) -> Iterator[WorkerNode]:
     node = join_node(ray_cluster.address, "b", ray_cluster.env)
     try:
         yield node
     finally:
-        stop_ray_node(node.temp_dir)
-        deadline = time.monotonic() + 30
-        while _alive_node_with("device:b") and time.monotonic() < deadline:
-            time.sleep(0.5)  # let the head mark it dead, so later tests see the head alone
-        shutil.rmtree(node.temp_dir, ignore_errors=True)
+        leave(node, "b")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ray
 import torch
 
+from flexray.config import FleetConfig
 from flexray.protocol import LocalData
 
 
@@ -36,3 +37,9 @@ def clients_per_stack(setting: str | int, compute: torch.device) -> int:
 
 def on_device(data: LocalData, compute: torch.device) -> LocalData:
     return data if compute.type == "cpu" else LocalData(data.x.to(compute), data.y.to(compute))
+
+
+def driver_device(fleet: FleetConfig) -> torch.device:
+    """Where the driver evaluates: on CUDA when the fleet computes on GPUs and this process sees one."""
+    wants = fleet.compute_device == "cuda" or (fleet.compute_device == "auto" and fleet.num_gpus_per_actor > 0)
+    return torch.device("cuda", 0) if wants and torch.cuda.is_available() else torch.device("cpu")

@@ -27,6 +27,7 @@ from flexray.methods.base import Method
 from flexray.methods.capabilities import NeedsSplitServer, deployed_model
 from flexray.runtime.actor import drop_warm, release_actors, wait_ready
 from flexray.runtime.engines import Engine, engine_for
+from flexray.runtime.compute import driver_device
 from flexray.runtime.job import Job, local_gpus
 from flexray.runtime.rounds import RoundOutcome
 from flexray.runtime.split_server import start_split_server
@@ -144,7 +145,8 @@ def _drive(
     torch.manual_seed(cfg.seed)
     method = job.method()
     eval_model = job.model()
-    state = method.init(eval_model)
+    state = method.init(eval_model)  # the global weights stay on the CPU: that is what travels
+    eval_model.to(driver_device(cfg.fleet))  # evaluation runs where the actors compute, if this process can
     split_server = None
     test = job.test_data()
 
@@ -194,7 +196,7 @@ def _drive(
             for callback in callbacks:
                 callback.on_round_end(end)
         phases.mark("rounds")
-        fit_end = FitEnd(history, rows, deployed_model(method, state, eval_model), test.x[:2].numpy())
+        fit_end = FitEnd(history, rows, deployed_model(method, state, eval_model.cpu()), test.x[:2].numpy())
     except BaseException:
         tracker.set_terminated("FAILED")
         raise
