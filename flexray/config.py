@@ -203,6 +203,8 @@ class TrackingConfig(_Frozen):
 class ClusterConfig(_Frozen):
     address: str | None = Field(None, description="Ray address; default $RAY_ADDRESS or a local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray")
+    rejoin_timeout_s: float = Field(
+        300.0, ge=0, description="when no device can train because their nodes left: wait this long for one to rejoin")
 
 
 class JobConfig(_Frozen):

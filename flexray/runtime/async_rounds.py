@@ -79,12 +79,16 @@ class AsyncRounds(SyncRounds):
         while True:
             self.await_recovery()
             self._fill(rnd, clock)
+            if not self.flights and self.offline and not self._usable_now(clock):
+                self.await_rejoin(clock)  # only devices on nodes that left could train: wait for one
+                continue
             if not self.flights:
                 clock += self.cfg.rounds.idle_step_s  # nobody online: wait for someone
                 if clock - start > _GIVE_UP_S:
                     raise FlexrayError("rounds: no device came online for a simulated year; check the fleet's traces")
                 continue
             flight, reps, ups = self._land()
+            self.seen_on(reps)
             clock = max(clock, max((r.end_s for r in reps), default=flight.end_s))
             staleness = rnd - flight.version
             for r in reps:
@@ -96,7 +100,7 @@ class AsyncRounds(SyncRounds):
             new = self.arrivals.arrive(flight.version, self.states[flight.version], state, ups, staleness)
             self._forget_unused(rnd)
             if new is not None:
-                return new, RoundOutcome(reports, ups, clock - start, 0.0)
+                return new, RoundOutcome(reports, ups, clock - start, 0.0, self.take_lost())
 
     def _fill(self, version: int, clock: float) -> None:
         busy = {f.device for f in self.flights}
@@ -162,6 +166,9 @@ class AsyncRounds(SyncRounds):
             keep = any(r.status in ("ok", "late") for r in reps)
             ups = ups + list(ray.get(self.split_server.finish.remote(f.device, keep)))
         return f, reps, ups
+
+    def _usable_now(self, clock: float) -> bool:
+        return any(d.trace.available(clock) and self.usable(d.id) for d in self.devices.values())
 
     def _forget_unused(self, current: int) -> None:
         live = {f.version for f in self.flights} | {current}

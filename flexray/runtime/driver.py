@@ -29,7 +29,7 @@ from flexray.runtime.actor import drop_warm, release_actors, wait_ready
 from flexray.runtime.engines import Engine, engine_for
 from flexray.runtime.compute import driver_device
 from flexray.runtime.job import Job, local_gpus
-from flexray.runtime.rounds import RoundOutcome
+from flexray.runtime.rounds import NodesLeft, RoundOutcome
 from flexray.runtime.split_server import start_split_server
 from flexray.tracking.callbacks import Callback, FitEnd, RoundEnd, tracking_callbacks
 from flexray.tracking.mlflow_logger import Checkpoint, Tracker
@@ -172,8 +172,15 @@ def _drive(
         if resume:
             rounds.load_state_dict(engine_state)
         bar = tqdm(range(start, cfg.rounds.num), desc=cfg.name, unit="round", disable=not cfg.tracking.progress)
+        last_end: RoundEnd | None = None
         for rnd in bar:
-            state, out = rounds.step(rnd, clock, state)
+            try:
+                state, out = rounds.step(rnd, clock, state)
+            except NodesLeft as err:  # keep what is done: a checkpoint of the last round, then one line
+                if last_end is None:
+                    raise FlexrayError(f"{err} (no round had finished: run it again)") from None
+                tracker.save_checkpoint(last_end.snapshot())
+                raise FlexrayError(f"{err} with: flexray run CONFIG --resume {tracker.run_id}") from None
             clock += out.duration_s
             energy += sum(r.energy_j for r in out.reports)
             metrics = _round_metrics(out, clock, energy, wall_before + time.perf_counter() - wall0)
@@ -192,7 +199,7 @@ def _drive(
                     config=cfg.model_dump(mode="json"),
                 )
 
-            end = RoundEnd(rnd + 1, last, metrics, new_rows, snapshot)
+            end = last_end = RoundEnd(rnd + 1, last, metrics, new_rows, snapshot)
             for callback in callbacks:
                 callback.on_round_end(end)
         phases.mark("rounds")
@@ -240,6 +247,7 @@ def _round_metrics(out: RoundOutcome, clock: float, energy: float, wall: float) 
         "energy_j": energy, "round_energy_j": sum(r.energy_j for r in out.reports),
         "participants": float(len(kept)), "stragglers": float(out.count("straggler", "late")),
         "lost": float(out.count("lost")), "rejected": float(out.count("rejected")), "failed": float(out.count("failed")),
+        "offline": float(out.count("offline")), "nodes_lost": float(out.nodes_lost),
         "bytes_up": float(sum(r.bytes_up for r in out.reports)),
         "bytes_down": float(sum(r.bytes_down for r in out.reports)),
     }

@@ -13,6 +13,7 @@ import numpy as np
 import ray
 
 from flexray.config import JobConfig
+from flexray.errors import FlexrayError
 from flexray.fleet.fleet import ActorSpec, Device, derive_seed
 from flexray.fleet.report import DeviceReport, RoundRequest
 from flexray.methods.base import Method
@@ -28,9 +29,15 @@ class RoundOutcome:
     updates: list[Update]
     duration_s: float  # simulated, incl. server time
     server_s: float
+    nodes_lost: int = 0  # Ray nodes that left since the previous round
 
     def count(self, *statuses: str) -> int:
         return sum(r.status in statuses for r in self.reports)
+
+
+class NodesLeft(FlexrayError):
+    """No device can train: every one that could is on a node that left, and none came back in
+    ``cluster.rejoin_timeout_s``. The driver checkpoints the last round before it stops."""
 
 
 def target_count(cfg: JobConfig, n_available: int) -> int:
@@ -64,32 +71,81 @@ class SyncRounds:
         self.actor_of = {dev: i for i, (spec, _) in enumerate(self.actors) for dev in spec.devices}
         self.down: set[int] = set()  # actors that died mid-task and are being restarted by Ray
         self.dead: set[int] = set()  # actors out of restarts: their devices are gone for good
+        self.offline: set[int] = set()  # actors whose node left: Ray restarts them when a node fits again
+        self.node_of: dict[int, str] = {}  # actor -> the node it last ran on
+        self.lost_nodes: set[str] = set()
+        self.lost_now = 0
         self.own_policy = Arrivals(method.policy(), method) if isinstance(method, HasPolicy) else None
 
     def _actor_failed(self, device: int, err: Exception) -> None:
-        self.down.add(self.actor_of[device])  # await_recovery's probe tells restarting from dead
+        self.down.add(self.actor_of[device])  # await_recovery's probe tells restarting from dead or offline
 
     def await_recovery(self, timeout_s: float = 300.0) -> None:
-        """Wait for restarting actors before handing them work (Ray rejects calls meanwhile)."""
-        for idx in sorted(self.down):
+        """Before handing out work: an actor that crashed on a live node is waited for (Ray
+        restarts it in seconds); one whose node left goes offline until a node with its resources
+        joins and Ray restarts it there (``check_nodes``)."""
+        self.lost_now += self.check_nodes()
+        for idx in sorted(self.down - self.offline):
             handle = self.actors[idx][1]
             deadline = time.monotonic() + timeout_s
             while True:
+                if self._node_left(idx):
+                    self.offline.add(idx)
+                    break
                 try:
-                    ray.get(handle.info())
+                    ray.get(handle.info(), timeout=2.0)
                     break
                 except ray.exceptions.ActorDiedError:
                     self.dead.add(idx)
                     break
-                except ray.exceptions.ActorUnavailableError:
+                except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
                     if time.monotonic() > deadline:
                         self.dead.add(idx)
                         break
                     time.sleep(0.2)
         self.down.clear()
+        self.lost_now += self.check_nodes()
+
+    def check_nodes(self) -> int:
+        """Mark the actors of nodes that left offline, bring back the offline ones that answer
+        again (restarted on a rejoined node); returns how many nodes left since the last call."""
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        before = len(self.lost_nodes)
+        for idx, node in self.node_of.items():
+            if node and node not in alive and idx not in self.dead:
+                self.offline.add(idx)
+                self.lost_nodes.add(node)
+        for idx in sorted(self.offline):  # a rejoined node has a new id: ask the actor where it runs now
+            try:
+                info = ray.get(self.actors[idx][1].info(), timeout=1.0)
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                continue
+            except ray.exceptions.RayActorError:
+                self.offline.discard(idx)
+                self.dead.add(idx)
+                continue
+            self.offline.discard(idx)
+            self.node_of[idx] = str(info["node"])
+        return len(self.lost_nodes) - before
+
+    def take_lost(self) -> int:
+        """Nodes lost since the last round closed (the ``nodes_lost`` metric)."""
+        lost, self.lost_now = self.lost_now, 0
+        return lost
+
+    def seen_on(self, reports: Sequence[DeviceReport]) -> None:
+        """Remember where each actor ran, to tell when its node leaves."""
+        for r in reports:
+            if r.node and r.status != "offline":
+                self.node_of[self.actor_of[r.device]] = r.node
+
+    def _node_left(self, idx: int) -> bool:
+        node = self.node_of.get(idx)
+        return bool(node) and node not in {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
 
     def usable(self, device: int) -> bool:
-        return self.actor_of[device] not in self.dead
+        actor = self.actor_of[device]
+        return actor not in self.dead and actor not in self.offline
 
     def step(self, rnd: int, clock_s: float, state: State) -> tuple[State, RoundOutcome]:
         out = self.run(rnd, clock_s, state)
@@ -106,6 +162,10 @@ class SyncRounds:
     def run(self, rnd: int, clock_s: float, state: State) -> RoundOutcome:
         self.await_recovery()
         available = [d for d in self.devices.values() if d.trace.available(clock_s) and self.usable(d.id)]
+        if not available and self.offline:
+            available = self.await_rejoin(clock_s)
+        offline = [self.offline_report(rnd, clock_s, d) for d in self.devices.values()
+                   if d.trace.available(clock_s) and self.actor_of[d.id] in self.offline]
         chosen = sample_devices(self.cfg, rnd, available)
         target = target_count(self.cfg, len(available))
         deadline = self.cfg.rounds.deadline_s
@@ -129,7 +189,7 @@ class SyncRounds:
             ))
             for a, ts in sorted(per_actor.items())
         ]
-        reports: list[DeviceReport] = []
+        reports: list[DeviceReport] = list(offline)
         updates: list[Update] = []
         for ts, future in calls:
             try:
@@ -140,6 +200,7 @@ class SyncRounds:
                 reps, ups = [self.failed(rnd, clock_s, t.device, type(err).__name__) for t in ts], []
             reports.extend(reps)
             updates.extend(self.screen(reps, ups, state, planned))
+        self.seen_on(reports)
         reports.sort(key=lambda r: r.device)
         if not presum:
             updates = keep_first(reports, updates, target)
@@ -165,6 +226,27 @@ class SyncRounds:
                     r.status, r.note = "rejected", reason
         return kept
 
+    def await_rejoin(self, clock_s: float) -> list[Device]:
+        """Nobody can train but devices on nodes that left: wait for a node to rejoin (their
+        actors restart there), up to ``cluster.rejoin_timeout_s``, then stop (``NodesLeft``)."""
+        limit = self.cfg.cluster.rejoin_timeout_s
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+            self.lost_now += self.check_nodes()
+            back = [d for d in self.devices.values() if d.trace.available(clock_s) and self.usable(d.id)]
+            if back:
+                return back
+        nodes = ", ".join(sorted(n[:8] for n in self.lost_nodes))
+        raise NodesLeft(f"cluster: every device that could train is on a node that left ({nodes}) and none rejoined "
+                        f"within cluster.rejoin_timeout_s={limit:g} s; start the nodes again, then resume the run")
+
+    def offline_report(self, rnd: int, clock_s: float, d: Device) -> DeviceReport:
+        node = self.node_of.get(self.actor_of[d.id], "")
+        rep = self.failed(rnd, clock_s, d.id, f"node {node[:8]} left; back when a node with its resources joins")
+        rep.status, rep.node = "offline", node
+        return rep
+
     def failed(self, rnd: int, clock_s: float, device: int, why: str) -> DeviceReport:
         d = self.devices[device]
         return DeviceReport(
@@ -183,15 +265,17 @@ class SyncRounds:
         if any(r.status == "straggler" for r in reports) and deadline is not None:
             clients_s = deadline
         else:
-            clients_s = max((r.end_s - clock_s for r in reports if r.status != "surplus"), default=0.0)
+            clients_s = max((r.end_s - clock_s for r in reports if r.status not in ("surplus", "offline")), default=0.0)
         n_params = sum(v.numel() for v in state.values())
         kept = sum(r.status in ("ok", "late") for r in reports)
         server_s = 2.0 * n_params * kept / self.server.flops  # one multiply-add per weight per update
         end = clock_s + clients_s
         for r in reports:  # participants idle (radio off) until the round closes
+            if r.status == "offline":
+                continue
             idle = max(0.0, end - r.end_s)
             r.energy_j += self.devices[r.device].profile.power_idle_w * idle
-        return RoundOutcome(reports, updates, clients_s + server_s, server_s)
+        return RoundOutcome(reports, updates, clients_s + server_s, server_s, self.take_lost())
 
 
 def keep_first(reports: list[DeviceReport], updates: list[Update], target: int) -> list[Update]:
