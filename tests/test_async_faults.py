@@ -135,7 +135,7 @@ def test_killed_device_actor_loses_its_round_then_restarts(ray_cluster, mlflow_u
     assert client.get_run(res.run_id).info.status == "FINISHED"
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("mode", ["sync", pytest.param("async", marks=pytest.mark.slow)])  # async: ~4 min
 def test_killed_driver_resumes_to_bit_identical_metrics(ray_cluster, mlflow_uri, tmp_path, mode):
     """SIGKILL the driver process mid-run, `flexray run --resume RUN_ID`, and end with exactly
     the metrics of an uninterrupted run (model, method state, clock, in-flight work restored)."""
