@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from mlflow.exceptions import MlflowException
 
 from flexray.config import JobConfig, flatten
 from flexray.errors import FlexrayError
@@ -143,7 +144,14 @@ class Tracker:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        return self.client.create_experiment(name, artifact_location=sqlite_artifact_root(self.uri))
+        try:
+            return self.client.create_experiment(name, artifact_location=sqlite_artifact_root(self.uri))
+        except MlflowException as err:
+            # Another driver created it meanwhile, or a slow server did and our retry of the same
+            # request was refused (seen under load with the 10 s request timeout): use it.
+            if err.error_code != "RESOURCE_ALREADY_EXISTS" or (exp := self.client.get_experiment_by_name(name)) is None:
+                raise
+            return exp.experiment_id
 
     # ---- logging
     def log_config(self, cfg: JobConfig, derived: Mapping[str, str] | None = None) -> None:
