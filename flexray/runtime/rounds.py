@@ -40,6 +40,10 @@ class NodesLeft(FlexrayError):
     ``cluster.rejoin_timeout_s``. The driver checkpoints the last round before it stops."""
 
 
+def _alive_nodes() -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+
+
 def target_count(cfg: JobConfig, n_available: int) -> int:
     """Updates a round wants: ``clients_per_round`` or ``fraction`` of the available devices."""
     return min(cfg.rounds.clients_per_round or math.ceil(cfg.rounds.fraction * n_available), n_available)
@@ -83,13 +87,15 @@ class SyncRounds:
     def await_recovery(self, timeout_s: float = 300.0) -> None:
         """Before handing out work: an actor that crashed on a live node is waited for (Ray
         restarts it in seconds); one whose node left goes offline until a node with its resources
-        joins and Ray restarts it there (``check_nodes``)."""
-        self.lost_now += self.check_nodes()
+        joins and Ray restarts it there (``_probe_offline``)."""
+        self.lost_now += self._mark_lost(_alive_nodes())
+        self._probe_offline()
         for idx in sorted(self.down - self.offline):
             handle = self.actors[idx][1]
             deadline = time.monotonic() + timeout_s
             while True:
-                if self._node_left(idx):
+                node = self.node_of.get(idx)
+                if node and node not in _alive_nodes():
                     self.offline.add(idx)
                     break
                 try:
@@ -104,21 +110,35 @@ class SyncRounds:
                         break
                     time.sleep(0.2)
         self.down.clear()
-        self.lost_now += self.check_nodes()
+        self.lost_now += self._mark_lost(_alive_nodes())  # a node found gone while waiting counts now
 
     def check_nodes(self) -> int:
         """Mark the actors of nodes that left offline, bring back the offline ones that answer
         again (restarted on a rejoined node); returns how many nodes left since the last call."""
-        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        lost = self._mark_lost(_alive_nodes())
+        self._probe_offline()
+        return lost
+
+    def _mark_lost(self, alive: set[str]) -> int:
+        """The actors last seen on a node that is not alive go offline; returns the nodes newly lost."""
         before = len(self.lost_nodes)
         for idx, node in self.node_of.items():
             if node and node not in alive and idx not in self.dead:
                 self.offline.add(idx)
                 self.lost_nodes.add(node)
-        for idx in sorted(self.offline):  # a rejoined node has a new id: ask the actor where it runs now
+        return len(self.lost_nodes) - before
+
+    def _probe_offline(self, timeout_s: float = 1.0) -> None:
+        """Ask every offline actor at once where it runs (a rejoined node has a new id); those that
+        answer within ``timeout_s`` are back, those Ray gave up on are dead."""
+        refs = {idx: self.actors[idx][1].info() for idx in sorted(self.offline)}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
+        for idx, ref in refs.items():
+            if ref not in ready:
+                continue
             try:
-                info = ray.get(self.actors[idx][1].info(), timeout=1.0)
-            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                info = ray.get(ref)
+            except ray.exceptions.ActorUnavailableError:
                 continue
             except ray.exceptions.RayActorError:
                 self.offline.discard(idx)
@@ -126,7 +146,6 @@ class SyncRounds:
                 continue
             self.offline.discard(idx)
             self.node_of[idx] = str(info["node"])
-        return len(self.lost_nodes) - before
 
     def take_lost(self) -> int:
         """Nodes lost since the last round closed (the ``nodes_lost`` metric)."""
@@ -138,10 +157,6 @@ class SyncRounds:
         for r in reports:
             if r.node and r.status != "offline":
                 self.node_of[self.actor_of[r.device]] = r.node
-
-    def _node_left(self, idx: int) -> bool:
-        node = self.node_of.get(idx)
-        return bool(node) and node not in {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
 
     def usable(self, device: int) -> bool:
         actor = self.actor_of[device]
