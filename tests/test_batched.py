@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexray.config import MethodConfig
+from flexray.cli import main
+from flexray.config import MethodConfig, ModelConfig
 from flexray.methods.base import LocalData, sgd_train
 from flexray.methods.batched import batched_sgd_train, why_not_batched
 from flexray.models import build_model
@@ -21,11 +22,10 @@ def _clients(shape: tuple[int, int, int], seed: int = 0) -> list[LocalData]:
     return [LocalData(torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g)) for n in SIZES]
 
 
-@pytest.mark.parametrize("name", ["cnn", "lenet"])
-@pytest.mark.parametrize("mu", [0.0, 0.1])
+@pytest.mark.parametrize(("name", "mu"), [("cnn", 0.0), ("cnn", 0.1), ("lenet", 0.0), ("lenet", 0.1), ("resnet8", 0.0), ("vit", 0.1)])
 def test_stacked_clients_equal_client_after_client(name: str, mu: float) -> None:
-    from flexray.config import ModelConfig
-
+    """Plain and proximal SGD; BatchNorm (resnet8: per-client batch statistics and running
+    statistics) and LayerNorm (vit) included."""
     shape = (1, 8, 8)
     torch.manual_seed(0)
     model = build_model(ModelConfig(name=name, width=8), shape, 10)
@@ -45,7 +45,8 @@ def test_stacked_clients_equal_client_after_client(name: str, mu: float) -> None
         alone.append(({k: v.clone() for k, v in model.state_dict().items()}, seen, loss))
 
     model.load_state_dict(start)
-    stacked = batched_sgd_train(model, datas, cfg, [torch.Generator().manual_seed(100 + i) for i in range(len(datas))], mu)
+    stacked = batched_sgd_train(model, datas, cfg, [torch.Generator().manual_seed(100 + i) for i in range(len(datas))],
+                                prox_mu=mu)
     worst = 0.0
     for i, ((state, seen, loss), got) in enumerate(zip(alone, stacked)):
         assert got.samples == seen == 2 * len(datas[i])
@@ -56,12 +57,11 @@ def test_stacked_clients_equal_client_after_client(name: str, mu: float) -> None
     assert any(float((stacked[0].state[k] - start[k]).abs().max()) > 1e-3 for k in start)  # it did train
 
 
-def test_models_that_couple_a_batch_train_alone() -> None:
-    from flexray.config import ModelConfig
-
-    assert why_not_batched(build_model(ModelConfig(name="cnn", width=8), (1, 8, 8), 10)) is None
-    reason = why_not_batched(build_model(ModelConfig(name="resnet8", width=8), (1, 8, 8), 10))
-    assert reason is not None and "BatchNorm2d" in reason
+def test_models_with_active_dropout_train_alone() -> None:
+    assert why_not_batched(build_model(ModelConfig(name="resnet8", width=8), (1, 8, 8), 10)) is None
+    assert why_not_batched(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.0))) is None
+    reason = why_not_batched(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5)))
+    assert reason is not None and "Dropout" in reason
 
 
 def test_auto_stacks_on_cuda_only() -> None:
@@ -70,25 +70,39 @@ def test_auto_stacks_on_cuda_only() -> None:
     assert clients_per_stack(3, torch.device("cpu")) == 3
 
 
-@pytest.mark.parametrize("method", ["fedavg", "fedprox", "fedbuff"])
+CHUNKED = {
+    "fedavg": [], "fedprox": [], "fedbuff": [],
+    "heterofl": ["method.scaler=false"],  # two rates among the 4 devices, masked classifier (the scaler x8 per layer makes a no-BN lenet diverge)
+    "fedrolex": ["method.masked_classifier=true", "method.scaler=false"],  # a rolled window
+    "fjord": ["method.distill=true", "method.local_epochs=2"],  # a width drawn per step and client, distilled
+    "flextrain": ["model.name=resnet8", "method.anchor=0.5"],  # depth prefixes with BatchNorm, student and anchor
+    "fedclass": ["model.name=resnet8"],  # FlexTrain's per-class FedAvg baseline: each class's own keys
+}
+
+
+@pytest.mark.parametrize("method", list(CHUNKED))
 def test_an_actor_round_does_not_depend_on_the_chunking(method: str) -> None:
     """The actor's own code path: one by one, stacks of 3 (a chunk of 3 and one of 1) and one
     stack of all 4 give the same reports and updates."""
-    base = [f"method.name={method}", "model.name=lenet", "method.momentum=0.9"]
+    base = [f"method.name={method}", "model.name=lenet", "method.momentum=0.9", *CHUNKED[method]]
     runs = {}
     for chunk in (1, 3, 4):
         torch.manual_seed(0)  # host_round's global model is drawn from torch's RNG
         runs[chunk] = host_round([*base, f"fleet.batch_clients={chunk}"])
-    _, _, _, ref_reports, ref_updates = runs[1]
+    _, _, ref_tasks, ref_reports, ref_updates = runs[1]
+    assert len({t.spec for t in ref_tasks}) >= (2 if method in ("heterofl", "fedrolex", "fjord") else 1)
     for chunk in (3, 4):
         _, _, _, reports, updates = runs[chunk]
         assert [r.status for r in reports] == [r.status for r in ref_reports]
         assert [r.samples for r in reports] == [r.samples for r in ref_reports]
         for a, b in zip(reports, ref_reports):
             assert a.metrics["train_loss"] == pytest.approx(b.metrics["train_loss"], abs=1e-5)
+            assert b.metrics["train_loss"] < 10  # it trains (a diverging run compares nothing)
+            assert a.flops == pytest.approx(b.flops)
         assert len(updates) == len(ref_updates)
         for a, b in zip(updates, ref_updates):
-            assert max(float((a.tensors[k] - b.tensors[k]).abs().max()) for k in a.tensors) <= 1e-5
+            assert list(a.tensors) == list(b.tensors) and a.trained == b.trained and a.bytes_down == b.bytes_down
+            assert max(float((a.tensors[k].float() - b.tensors[k].float()).abs().max()) for k in a.tensors) <= 1e-5
 
 
 # ---------------------------------------------------------------- GPU settings (no Ray)
@@ -98,8 +112,6 @@ QUICKSTART = "jobs/quickstart.yaml"
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU for the local Ray")
 def test_plan_refuses_gpu_actors_on_a_machine_without_gpus(capsys: pytest.CaptureFixture[str]) -> None:
-    from flexray.cli import main
-
     assert main(["plan", QUICKSTART, "--set", "fleet.num_gpus_per_actor=0.25"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("flexray: error: config error: fleet.num_gpus_per_actor: 2 actors x 0.25 GPU need 0.5 GPUs "
@@ -107,8 +119,6 @@ def test_plan_refuses_gpu_actors_on_a_machine_without_gpus(capsys: pytest.Captur
 
 
 def test_cuda_without_a_gpu_share_is_a_config_error(capsys: pytest.CaptureFixture[str]) -> None:
-    from flexray.cli import main
-
     assert main(["plan", QUICKSTART, "--set", "fleet.compute_device=cuda"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert "config error: fleet: compute_device: cuda needs a GPU share per actor; set fleet.num_gpus_per_actor" in line

@@ -11,7 +11,9 @@ import pytest
 from flexray.errors import FlexrayError
 from flexray.methods import _PATHS, method_class
 from flexray.methods.base import Method
-from flexray.methods.capabilities import Attaches, Deploys, HasPolicy, NeedsSplitServer, PlanNotes, Prepares
+from flexray.methods.capabilities import (
+    Attaches, BatchesClients, Deploys, HasPolicy, NeedsSplitServer, PlanNotes, Prepares,
+)
 from flexray.protocol import SubModel, SubModelKnob
 from flexray.runtime.assembly import parse_config
 from flexray.runtime.driver import run_job
@@ -21,7 +23,7 @@ from tests.conftest import job_tree
 from tests.test_async_policy import _heterofl, _slice_update
 
 CAPABILITIES = {"knob": SubModelKnob, "attaches": Attaches, "prepares": Prepares, "split_server": NeedsSplitServer,
-                "deploys": Deploys, "policy": HasPolicy, "plan_notes": PlanNotes}
+                "deploys": Deploys, "policy": HasPolicy, "plan_notes": PlanNotes, "batches": BatchesClients}
 
 
 def _caps(name: str, model: str = "cnn") -> set[str]:
@@ -40,12 +42,12 @@ def test_the_core_has_no_optional_hook() -> None:
 
 
 @pytest.mark.parametrize(("name", "expected"), [
-    ("fedavg", set()),
-    ("fedasync", {"policy"}),
-    ("fedbuff", {"policy"}),
-    ("heterofl", {"knob", "deploys"}),
-    ("fjord", {"knob", "deploys"}),
-    ("flextrain", {"knob", "deploys"}),
+    ("fedavg", {"batches"}),
+    ("fedasync", {"policy", "batches"}),
+    ("fedbuff", {"policy", "batches"}),
+    ("heterofl", {"knob", "deploys", "batches"}),
+    ("fjord", {"knob", "deploys", "batches"}),
+    ("flextrain", {"knob", "deploys", "batches"}),
     ("distreal", {"prepares"}),
     ("reft", {"prepares"}),
     ("splitfed", {"attaches", "split_server", "plan_notes"}),

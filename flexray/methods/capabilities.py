@@ -15,7 +15,7 @@ capability             what the runtime does with it                        who 
 ``Deploys``            the per-device model that is logged at the end       width methods, FlexTrain
 ``HasPolicy``          its own aggregation policy, in sync and async rounds FedAsync, FedBuff
 ``PlanNotes``          lines printed under ``flexray plan``'s table         SplitFed
-``BatchesClients``     trains same-shaped devices stacked (batch_clients)   FedAvg, FedProx, async
+``BatchesClients``     trains same-shaped devices stacked (batch_clients)   FedAvg, width, FlexTrain
 =====================  ===================================================  =========================
 """
 

@@ -38,7 +38,7 @@ class FedAvg(Method):
     ) -> list[Update]:
         model = ctx.model()
         model.load_state_dict(state)
-        results = batched_sgd_train(model, datas, self.cfg, generators, self.prox_mu())
+        results = batched_sgd_train(model, datas, self.cfg, generators, prox_mu=self.prox_mu())
         return [Update(r.state, weight=len(d), samples=r.samples, metrics={"train_loss": r.loss})
                 for r, d in zip(results, datas)]
 

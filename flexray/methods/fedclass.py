@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Literal
 
+import torch
 from pydantic import Field
 from torch import nn
 
@@ -88,3 +89,10 @@ class FedClass(FlexTrain):
     def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
         update = super().local_update(task, self.class_state(state, depth_of(task.spec)), data, ctx)
         return replace(update, weight=float(len(data)))
+
+    def local_updates(
+        self, tasks: Sequence[Task], state: State, datas: Sequence[LocalData], generators: Sequence[torch.Generator],
+        ctx: DeviceContext,
+    ) -> list[Update]:
+        updates = super().local_updates(tasks, self.class_state(state, depth_of(tasks[0].spec)), datas, generators, ctx)
+        return [replace(u, weight=float(len(d))) for u, d in zip(updates, datas)]

@@ -11,7 +11,7 @@ HeteroFL's and default off.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from contextlib import ExitStack
 from itertools import chain
 
@@ -21,7 +21,8 @@ from pydantic import Field
 from torch import nn
 from torch.func import functional_call
 
-from flexray.methods.base import DeviceContext, sgd_train
+from flexray.methods.base import DeviceContext, copy_state, sgd_train
+from flexray.methods.batched import StepLoss, Tensors
 from flexray.methods.width import WidthConfig, WidthMethod, rate_of
 from flexray.models import elastic
 from flexray.models.profile import state_bytes
@@ -84,6 +85,42 @@ class OrderedDropout(nn.Module):
         return weight * t * t * kl
 
 
+class StackedOrderedDropout(StepLoss):
+    """``OrderedDropout`` for stacked clients: each client draws its step's width ``p`` with its
+    own generator, and the clients that drew the same ``p`` run the width-``p`` architecture on
+    leading views of their stacked ``p_max`` weights (the teacher, if distilling, on all of them)."""
+
+    def __init__(self, od: OrderedDropout, temperature: float, weight: float) -> None:
+        super().__init__(od.base)
+        self.od, self.temperature, self.weight = od, temperature, weight
+
+    def draw(self, generator: torch.Generator) -> Hashable:
+        return self.od.rates[int(torch.randint(len(self.od.rates), (1,), generator=generator))]
+
+    def flops(self, variant: Hashable, rows: int) -> float:
+        p = float(variant)  # type: ignore[arg-type]
+        teacher = self.od.teacher_flops if self.od.distill and p < max(self.od.rates) else 0.0
+        return rows * (self.od.per_sample[p] + teacher)
+
+    def __call__(self, variant: Hashable, params: Tensors, buffers: Tensors, x: torch.Tensor, y: torch.Tensor,
+                 mask: torch.Tensor | None) -> torch.Tensor:
+        od, p = self.od, float(variant)  # type: ignore[arg-type]
+        if p == max(od.rates):
+            return super().__call__(variant, params, buffers, x, y, mask)
+        shapes, skeleton = od.shapes[p], od.skeletons[p]
+        views = {k: elastic.leading_view(v, shapes[k]) for k, v in (params | buffers).items()}
+        with elastic.mask_logits(skeleton, mask):
+            student = functional_call(skeleton, views, (x,))
+        loss = F.cross_entropy(student, y)
+        if od.distill:
+            with elastic.mask_logits(od.base, mask):
+                teacher = functional_call(od.base, ({k: v.detach() for k, v in params.items()}, buffers), (x,))
+            t = self.temperature
+            kl = F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher.detach() / t, 1), reduction="batchmean")
+            loss = loss + self.weight * t * t * kl
+        return loss
+
+
 class FjORD(WidthMethod):
     name = "fjord"
     Config = FjORDConfig
@@ -102,23 +139,31 @@ class FjORD(WidthMethod):
             train += teacher * sum(p < rate for p in rates) / len(rates)  # steps that ran a narrower width
         return train
 
+    def ordered_dropout(self, p_max: float, shape: tuple[int, ...], ctx: DeviceContext) -> OrderedDropout:
+        base = ctx.model(f"{self.name}:{p_max}", lambda: self.build(p_max))
+        rates = self.allowed(p_max)
+        skeletons = {p: ctx.model(f"{self.name}:{p}", lambda p=p: self.build(p)) for p in rates if p < p_max}
+        flops = {p: self.sub_profile(p, shape).train_flops_per_sample for p in rates}
+        teacher = self.sub_profile(p_max, shape).fwd_flops_per_sample
+        return OrderedDropout(base, skeletons, rates, ctx.generator, flops, teacher, self.cfg.distill)
+
     def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
         cfg = self.cfg
         p_max = rate_of(task.spec)
-        rates = self.allowed(p_max)
         sub = elastic.extract(state, self.index(p_max, task.round))
-        base = ctx.model(f"{self.name}:{p_max}", lambda: self.build(p_max))
-        base.load_state_dict(sub)
-        skeletons = {p: ctx.model(f"{self.name}:{p}", lambda p=p: self.build(p)) for p in rates if p < p_max}
-        shape = tuple(data.x.shape[1:])
-        flops = {p: self.sub_profile(p, shape).train_flops_per_sample for p in rates}
-        teacher = self.sub_profile(p_max, shape).fwd_flops_per_sample
-        od = OrderedDropout(base, skeletons, rates, ctx.generator, flops, teacher, cfg.distill)
+        od = self.ordered_dropout(p_max, tuple(data.x.shape[1:]), ctx)
+        od.base.load_state_dict(sub)
         labels = self.label_mask(data, state)
         extra = (lambda _m: od.distill_loss(cfg.temperature, cfg.distill_weight)) if cfg.distill else None
         with ExitStack() as stack:  # every width's classifier masks the labels the device lacks
-            for m in (base, *skeletons.values()):
+            for m in (od.base, *od.skeletons.values()):
                 stack.enter_context(elastic.mask_logits(m, labels))
             samples, loss = sgd_train(od, data, self.cfg, ctx.generator, extra)
-        return self.finish(base, labels, p_max, len(data), samples, od.flops, state_bytes(sub), loss)
+        return self.finish(copy_state(od.base), labels, p_max, len(data), samples, od.flops, state_bytes(sub), loss)
 
+    def sub_model(self, rate: float, rnd: int, ctx: DeviceContext) -> nn.Module:
+        return ctx.model(f"{self.name}:{rate}", lambda: self.build(rate))
+
+    def step_loss(self, model: nn.Module, rate: float, shape: tuple[int, ...], ctx: DeviceContext) -> StepLoss:
+        od = self.ordered_dropout(rate, shape, ctx)
+        return StackedOrderedDropout(od, self.cfg.temperature, self.cfg.distill_weight)

@@ -42,7 +42,7 @@ BN: the student shares the teacher's BN modules, so it updates their running sta
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import ClassVar, Literal
 
 import torch
@@ -55,6 +55,7 @@ from flexray.errors import FlexrayError
 from flexray.methods.base import (
     DeviceContext, Method, cast_like, check_tensors, evaluate_model, sgd_train, state_bytes, weighted_mean,
 )
+from flexray.methods.batched import StepLoss, batched_sgd_train, why_not_batched
 from flexray.models import depth, elastic
 from flexray.models.profile import ModelProfile, ProfileCache, training_memory_bytes
 from flexray.protocol import Cost, DeviceProfile, DeviceView, LocalData, State, SubModel, Task, Update
@@ -307,30 +308,55 @@ class FlexTrain(Method):
     def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
         if self.centralised:
             return self._centralised_update(state, data, ctx)
+        k, labels, model, keys = self._load(task, state, ctx)
+        teacher, student, anchor = self._nets(model, k, labels)
+        parts = list(dict.fromkeys(m for m in (teacher, student, anchor) if m is not None))
+        both = teacher if len(parts) == 1 else nn.ModuleList(parts)  # every head the loss uses
+        samples, loss = sgd_train(both, data, self.cfg, ctx.generator, batch_loss=self._loss(teacher, student, anchor))
+        trained = model.state_dict()
+        return self._update(task, {key: trained[key].detach().to("cpu", copy=True) for key in keys}, samples, loss, data)
+
+    # BatchesClients: the devices of one depth configuration share a shape (federated mode).
+    def batch_key(self, task: Task, ctx: DeviceContext) -> Hashable | None:
+        if self.centralised or why_not_batched(ctx.model(self.name)) is not None:
+            return None
+        return (depth_of(task.spec), task.spec.mode)
+
+    def local_updates(
+        self, tasks: Sequence[Task], state: State, datas: Sequence[LocalData], generators: Sequence[torch.Generator],
+        ctx: DeviceContext,
+    ) -> list[Update]:
+        k, labels, model, keys = self._load(tasks[0], state, ctx)
+        loss = StepLoss(model, self._loss(*self._nets(model, k, labels)))
+        results = batched_sgd_train(model, datas, self.cfg, generators, loss)
+        return [self._update(task, {key: r.state[key] for key in keys}, r.samples, r.loss, d)
+                for task, r, d in zip(tasks, results, datas)]
+
+    def _load(self, task: Task, state: State, ctx: DeviceContext) -> tuple[int, bool, nn.Module, list[str]]:
         k, labels = depth_of(task.spec), task.spec.mode == LABELS
         if k not in self.configs:
             raise FlexrayError(f"method {self.name}: depth configuration k={k} out of range 1..{self.max_k}")
         model = ctx.model(self.name)
         keys = self.update_keys(k, labels)
-        sub = {key: state[key] for key in keys}
-        model.load_state_dict(sub, strict=False)  # entries outside the prefix are never used
-        nets = {c: depth.depth_prefix(model, c) for c in self.trained_configs(k, labels)}  # at k = 2 student = anchor
-        teacher = nets[k]
-        student = nets[k - 1] if self.distills(k, labels) else None
-        anchor = nets[1] if self.anchors(k) else None
-        samples, loss = self._train(teacher, student, anchor, data, ctx.generator)
-        trained = model.state_dict()
-        tensors = {key: trained[key].detach().clone() for key in keys}
+        model.load_state_dict({key: state[key] for key in keys}, strict=False)  # entries outside the prefix are never used
+        return k, labels, model, keys
+
+    def _nets(self, model: nn.Module, k: int, labels: bool) -> tuple[nn.Module, nn.Module | None, nn.Module | None]:
+        """Teacher f_k, student f_{k-1} and anchor f_1 (at k = 2 the student is the anchor)."""
+        nets = {c: depth.depth_prefix(model, c) for c in self.trained_configs(k, labels)}
+        return nets[k], nets[k - 1] if self.distills(k, labels) else None, nets[1] if self.anchors(k) else None
+
+    def _update(self, task: Task, tensors: State, samples: int, loss: float, data: LocalData) -> Update:
+        k, labels = depth_of(task.spec), task.spec.mode == LABELS
         per_sample = self.flops_per_sample(k, tuple(data.x.shape[1:]), labels)
         return Update(
-            tensors, weight=1.0, samples=samples, flops=samples * per_sample, bytes_down=state_bytes(sub),
+            tensors, weight=1.0, samples=samples, flops=samples * per_sample, bytes_down=state_bytes(tensors),
             metrics={"train_loss": loss, "k": float(k)}, trained=SubModel(k=k, mode=task.spec.mode),
         )
 
-    def _train(
-        self, teacher: nn.Module, student: nn.Module | None, anchor: nn.Module | None, data: LocalData,
-        generator: torch.Generator,
-    ) -> tuple[int, float]:
+    def _loss(
+        self, teacher: nn.Module, student: nn.Module | None, anchor: nn.Module | None,
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """CE of configuration k plus beta * ||f_{k-1}(x) - stopgrad(f_k(x))||^2 (paper, eq. 4), plus
         ``anchor`` x CE of configuration 1 (flexray's option, off by default)."""
 
@@ -346,9 +372,7 @@ class FlexTrain(Method):
                 total = total + self.fcfg.anchor * F.cross_entropy(small, yb)
             return total
 
-        parts = list(dict.fromkeys(m for m in (teacher, student, anchor) if m is not None))
-        both = teacher if len(parts) == 1 else nn.ModuleList(parts)  # every head the loss uses
-        return sgd_train(both, data, self.cfg, generator, batch_loss=loss)
+        return loss
 
     def centralised_flops(self, k: int, input_shape: tuple[int, ...]) -> float:
         """Per-sample FLOPs of a centralised step at k: train f_k, forward the teacher f_{k+1}."""

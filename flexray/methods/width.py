@@ -12,7 +12,7 @@ Static rate assignment (the papers' capability tiers): ``rate`` forces one rate 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import ClassVar
 
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 from flexray.config import MethodConfig
 from flexray.errors import FlexrayError
 from flexray.methods.base import DeviceContext, Method, cast_like, check_tensors, copy_state, evaluate_model, sgd_train
+from flexray.methods.batched import StepLoss, batched_sgd_train, why_not_batched
 from flexray.models import elastic, slices
 from flexray.models.channels import channel_groups
 from flexray.models.profile import ModelProfile, ProfileCache, state_bytes, training_memory_bytes
@@ -139,8 +140,8 @@ class WidthMethod(Method):
         head = elastic.classifier_keys(self.full)
         if not self.wcfg.masked_classifier or not head:
             return None
-        mask = torch.zeros(state[head[0]].shape[0], dtype=torch.bool)
-        mask[data.y.unique()] = True
+        mask = torch.zeros(state[head[0]].shape[0], dtype=torch.bool)  # shipped: on the CPU
+        mask[data.y.unique().cpu()] = True
         return mask
 
     def _input_shape(self, profile: ModelProfile) -> tuple[int, ...]:
@@ -245,21 +246,51 @@ class WidthMethod(Method):
         """Train the task's sub-model with plain local SGD (HeteroFL, FedRolex)."""
         rate = rate_of(task.spec)
         sub = elastic.extract(state, self.index(rate, task.round))
-        model = ctx.model(f"{self.name}:{rate}", lambda: self.build(rate))
-        slices.rewire(self.full, model, rate, self.offset(task.round))
+        model = self.sub_model(rate, task.round, ctx)
         model.load_state_dict(sub)
         labels = self.label_mask(data, state)
         with elastic.mask_logits(model, labels):
             samples, loss = sgd_train(model, data, self.cfg, ctx.generator)
         per_sample = self.sub_profile(rate, tuple(data.x.shape[1:])).train_flops_per_sample
-        return self.finish(model, labels, rate, len(data), samples, samples * per_sample, state_bytes(sub), loss)
+        return self.finish(copy_state(model), labels, rate, len(data), samples, samples * per_sample, state_bytes(sub), loss)
+
+    def sub_model(self, rate: float, rnd: int, ctx: DeviceContext) -> nn.Module:
+        """The device's cached width-``rate`` model, its channel maps at this round's window."""
+        model = ctx.model(f"{self.name}:{rate}", lambda: self.build(rate))
+        slices.rewire(self.full, model, rate, self.offset(rnd))
+        return model
+
+    # BatchesClients: the devices of one rate (and, for FedRolex, one window) share a shape.
+    def batch_key(self, task: Task, ctx: DeviceContext) -> Hashable | None:
+        rate = rate_of(task.spec)
+        return (rate, self.offset(task.round)) if why_not_batched(self.sub_model(rate, task.round, ctx)) is None else None
+
+    def local_updates(
+        self, tasks: Sequence[Task], state: State, datas: Sequence[LocalData], generators: Sequence[torch.Generator],
+        ctx: DeviceContext,
+    ) -> list[Update]:
+        rate, rnd = rate_of(tasks[0].spec), tasks[0].round
+        sub = elastic.extract(state, self.index(rate, rnd))
+        model = self.sub_model(rate, rnd, ctx)
+        model.load_state_dict(sub)
+        labels = [self.label_mask(d, state) for d in datas]
+        masks = None if labels[0] is None else [m for m in labels if m is not None]
+        shape = tuple(datas[0].x.shape[1:])
+        results = batched_sgd_train(model, datas, self.cfg, generators, self.step_loss(model, rate, shape, ctx), masks=masks)
+        per_sample = self.sub_profile(rate, shape).train_flops_per_sample
+        return [self.finish(r.state, m, rate, len(d), r.samples, r.flops or r.samples * per_sample, state_bytes(sub), r.loss)
+                for r, m, d in zip(results, labels, datas)]
+
+    def step_loss(self, model: nn.Module, rate: float, shape: tuple[int, ...], ctx: DeviceContext) -> StepLoss:
+        """What one stacked step minimises (FjORD: a drawn width, maybe distilled)."""
+        return StepLoss(model)
 
     def finish(
-        self, model: nn.Module, labels: torch.Tensor | None, rate: float, weight: int, samples: int, flops: float,
+        self, state: State, labels: torch.Tensor | None, rate: float, weight: int, samples: int, flops: float,
         bytes_down: int, loss: float,
     ) -> Update:
         """The update a device sends: shipped entries of its sub-model, its labels, and its rate."""
-        tensors = {k: v for k, v in copy_state(model).items() if self.shipped(k)}
+        tensors = {k: v for k, v in state.items() if self.shipped(k)}
         if labels is not None:
             tensors[LABELS] = labels
         return Update(
