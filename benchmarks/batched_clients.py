@@ -1,12 +1,13 @@
 """Batched clients vs client after client, side by side in one run, on one compute device.
 
 W1: 20 devices x 250 CIFAR-10 images, all 20 every round. W2: 100 devices x 100 images, 10 per
-round. LeNet, FedAvg, 1 local epoch, batch 32, SGD lr 0.01 momentum 0.9. One device actor's own
+round. LeNet, FedAvg (or ``--method``: heterofl, fjord; flextrain on resnet8), 1 local epoch,
+batch 32, SGD lr 0.01 momentum 0.9. One device actor's own
 code path (``DeviceHost.run_round``, in this process, so the figure is the training lever
 without Ray's share) hosts every device; ``fleet.batch_clients`` is 1 (one by one) or the round's
 size (one stack). Steady round = median wall time of rounds 2..N.
 
-    python benchmarks/batched_clients.py [--device cpu|cuda] [--workloads W1,W2] [--rounds 5]
+    python benchmarks/batched_clients.py [--device cpu|cuda] [--workloads W1,W2] [--rounds 5] [--method fedavg]
 
 Prints one JSON line per workload (and appends it to benchmarks/results/batched_clients.jsonl
 with --save).
@@ -37,24 +38,27 @@ REPO = Path(__file__).resolve().parents[1]
 WORKLOADS = {"W1": (20, 250, 20), "W2": (100, 100, 10)}  # devices, images per device, devices per round
 
 
-def tree(devices: int, per_device: int, data: Path, device: str, chunk: int) -> dict:
+MODELS = {"flextrain": "resnet8"}  # depth prefixes need residual stages; the rest train LeNet
+
+
+def tree(devices: int, per_device: int, data: Path, device: str, chunk: int, method: str = "fedavg") -> dict:
     return {
         "name": "batched", "seed": 0,
         "data": {"name": "cifar10", "source": "npz", "path": str(data), "samples_per_device": per_device,
                  "test_samples": 100, "partition": {"kind": "iid"}},
-        "model": {"name": "lenet"},
+        "model": {"name": MODELS.get(method, "lenet")},
         "fleet": {"actors": 1, "groups": [{"profile": "phone_mid", "count": devices}], "batch_clients": chunk,
                   **({"compute_device": "cuda", "num_gpus_per_actor": 1} if device == "cuda" else {})},
-        "method": {"name": "fedavg", "local_epochs": 1, "batch_size": 32, "lr": 0.01, "momentum": 0.9},
+        "method": {"name": method, "local_epochs": 1, "batch_size": 32, "lr": 0.01, "momentum": 0.9},
         "rounds": {"num": 5},
         "tracking": {"uri": "sqlite:///unused.db", "progress": False},
     }
 
 
-def steady_round(workload: str, data: Path, device: str, chunk: int, rounds: int) -> tuple[float, float, int]:
+def steady_round(workload: str, data: Path, device: str, chunk: int, rounds: int, method: str) -> tuple[float, float, int]:
     """(steady round seconds, final train loss, peak GPU bytes) of one configuration."""
     devices, per_device, per_round = WORKLOADS[workload]
-    cfg = parse_config(tree(devices, per_device, data, device, chunk))
+    cfg = parse_config(tree(devices, per_device, data, device, chunk, method))
     ds = load_dataset(cfg.data)
     fleet = build_fleet(cfg, ds.y_train)
     torch.manual_seed(0)
@@ -86,15 +90,17 @@ def main() -> None:
     ap.add_argument("--workloads", default="W1")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "cifar10.npz")
+    ap.add_argument("--method", default="fedavg", choices=["fedavg", "fedprox", "heterofl", "fedrolex", "fjord", "flextrain"])
     ap.add_argument("--save", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     for workload in args.workloads.split(","):
         per_round = WORKLOADS[workload][2]
-        alone_s, alone_loss, alone_peak = steady_round(workload, args.data, args.device, 1, args.rounds)
-        stack_s, stack_loss, stack_peak = steady_round(workload, args.data, args.device, per_round, args.rounds)
+        alone_s, alone_loss, alone_peak = steady_round(workload, args.data, args.device, 1, args.rounds, args.method)
+        stack_s, stack_loss, stack_peak = steady_round(workload, args.data, args.device, per_round, args.rounds, args.method)
         line = {
-            "benchmark": "batched_clients", "workload": workload, "device": args.device,
+            "benchmark": "batched_clients", "workload": workload, "method": args.method,
+            "model": MODELS.get(args.method, "lenet"), "device": args.device,
             "devices_per_round": per_round, "rounds": args.rounds,
             "one_by_one_round_s": round(alone_s, 4), "batched_round_s": round(stack_s, 4),
             "speedup": round(alone_s / stack_s, 3),
