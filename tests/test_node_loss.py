@@ -30,7 +30,7 @@ ON_HEAD = {"profile": "laptop_cpu", "count": 2, "resources": {"device:a": 0.5}}
 def _tree(tmp_path: Path, groups: list[dict], rounds: int, **extra: object) -> dict:
     return job_tree(name="nodes", fleet__groups=groups, fleet__num_cpus_per_actor=0.5, model__width=8,
                     rounds__num=rounds, tracking__uri=f"sqlite:///{tmp_path}/mlflow.db", tracking__experiment="nodes",
-                    tracking__checkpoint_every=1, **extra)
+                    **{"tracking__checkpoint_every": 1, **extra})
 
 
 def _actors_alive_on(node_id: str, dashboard: str, count: int) -> bool:
@@ -45,12 +45,15 @@ class NodeSwitch(Callback):
     """Stops node c after round ``stop_after``; with ``rejoin_after``, starts a new node c after
     that round and waits until Ray has restarted the two pinned actors there."""
 
-    def __init__(self, node: WorkerNode, ray_cluster, stop_after: int, rejoin_after: int | None = None) -> None:
+    def __init__(self, node: WorkerNode, ray_cluster, stop_after: int, rejoin_after: int | None = None,
+                 pace_s: float = 0.0) -> None:
         self.node, self.cluster = node, ray_cluster
-        self.stop_after, self.rejoin_after = stop_after, rejoin_after
+        self.stop_after, self.rejoin_after, self.pace_s = stop_after, rejoin_after, pace_s
         self.nodes: list[WorkerNode] = [node]
 
     def on_round_end(self, end: RoundEnd) -> None:
+        if self.rejoin_after is not None and end.round > self.rejoin_after and end.metrics["offline"]:
+            time.sleep(self.pace_s)  # async versions take milliseconds; give restarted actors wall time to load
         if end.round == self.stop_after:
             leave(self.nodes[-1], "c")
         if end.round == self.rejoin_after:
@@ -118,3 +121,35 @@ def test_with_every_node_gone_the_run_stops_in_one_line_and_resumes(ray_cluster,
         leave(again, "c")
     assert [h["round"] for h in resumed.history] == [1, 2, 3]
     assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
+
+
+def test_async_rounds_report_a_lost_node_offline_and_take_its_devices_back(ray_cluster, tmp_path):
+    """The same loss in async rounds (one model version per arrival): flights on the lost node are
+    dropped, every version logs its devices offline, and once their actors have restarted on the
+    new node (and reloaded their data, which takes seconds: the callback paces versions meanwhile)
+    they fly again. All four devices are phones, so node c's devices land as often as the head's."""
+    switch = NodeSwitch(join_node(ray_cluster.address, "c", ray_cluster.env, 2), ray_cluster, stop_after=2,
+                        rejoin_after=5, pace_s=0.5)
+    head = {**ON_HEAD, "profile": "phone_mid"}
+    cfg = parse_config(_tree(tmp_path, [head, ON_C], rounds=60, rounds__mode="async", tracking__checkpoint_every=0))
+    try:
+        result = run_job(cfg, callbacks=[switch])
+    finally:
+        switch.stop()
+    history = result.history
+    assert len(history) == 60 and sum(h["nodes_lost"] for h in history) == 1
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rows = _events(uri, result.run_id, tmp_path)
+    on_c = {2, 3}  # the second group's devices
+    status = {(r["round"], r["device"]): (r["status"], r["node"]) for r in rows}
+    new_node = switch.nodes[-1].node_id
+    back = min((rnd for (rnd, d), (st, node) in status.items() if d in on_c and st == "ok" and node == new_node),
+               default=None)
+    assert back is not None, f"no device of node c trained on the new node: {sorted(status.items())}"
+    assert all(status[(rnd, d)][0] == "offline" for rnd in range(2, 6) for d in on_c)  # lost, not waited for
+    assert not any(st == "ok" and d in on_c for (rnd, d), (st, _) in status.items() if 2 <= rnd < back)
+    assert all(0.0 <= h["accuracy"] <= 1.0 for h in history)
+    assert MlflowClient(uri).get_run(result.run_id).info.status == "FINISHED"
+    offline = [rnd for (rnd, d), (st, _) in sorted(status.items()) if d == 2 and st == "offline"]
+    print(f"async node loss: versions {len(history)}, device 2 offline in versions {offline[0]}..{offline[-1]}, back in "
+          f"version {back}, accuracy {history[1]['accuracy']:.3f} -> {history[-1]['accuracy']:.3f}")

@@ -30,7 +30,7 @@ from flexray.methods.base import Method
 from flexray.methods.policy import Arrivals, AsyncPolicy, HasPolicy
 from flexray.models.profile import ModelProfile
 from flexray.protocol import DeviceView, State, SubModel, Task, Update, predict_times
-from flexray.runtime.rounds import RoundOutcome, SyncRounds
+from flexray.runtime.rounds import RoundOutcome, SyncRounds, alive_nodes
 
 _GIVE_UP_S = 365 * 86400.0  # a simulated year with no device online is a config problem
 
@@ -77,7 +77,8 @@ class AsyncRounds(SyncRounds):
         self.states[rnd] = state
         reports: list[DeviceReport] = []
         while True:
-            self.await_recovery()
+            self.await_recovery(probe_s=0.0)  # a device's every landing: never wait on a lost node here
+            self._drop_lost_flights()
             self._fill(rnd, clock)
             if not self.flights and self.offline and not self._usable_now(clock):
                 self.await_rejoin(clock)  # only devices on nodes that left could train: wait for one
@@ -100,6 +101,9 @@ class AsyncRounds(SyncRounds):
             new = self.arrivals.arrive(flight.version, self.states[flight.version], state, ups, staleness)
             self._forget_unused(rnd)
             if new is not None:
+                busy = {f.device for f in self.flights}  # each version logs the devices a lost node holds
+                reports.extend(self.offline_report(rnd, clock, d) for d in self.devices.values()
+                               if d.id not in busy and d.trace.available(clock) and self.actor_of[d.id] in self.offline)
                 return new, RoundOutcome(reports, ups, clock - start, 0.0, self.take_lost())
 
     def _fill(self, version: int, clock: float) -> None:
@@ -161,11 +165,27 @@ class AsyncRounds(SyncRounds):
             reps, ups = ray.get(f.future)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
             self._actor_failed(f.device, err)
-            reps, ups = [self.failed(f.version, f.start_s, f.device, type(err).__name__)], []
+            node = self.node_of.get(self.actor_of[f.device])
+            gone = node is not None and node not in alive_nodes()  # its node left: offline, not failed
+            dev = self.devices[f.device]
+            reps = [self.offline_report(f.version, f.start_s, dev) if gone
+                    else self.failed(f.version, f.start_s, f.device, type(err).__name__)]
+            ups = []
         if self.split_server is not None:  # the device's server part, when its work counts
             keep = any(r.status in ("ok", "late") for r in reps)
             ups = ups + list(ray.get(self.split_server.finish.remote(f.device, keep)))
         return f, reps, ups
+
+    def _drop_lost_flights(self) -> None:
+        """A flight whose node left has not reached the server in simulated time, even if its
+        result reached the driver already: it is lost with the node (the version reports it offline)."""
+        lost = [f for f in self.flights if self.actor_of[f.device] in self.offline]
+        for f in lost:
+            self.flights.remove(f)
+            if self.split_server is not None:
+                ray.get(self.split_server.finish.remote(f.device, False))
+        if lost:
+            heapq.heapify(self.flights)
 
     def _usable_now(self, clock: float) -> bool:
         return any(d.trace.available(clock) and self.usable(d.id) for d in self.devices.values())

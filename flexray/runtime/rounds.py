@@ -40,7 +40,7 @@ class NodesLeft(FlexrayError):
     ``cluster.rejoin_timeout_s``. The driver checkpoints the last round before it stops."""
 
 
-def _alive_nodes() -> set[str]:
+def alive_nodes() -> set[str]:
     return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
 
 
@@ -76,26 +76,28 @@ class SyncRounds:
         self.down: set[int] = set()  # actors that died mid-task and are being restarted by Ray
         self.dead: set[int] = set()  # actors out of restarts: their devices are gone for good
         self.offline: set[int] = set()  # actors whose node left: Ray restarts them when a node fits again
-        self.node_of: dict[int, str] = {}  # actor -> the node it last ran on
+        # actor -> the node it last ran on; known from the start, so a node lost in round 1 counts
+        self.node_of: dict[int, str] = {i: str(info["node"]) for i, info in enumerate(ray.get([h.info() for _, h in self.actors]))}
         self.lost_nodes: set[str] = set()
         self.lost_now = 0
+        self.probes: dict[int, tuple[Any, float]] = {}  # offline actor -> its pending "where do you run?" call
         self.own_policy = Arrivals(method.policy(), method) if isinstance(method, HasPolicy) else None
 
     def _actor_failed(self, device: int, err: Exception) -> None:
         self.down.add(self.actor_of[device])  # await_recovery's probe tells restarting from dead or offline
 
-    def await_recovery(self, timeout_s: float = 300.0) -> None:
+    def await_recovery(self, timeout_s: float = 300.0, probe_s: float = 1.0) -> None:
         """Before handing out work: an actor that crashed on a live node is waited for (Ray
         restarts it in seconds); one whose node left goes offline until a node with its resources
-        joins and Ray restarts it there (``_probe_offline``)."""
-        self.lost_now += self._mark_lost(_alive_nodes())
-        self._probe_offline()
+        joins and Ray restarts it there (``_probe_offline``, given ``probe_s`` to answer)."""
+        self.lost_now += self._mark_lost(alive_nodes())
+        self._probe_offline(probe_s)
         for idx in sorted(self.down - self.offline):
             handle = self.actors[idx][1]
             deadline = time.monotonic() + timeout_s
             while True:
                 node = self.node_of.get(idx)
-                if node and node not in _alive_nodes():
+                if node and node not in alive_nodes():
                     self.offline.add(idx)
                     break
                 try:
@@ -110,12 +112,12 @@ class SyncRounds:
                         break
                     time.sleep(0.2)
         self.down.clear()
-        self.lost_now += self._mark_lost(_alive_nodes())  # a node found gone while waiting counts now
+        self.lost_now += self._mark_lost(alive_nodes())  # a node found gone while waiting counts now
 
     def check_nodes(self) -> int:
         """Mark the actors of nodes that left offline, bring back the offline ones that answer
         again (restarted on a rejoined node); returns how many nodes left since the last call."""
-        lost = self._mark_lost(_alive_nodes())
+        lost = self._mark_lost(alive_nodes())
         self._probe_offline()
         return lost
 
@@ -129,21 +131,30 @@ class SyncRounds:
         return len(self.lost_nodes) - before
 
     def _probe_offline(self, timeout_s: float = 1.0) -> None:
-        """Ask every offline actor at once where it runs (a rejoined node has a new id); those that
-        answer within ``timeout_s`` are back, those Ray gave up on are dead."""
-        refs = {idx: self.actors[idx][1].info() for idx in sorted(self.offline)}
+        """Ask every offline actor where it runs (a rejoined node has a new id); those that answer
+        within ``timeout_s`` are back, those Ray gave up on are dead. An unanswered question is
+        kept for a second, then asked anew (it may have gone to the node that left), so
+        probing at every async landing, without waiting, does not pile calls up."""
+        now = time.monotonic()
+        for idx in self.offline:
+            if idx not in self.probes or now - self.probes[idx][1] > 1.0:
+                self.probes[idx] = (self.actors[idx][1].info(), now)
+        refs = {idx: self.probes[idx][0] for idx in sorted(self.offline)}
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
         for idx, ref in refs.items():
             if ref not in ready:
                 continue
+            del self.probes[idx]
             try:
                 info = ray.get(ref)
             except ray.exceptions.ActorUnavailableError:
-                continue
-            except ray.exceptions.RayActorError:
+                continue  # asked again next time
+            except ray.exceptions.ActorDiedError:
                 self.offline.discard(idx)
                 self.dead.add(idx)
                 continue
+            except ray.exceptions.RayActorError:
+                continue  # the call went to the node that left; the restarted actor is asked again
             self.offline.discard(idx)
             self.node_of[idx] = str(info["node"])
 
