@@ -15,7 +15,6 @@ from mlflow.tracking import MlflowClient
 
 from flexray import phases
 from flexray.errors import FlexrayError
-from flexray.fleet.fleet import assign_actors
 from flexray.fleet.latency import predict, round_time
 from flexray.fleet.placement import check_local_gpus, connected_placement
 from flexray.fleet.probe import default_name, measure, nearest_class, profile_line
@@ -25,6 +24,7 @@ from flexray.runtime.assembly import load_config
 from flexray.runtime.driver import run_job, use_ray_auth_mode
 from flexray.runtime.engines import engine_for
 from flexray.runtime.job import Job, local_gpus
+from flexray.runtime.split_server import server_actor
 from flexray.schedule.minmax import SubModelScheduler
 from flexray.tracking.mlflow_logger import check_access, resolve_uri
 
@@ -57,20 +57,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     job = Job.assemble(cfg)  # the run's own assembly: what refuses the run refuses the plan
     devices = job.devices
     engine = engine_for(job)
+    method = job.method()
+    specs = engine.specs()  # device or tile actors
+    server = server_actor(cfg, method, len(specs))  # the split server, if the method needs one
+    everyone = [*specs, *([server] if server else [])]
+    placement = None
+    if args.address:
+        placement = connected_placement(args.address, everyone)
+    else:  # the local Ray `flexray run` would start gets this machine's GPUs
+        check_local_gpus(everyone, local_gpus())
     if hasattr(engine, "describe"):  # an engine with its own planner (e.g. tiled) prints its plan
         print(engine.describe())
         return 0
-    specs = assign_actors(cfg, devices)
     actor_of = {d: s.label for s in specs for d in s.devices}
     gpu_of = {d: f"{s.num_gpus:g}" for s in specs for d in s.devices if s.num_gpus}  # each actor's GPU share
-    node_of: dict[int, str] = {}
-    if args.address:
-        placement = connected_placement(args.address, specs)
-        node_of = {d: placement.describe(s.index) for s in specs for d in s.devices}
-    else:  # the local Ray `flexray run` would start gets this machine's GPUs
-        check_local_gpus(specs, local_gpus())
+    node_of = {d: placement.describe(s.index) for s in specs for d in s.devices} if placement else {}
 
-    method = job.method()
     mprof = job.model_profile
     avail = [d for d in devices if d.trace.available(0.0)]
     with tempfile.TemporaryDirectory() as tmp:  # e.g. DISTREAL's design-space search (cached on disk)
@@ -95,6 +97,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"\nmodel {cfg.model.name}: {mprof.param_bytes / 1e6:.3f} MB, {mprof.train_flops_per_sample / 1e6:.3f} MFLOP/sample (train)")
     print(f"predicted round time: {round_time(preds, cfg.rounds.deadline_s, drop):.4g} s simulated "
           f"({len(preds)} of {len(devices)} devices available at t=0)")
+    if server is not None:
+        where = f" on {placement.describe(server.index)}" if placement else ""
+        print(f"split server: {server.num_cpus:g} CPU, {server.num_gpus:g} GPU{where}")
     if isinstance(method, PlanNotes):  # e.g. SplitFed's server shares
         for line in method.plan_notes(tasks):
             print(line)

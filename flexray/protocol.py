@@ -117,6 +117,7 @@ class ServerSpec:
     weight_decay: float = 0.0
     num_cpus: float = 1.0
     max_clients: int = 64  # clients served concurrently
+    num_gpus: float | None = None  # its GPU share (Ray's num_gpus); None: the fleet's fleet.num_gpus_per_actor
 
 
 @dataclass

@@ -33,11 +33,12 @@ class ActorSpec:
     resources: dict[str, float]
     labels: dict[str, str] = field(default_factory=dict)  # node label selector (see check_selector)
     num_gpus: float = 0.0  # a share of one GPU (or whole GPUs), as Ray's num_gpus
+    role: str = "device"  # device | tile | split server: what the actor computes
 
     @property
     def label(self) -> str:
         pinned = ",".join([*self.resources, *(f"{k}={v}" for k, v in self.labels.items())]) or "sim"
-        return f"actor{self.index}[{pinned}]"
+        return f"split-server[{pinned}]" if self.role == "split server" else f"actor{self.index}[{pinned}]"
 
     @property
     def pinned(self) -> bool:
@@ -132,13 +133,17 @@ def live_nodes() -> list[Node]:
 
 
 def check_local_gpus(specs: Sequence[ActorSpec], gpus: int) -> None:
-    """Before a local Ray starts (it gets this machine's ``gpus``): a fleet asking for more fails
-    with one line instead of waiting forever for a GPU."""
+    """Before a local Ray starts (it gets this machine's ``gpus``): a fleet (device or tile actors,
+    and the split server) asking for more fails with one line instead of waiting forever for a GPU."""
     need = sum(s.num_gpus for s in specs)
     if need > gpus + _EPS:
-        raise FlexrayError(f"config error: fleet.num_gpus_per_actor: {len(specs)} actors x {specs[0].num_gpus:g} GPU "
-                           f"need {need:g} GPUs but this machine has {gpus}; use 0 (CPU actors), fewer fleet.actors, "
-                           "or a cluster with GPUs (cluster.address)")
+        actors = [s for s in specs if s.role != "split server"]
+        server = sum(s.num_gpus for s in specs if s.role == "split server")
+        asked = [f"{len(actors)} actors x {actors[0].num_gpus:g} GPU"] if actors and actors[0].num_gpus else []
+        asked += [f"the split server's {server:g} GPU"] if server else []
+        field = "fleet.num_gpus_per_actor" if actors and actors[0].num_gpus else "method.server_gpus"
+        raise FlexrayError(f"config error: {field}: {' and '.join(asked)} need {need:g} GPUs but this machine has {gpus}; "
+                           "use 0 (CPU actors), fewer fleet.actors, or a cluster with GPUs (cluster.address)")
 
 
 def _need(spec: ActorSpec) -> dict[str, float]:

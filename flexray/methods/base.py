@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -30,11 +30,14 @@ from flexray.protocol import (
 
 @dataclass(frozen=True)
 class ServerData:
-    """What the server may use before training (``Method.setup``): the dataset and the indices of
-    the training samples no device holds (a held-out slice for proxy training or distillation)."""
+    """What the server may use before training (``Method.setup``): the dataset, the indices of
+    the training samples no device holds (a held-out slice for proxy training or distillation),
+    and where the server computes (the driver's device: DISTREAL's search, REFT's distillation).
+    What a method stores or returns from there (states, fronts) stays on the CPU."""
 
     dataset: Any  # flexray.data.datasets.Dataset
     held_out: Any  # numpy int64 indices into dataset.x_train
+    compute: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def take(self, count: int, field: str) -> LocalData:
         """The first ``count`` held-out samples as tensors, or a FlexrayError naming ``field``."""

@@ -138,7 +138,7 @@ def batched_sgd_train(
             if not everyone:
                 for n, t in buffers.items():
                     t[rows] = b_rows[n]
-            for (i, _), loss in zip(members, losses.tolist()):
+            for (i, _), loss in zip(members, losses.cpu().tolist()):  # one transfer per group
                 seen[i] += size
                 loss_sum[i] += loss * size
                 flops[i] += loss_of.flops(variant, size)

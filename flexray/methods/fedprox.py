@@ -32,7 +32,7 @@ class FedProx(FedAvg):
 
         def prox(model: nn.Module) -> torch.Tensor:
             if not anchors:
-                anchors.update({n: state[n].detach() for n, _ in model.named_parameters()})
+                anchors.update({n: state[n].detach().to(p.device) for n, p in model.named_parameters()})
             return 0.5 * mu * sum(((p - anchors[n]) ** 2).sum() for n, p in model.named_parameters())
 
         return prox

@@ -14,7 +14,9 @@ server-side ensemble distillation.
   them recruits them. Then the global model is distilled from the
   ensemble: the mean softmax of the client models at temperature ``T`` on an unlabeled held-out
   proxy set (``proxy_samples`` training samples no device holds; labels unused) teaches it by KL
-  divergence (x ``T^2``, Hinton et al. 2015).
+  divergence (x ``T^2``, Hinton et al. 2015). The teachers and the student run on the driver's
+  device (``ServerData.compute``); the proxy batches are drawn on the CPU, so a GPU driver
+  distils on the batches a CPU one does, and the distilled state comes back on the CPU.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ class Reft(Method):
         self._models: dict[float, nn.Module] = {}
         self._profiles = ProfileCache()
         self._student: nn.Module | None = None
+        self._teachers: dict[float, nn.Module] = {}  # per ratio: a pruned model on the server's device
+        self.compute = torch.device("cpu")  # where distillation runs (setup sets the driver's device)
         self._trained: dict[str, torch.Tensor] = {}  # per droppable layer: filters some device has trained
 
     def check(self) -> None:
@@ -79,9 +83,9 @@ class Reft(Method):
         return self.cfg
 
     def setup(self, data: ServerData, workdir: Path) -> list[Path]:
-        self.input_shape = data.dataset.input_shape
-        if self.rcfg.distill_steps:
-            self.proxy = data.take(self.rcfg.proxy_samples, "method.proxy_samples").x  # labels unused
+        self.input_shape, self.compute = data.dataset.input_shape, data.compute
+        if self.rcfg.distill_steps:  # labels unused; moved once to where the distillation runs
+            self.proxy = data.take(self.rcfg.proxy_samples, "method.proxy_samples").x.to(self.compute)
         return []
 
     # ---- pruned models
@@ -171,13 +175,17 @@ class Reft(Method):
     def teacher(self, updates: Sequence[Update]) -> torch.Tensor:
         """The ensemble: mean over client models of softmax(logits / T) on the proxy set."""
         assert self.proxy is not None
-        probs = torch.zeros(0)
+        probs: torch.Tensor | None = None
         for u in updates:
-            model = self.pruned(ratio_of(u.trained))
+            ratio = ratio_of(u.trained)
+            if ratio not in self._teachers:  # not the shape reference self.pruned(), which stays on the CPU
+                self._teachers[ratio] = copy.deepcopy(self.pruned(ratio)).to(self.compute)
+            model = self._teachers[ratio]
             model.load_state_dict(u.tensors)
             model.eval()
             p = torch.cat([F.softmax(model(xb) / self.rcfg.temperature, 1) for xb in self.proxy.split(512)])
-            probs = p if probs.numel() == 0 else probs + p
+            probs = p if probs is None else probs + p
+        assert probs is not None
         return probs / len(updates)
 
     def distill(self, state: State, teacher: torch.Tensor, rnd: int,
@@ -188,7 +196,7 @@ class Reft(Method):
         cfg = self.rcfg
         if self._student is None:
             with torch.random.fork_rng(devices=[]):
-                self._student = self.model_fn()
+                self._student = self.model_fn().to(self.compute)
         student = self._student
         student.load_state_dict(state)
         student.train()
@@ -204,7 +212,7 @@ class Reft(Method):
             opt.step()
             with torch.no_grad():
                 for key, cols in (dead or {}).items():
-                    student.get_parameter(key).index_fill_(1, cols, 0.0)
+                    student.get_parameter(key).index_fill_(1, cols.to(self.compute), 0.0)
         return cast_like(copy_state(student), state)
 
     def state_dict(self) -> dict[str, Any]:

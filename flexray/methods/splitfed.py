@@ -38,7 +38,10 @@ class SplitFedConfig(MethodConfig):
         "tlmp", description="tlmp: min-max cuts and shares (Wen et al.); exact: bisection over all integer cuts; "
         "fl: no split; fixed: method.cut for all; equal: equal shares")
     cut: int | None = Field(None, ge=1, description="scheduler=fixed: stages every client trains")
-    server_cpus: float = Field(1.0, gt=0, description="CPUs of the split server actor (it takes a GPU when there is one)")
+    server_cpus: float = Field(1.0, gt=0, description="CPUs of the split server actor")
+    server_gpus: float | None = Field(
+        None, ge=0, description="GPU share of the split server actor (Ray's num_gpus; it computes on CUDA with one); "
+        "default fleet.num_gpus_per_actor, so it computes where the devices do")
 
     @model_validator(mode="after")
     def _cut_for_fixed(self) -> SplitFedConfig:
@@ -84,7 +87,8 @@ class SplitFed(Method):
             return None
         c = self.cfg
         return ServerSpec(shared=c.variant == "v2", server_flops=tuple(p.server_flops for p in self._points()),
-                          lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, num_cpus=c.server_cpus)
+                          lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, num_cpus=c.server_cpus,
+                          num_gpus=c.server_gpus)
 
     # ---- server side
     def plan(self, rnd: int, devices: Sequence[DeviceView], state: State) -> list[Task]:
@@ -183,7 +187,7 @@ class SplitFed(Method):
         samples, loss = split_train(client, data, self.cfg, ctx.generator, ctx.server)
         names = stage_names(model)[:cut]
         sd = model.state_dict()
-        tensors = {k: sd[k].detach().clone() for k in keys_of_stages(list(sd), names)}
+        tensors = {k: sd[k].detach().to("cpu", copy=True) for k in keys_of_stages(list(sd), names)}  # the object store's side
         return Update(tensors, weight=len(data), samples=samples, flops=samples * p.client_flops,
                       bytes_down=p.client_model_bytes, metrics={"train_loss": loss})
 
@@ -199,7 +203,7 @@ def split_train(client: nn.Module, data: LocalData, cfg: MethodConfig, generator
         opt.zero_grad(set_to_none=True)
         h = client(data.x[idx])
         grad, loss = server(h.detach(), data.y[idx])
-        h.backward(grad.to(h.dtype))
+        h.backward(grad.to(h.device, h.dtype))  # the gradient comes back on the CPU
         opt.step()
         seen += len(idx)
         loss_sum += loss * len(idx)

@@ -206,7 +206,7 @@ class ChannelGroups:
                 t = state[s.key]
                 if s.dim != 0 or not s.key.endswith("weight") or t.dim() < 2:
                     continue  # a filter's own weights only (not BN scales, not input columns)
-                per = t.detach().abs().to(torch.float64).reshape(t.shape[0], -1).sum(1)
+                per = t.detach().abs().to("cpu", torch.float64).reshape(t.shape[0], -1).sum(1)  # keeps live on the CPU
                 norm.index_add_(0, s.roots, per[s.positions])
             out[g.name] = norm.topk(k).indices.sort().values
         return out
@@ -314,7 +314,7 @@ class ChannelGroups:
                 drop = m.positions[~alive[g.name][m.roots]]
 
                 def hook(_m: nn.Module, _i: tuple, y: torch.Tensor, drop: torch.Tensor = drop) -> torch.Tensor:
-                    mask = torch.ones(y.shape[1], dtype=y.dtype)
+                    mask = torch.ones(y.shape[1], dtype=y.dtype, device=y.device)
                     mask[drop] = 0.0
                     return y * mask.view(1, -1, *([1] * (y.dim() - 2)))
 
@@ -382,8 +382,18 @@ def channel_groups(model: nn.Module) -> ChannelGroups:
     """The model's channel groups, analysed once per model object."""
     found = _CACHE.get(model)
     if found is None:
-        found = _CACHE[model] = ChannelGroups(model)
+        found = _CACHE[model] = ChannelGroups(_on_cpu(model))
     return found
+
+
+def _on_cpu(model: nn.Module) -> nn.Module:
+    """The model, or a CPU copy of one on a GPU: the analysis is structural (names, positions,
+    shapes; its keeps and indices are CPU tensors), and tracing it on the CPU keeps its example
+    inputs and seeded check where they were drawn."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.device.type == "cpu" for t in tensors):
+        return model
+    return copy.deepcopy(model).cpu()
 
 
 __all__ = ["ChannelGroups", "Group", "Keep", "Member", "ShortcutPruner", "Slot", "channel_groups"]

@@ -56,7 +56,7 @@ def extract(state: Mapping[str, torch.Tensor], index: Index, keys: Sequence[str]
         t = state[k]
         for dim, ix in enumerate(index[k]):
             if ix is not None:
-                t = t.index_select(dim, ix)
+                t = t.index_select(dim, ix.to(t.device))
         out[k] = t.detach().clone()
     return out
 
@@ -153,7 +153,7 @@ def mask_logits(model: nn.Module, labels: torch.Tensor | None) -> Iterator[None]
         yield
         return
     head = model.get_submodule(keys[0].rpartition(".")[0])
-    keep = labels.to(torch.bool)
+    keep = labels.to(device=next(head.parameters()).device, dtype=torch.bool)  # where the logits are
 
     def hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
         return output.masked_fill(~keep, 0.0) if module.training else None

@@ -95,9 +95,10 @@ def grid(ix: tuple[torch.Tensor | None, ...], shape: torch.Size) -> tuple[torch.
 
 
 def gather(t: torch.Tensor, ix: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
+    """The sub-block ``ix`` of ``t``; the indices (CPU tensors, from the CPU-seeded keeps) go where ``t`` is."""
     for dim, i in enumerate(ix):
         if i is not None:
-            t = t.index_select(dim, i)
+            t = t.index_select(dim, i.to(t.device))
     return t
 
 

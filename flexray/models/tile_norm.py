@@ -34,7 +34,7 @@ def local_stats(x: torch.Tensor) -> np.ndarray:
     count = float(xd.numel() // xd.shape[1])
     total = xd.sum((0, 2, 3))
     m2 = ((xd - total[None, :, None, None] / max(count, 1.0)) ** 2).sum((0, 2, 3))
-    return np.stack([np.full(xd.shape[1], count), total.numpy(), m2.numpy()])
+    return np.stack([np.full(xd.shape[1], count), total.cpu().numpy(), m2.cpu().numpy()])  # travels as numpy
 
 
 def combine(stats: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, float]:
@@ -53,8 +53,9 @@ def update_running(m: nn.BatchNorm2d, mean: np.ndarray, var: np.ndarray, count: 
         m.num_batches_tracked.add_(1)  # type: ignore[union-attr,operator]
         mom = m.momentum if m.momentum is not None else 1.0 / float(m.num_batches_tracked)  # type: ignore[arg-type]
         unbiased = var * count / max(count - 1.0, 1.0)
-        m.running_mean.mul_(1 - mom).add_(torch.as_tensor(mean, dtype=m.running_mean.dtype), alpha=mom)
-        m.running_var.mul_(1 - mom).add_(torch.as_tensor(unbiased, dtype=m.running_var.dtype), alpha=mom)
+        like = m.running_mean
+        m.running_mean.mul_(1 - mom).add_(torch.as_tensor(mean, dtype=like.dtype, device=like.device), alpha=mom)
+        m.running_var.mul_(1 - mom).add_(torch.as_tensor(unbiased, dtype=like.dtype, device=like.device), alpha=mom)
 
 
 @dataclass
@@ -77,8 +78,8 @@ class TileNorm:
         record and the output, whose backward gives ``x`` only the local part of its gradient."""
         mean, var, count = combine(stats)
         update_running(m, mean, var, count)
-        mu = torch.as_tensor(mean, dtype=x.dtype)[None, :, None, None]
-        invstd = torch.as_tensor(1.0 / np.sqrt(var + m.eps), dtype=x.dtype)[None, :, None, None]
+        mu = torch.as_tensor(mean, dtype=x.dtype, device=x.device)[None, :, None, None]
+        invstd = torch.as_tensor(1.0 / np.sqrt(var + m.eps), dtype=x.dtype, device=x.device)[None, :, None, None]
         if m.affine:
             scale = m.weight[None, :, None, None] * invstd
             y = x * scale + (m.bias[None, :, None, None] - mu * scale)
@@ -93,7 +94,7 @@ class TileNorm:
         return (self.x[idx] - self.mean) * self.invstd
 
     def _capture(self, dy: torch.Tensor) -> None:
-        self.sums = torch.stack([dy.sum((0, 2, 3)), (dy * self.xhat()).sum((0, 2, 3))]).double().numpy()
+        self.sums = torch.stack([dy.sum((0, 2, 3)), (dy * self.xhat()).sum((0, 2, 3))]).double().cpu().numpy()
 
     def local_sums(self) -> np.ndarray:
         return self.sums if self.sums is not None else np.zeros((2, self.x.shape[1]))
@@ -102,8 +103,8 @@ class TileNorm:
         """The tile's gradient at the BN input: the local part plus, on owned positions, the
         mean terms from every tile's ``local_sums`` (summed in rank order)."""
         total = sum(sums)
-        a = torch.as_tensor(total[0] / self.count, dtype=self.x.dtype)[None, :, None, None]
-        b = torch.as_tensor(total[1] / self.count, dtype=self.x.dtype)[None, :, None, None]
+        a = torch.as_tensor(total[0] / self.count, dtype=self.x.dtype, device=self.x.device)[None, :, None, None]
+        b = torch.as_tensor(total[1] / self.count, dtype=self.x.dtype, device=self.x.device)[None, :, None, None]
         scale = self.invstd if not self.m.affine else self.invstd * self.m.weight.detach()[None, :, None, None]
         dx = torch.zeros_like(self.x) if local is None else local.clone()
         idx = (..., *self.own)
@@ -112,7 +113,8 @@ class TileNorm:
 
 
 def dropout_mask(seed: int, shape: Sequence[int], p: float, dtype: torch.dtype) -> torch.Tensor:
-    """The whole map's scaled keep-mask, the bits ``F.dropout`` draws after ``torch.manual_seed(seed)``."""
+    """The whole map's scaled keep-mask, the bits ``F.dropout`` draws after ``torch.manual_seed(seed)``
+    on the CPU; drawn on the CPU wherever the tile computes, so every device draws the same bits."""
     if p >= 1.0:
         return torch.zeros(*shape, dtype=dtype)
     gen = torch.Generator().manual_seed(seed)

@@ -21,8 +21,8 @@ from tqdm import tqdm
 from flexray import phases
 from flexray.config import JobConfig, flatten
 from flexray.errors import FlexrayError
-from flexray.fleet.fleet import ActorSpec, assign_actors
-from flexray.fleet.placement import check_local_gpus
+from flexray.fleet.fleet import ActorSpec
+from flexray.fleet.placement import check_local_gpus, check_placement
 from flexray.methods.base import Method
 from flexray.methods.capabilities import NeedsSplitServer, deployed_model
 from flexray.runtime.actor import drop_warm, release_actors, wait_ready
@@ -30,7 +30,7 @@ from flexray.runtime.engines import Engine, engine_for
 from flexray.runtime.compute import driver_device
 from flexray.runtime.job import Job, local_gpus
 from flexray.runtime.rounds import NodesLeft, RoundOutcome
-from flexray.runtime.split_server import start_split_server
+from flexray.runtime.split_server import server_actor, server_gpus, start_split_server
 from flexray.tracking.callbacks import Callback, FitEnd, RoundEnd, tracking_callbacks
 from flexray.tracking.mlflow_logger import Checkpoint, Tracker
 
@@ -102,9 +102,11 @@ def run_job(cfg: JobConfig, resume: str | None = None, callbacks: Sequence[Callb
     round ends."""
     wall0 = time.perf_counter()
     job = Job.assemble(cfg)  # every refusal of the config happens here, before Ray
-    if not (ray.is_initialized() or cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
-        check_local_gpus(assign_actors(cfg, job.devices), local_gpus())  # a cluster is checked on joining
     engine = engine_for(job)  # the method names its engine; rounds unless it says otherwise
+    specs = engine.specs()
+    server = server_actor(cfg, job.method(), len(specs))
+    if not (ray.is_initialized() or cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
+        check_local_gpus([*specs, *([server] if server else [])], local_gpus())  # a cluster is checked on joining
     phases.mark("data_and_fleet")
     with ThreadPoolExecutor(1) as pool:
         # MLflow's store set-up is Python work; Ray's start-up is mostly waiting: overlap them.
@@ -113,6 +115,8 @@ def run_job(cfg: JobConfig, resume: str | None = None, callbacks: Sequence[Callb
         try:
             with ray_session(cfg):
                 phases.mark("ray_init")
+                if server is not None:  # the actors and the split server together (each engine checks its own)
+                    check_placement([*specs, server])
                 actors, _data_ref = engine.start()
                 try:
                     tracker = tracker_future.result()
@@ -234,8 +238,9 @@ def _start_split_server(job: Job, method: Method) -> Any:
         ray.get(handle.info.remote(), timeout=120)
     except ray.exceptions.GetTimeoutError:
         ray.kill(handle)
-        raise FlexrayError(f"the split server needs {spec.num_cpus} CPU(s) the cluster cannot give next to the device "
-                           "actors; lower method.server_cpus or fleet.actors / fleet.num_cpus_per_actor") from None
+        raise FlexrayError(f"the split server needs {spec.num_cpus:g} CPU(s) and {server_gpus(job.cfg, spec):g} GPU the "
+                           "cluster cannot give next to the device actors; lower method.server_cpus / method.server_gpus "
+                           "or fleet.actors / fleet.num_cpus_per_actor") from None
     return handle
 
 

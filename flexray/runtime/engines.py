@@ -29,6 +29,10 @@ class Engine(Protocol):
 
     def __init__(self, cfg: JobConfig, devices: list[Device], dataset: Dataset) -> None: ...
 
+    def specs(self) -> list[ActorSpec]:
+        """The actors ``start`` will ask Ray for (the placement check counts them before Ray starts)."""
+        ...
+
     def start(self) -> tuple[list[tuple[ActorSpec, Any]], Any]: ...
 
     def rounds(
@@ -43,8 +47,11 @@ class RoundsEngine:
     def __init__(self, cfg: JobConfig, devices: list[Device], dataset: Dataset) -> None:
         self.cfg, self.devices, self.dataset = cfg, devices, dataset
 
+    def specs(self) -> list[ActorSpec]:
+        return assign_actors(self.cfg, self.devices)
+
     def start(self) -> tuple[list[tuple[ActorSpec, Any]], Any]:
-        return start_actors(self.cfg, assign_actors(self.cfg, self.devices), self.devices, self.dataset)
+        return start_actors(self.cfg, self.specs(), self.devices, self.dataset)
 
     def rounds(
         self, method: Method, actors: list[tuple[ActorSpec, Any]], server: DeviceProfile, profile: ModelProfile,

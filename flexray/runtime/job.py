@@ -28,6 +28,7 @@ from flexray.methods.capabilities import Attaches, Prepares
 from flexray.models import build_model, profile_model
 from flexray.models.profile import ModelProfile
 from flexray.protocol import DeviceProfile, LocalData
+from flexray.runtime.compute import driver_device
 
 
 def local_gpus() -> int:
@@ -77,14 +78,16 @@ class Job:
         return method
 
     def prepare(self, method: Method, workdir: Path) -> list[Path]:
-        """Server-side preparation (``Prepares``) on the samples no device holds; the files it
-        returns are for the run's artifacts. Never shifts the training RNG."""
+        """Server-side preparation (``Prepares``) on the samples no device holds, computed where the
+        driver evaluates (``driver_device``); the files it returns are for the run's artifacts.
+        Never shifts the training RNG."""
         if not isinstance(method, Prepares):
             return []
         held = np.concatenate([d.indices for d in self.devices]) if self.devices else np.array([], dtype=np.int64)
         held_out = np.setdiff1d(np.arange(len(self.dataset.y_train)), held)
-        with torch.random.fork_rng(devices=[]):
-            return method.setup(ServerData(self.dataset, held_out), workdir)
+        compute = driver_device(self.cfg.fleet)
+        with torch.random.fork_rng(devices=[compute.index or 0] if compute.type == "cuda" else []):
+            return method.setup(ServerData(self.dataset, held_out, compute), workdir)
 
     def local_data(self, device: Device) -> LocalData:
         ds = self.dataset

@@ -10,6 +10,10 @@ simulated service time, and in ``sleep`` mode the real one.
 
 Methods never see Ray: the device gets a ``ServerPort`` (a callable) through its context; the
 port counts the bytes and simulated server seconds that the actor adds to the device's report.
+
+The server asks Ray for its own GPU share (``method.server_gpus``, default the fleet's
+``fleet.num_gpus_per_actor``) and computes on ``compute_device`` with it; activations, gradients
+and weights cross the object store on the CPU and move to the server's device on arrival.
 """
 
 from __future__ import annotations
@@ -24,9 +28,13 @@ import torch
 from torch import nn
 
 from flexray.config import JobConfig
+from flexray.fleet.placement import ActorSpec, actor_options
+from flexray.methods.base import Method
+from flexray.methods.capabilities import NeedsSplitServer
 from flexray.models import build_model
 from flexray.models.split import keys_of_stages, split_model, stage_names
 from flexray.protocol import DeviceProfile, ServerSpec, State, Task, Update
+from flexray.runtime.compute import compute_device
 
 
 class SplitServerHost:
@@ -35,7 +43,8 @@ class SplitServerHost:
     def __init__(self, cfg: JobConfig, spec: ServerSpec, input_shape: tuple[int, int, int], num_classes: int,
                  server: DeviceProfile) -> None:
         self.cfg, self.spec, self.server = cfg, spec, server
-        self.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        share = server_gpus(cfg, spec)
+        self.dev = compute_device(cfg.fleet.compute_device, share) if share else torch.device("cpu")
         self.input_shape, self.num_classes = tuple(input_shape), num_classes
         self.lock = threading.Lock()
         self.models: dict[int, nn.Module] = {}  # V1: one full-model copy per client; V2: key -1
@@ -173,7 +182,8 @@ class ServerPort:
         self.wall_s = 0.0  # measured round trips (what ``throttle: none`` reports)
 
     def __call__(self, smashed: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
-        smashed = smashed.detach().to(torch.float32).contiguous()
+        smashed = smashed.detach().to("cpu", torch.float32).contiguous()  # through the object store on the CPU
+        labels = labels.cpu()
         t0 = time.perf_counter()
         grad, loss, sim = self._step(smashed, labels)
         self.wall_s += time.perf_counter() - t0
@@ -212,11 +222,23 @@ def make_port(server: Any, device: int) -> ServerPort:
     return LocalPort(server, device) if isinstance(server, SplitServerHost) else RayPort(server, device)
 
 
+def server_gpus(cfg: JobConfig, spec: ServerSpec) -> float:
+    """The server's GPU share: its own (``method.server_gpus``), else the fleet's per-actor one."""
+    return spec.num_gpus if spec.num_gpus is not None else cfg.fleet.num_gpus_per_actor
+
+
+def server_actor(cfg: JobConfig, method: Method, index: int) -> ActorSpec | None:
+    """What the method's split server asks Ray for (None: it needs none), as the placement
+    check and ``flexray plan`` count it beside the fleet's actors."""
+    spec = method.server_spec() if isinstance(method, NeedsSplitServer) else None
+    if spec is None:
+        return None
+    return ActorSpec(index, (), spec.num_cpus, {}, num_gpus=server_gpus(cfg, spec), role="split server")
+
+
 def start_split_server(cfg: JobConfig, spec: ServerSpec, input_shape: tuple[int, int, int], num_classes: int,
                        server: DeviceProfile) -> Any:
-    """The server actor with its own resources: a GPU when the cluster has one."""
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    actor = ray.remote(SplitServerHost).options(
-        num_cpus=spec.num_cpus, num_gpus=gpus, max_concurrency=max(2, spec.max_clients), name=None,
-    )
+    """The server actor with its own resources: its CPUs and GPU share."""
+    opts = actor_options(ActorSpec(0, (), spec.num_cpus, {}, num_gpus=server_gpus(cfg, spec), role="split server"))
+    actor = ray.remote(SplitServerHost).options(**opts, max_concurrency=max(2, spec.max_clients), name=None)
     return actor.remote(cfg, spec, input_shape, num_classes, server)

@@ -19,6 +19,11 @@ seeded alike would draw.
 
 ``TileHost`` is the device logic, free of Ray so tests can run it in-process;
 ``TileActor`` is the Ray actor. ``TiledStep`` drives one step over either.
+
+A tile actor computes on ``compute_device`` with its GPU share, as a device actor does. What
+crosses actors (tiles, halos, statistics, gradients, weights, optimizer state) travels as CPU
+numpy arrays or tensors and moves to the tile's device on arrival; dropout masks are drawn on
+the CPU, so a GPU tile draws the bits a CPU one does.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from flexray.models.profile import profile_model
 from flexray.models.tile_norm import TileNorm, dropout_mask, local_stats
 from flexray.models.tiling import (
     LayerGeom, Region, assemble, feature_sizes, layer_geom, layer_stats, leaves, run_span, scatter_add)
+from flexray.runtime.compute import compute_device
 from flexray.schedule.tiling import FusedStack, TilingPlan
 
 Batch = Any  # a float tensor holding the whole input batch, or row indices into the host's dataset
@@ -82,11 +88,12 @@ class TileHost:
     def __init__(
         self, rank: int, model: nn.Module, fused: int, plan: TilingPlan, opt: dict[str, float],
         data: Dataset | None = None, threads: int | None = None, pace: Sequence[float] | None = None,
-        measure_memory: bool = True,
+        measure_memory: bool = True, compute: str = "cpu", num_gpus: float = 0.0,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
-        self.rank, self.model, self.plan, self.data = rank, model, plan, data
+        self.dev = compute_device(compute, num_gpus)  # fleet.compute_device with this actor's GPU share
+        self.rank, self.model, self.plan, self.data = rank, model.to(self.dev), plan, data
         self.layers, self.geoms, self.tail_net, _ = split_model(model, fused)
         self.params = list(model.parameters())
         self.param_ptrs = {p.data_ptr() for p in self.params}
@@ -118,10 +125,13 @@ class TileHost:
             self.opt.load_state_dict(opt_state)
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def opt_state(self) -> dict[str, Any]:
-        return self.opt.state_dict()
+        """The optimizer's state with its tensors on the CPU (it is checkpointed, and loads anywhere)."""
+        sd = self.opt.state_dict()
+        return {**sd, "state": {i: {k: v.to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+                                for i, s in sd["state"].items()}}
 
     def checksum(self) -> float:
         return float(sum(p.detach().double().sum() for p in self.params))
@@ -129,10 +139,10 @@ class TileHost:
     # ---- one step
     def _input(self, batch: Batch, region: Region) -> torch.Tensor:
         if isinstance(batch, torch.Tensor):  # a copy: the device holds its tile, not the batch
-            return batch[:, :, region.h0:region.h1, region.w0:region.w1].contiguous()
+            return batch[:, :, region.h0:region.h1, region.w0:region.w1].contiguous().to(self.dev)
         assert self.data is not None, "index batches need the host's dataset"
         x = self.data.x_train[batch][:, :, region.h0:region.h1, region.w0:region.w1]
-        return to_tensor(np.ascontiguousarray(x), self.data.mean, self.data.std)
+        return to_tensor(np.ascontiguousarray(x), self.data.mean, self.data.std).to(self.dev)
 
     def _saving(self, bucket: Any) -> Any:
         """Measure activation memory: bytes of the non-parameter tensors autograd keeps for backward."""
@@ -154,7 +164,7 @@ class TileHost:
         def run(i: int, x: torch.Tensor) -> torch.Tensor:
             m, (h, w), r = self.layers[a + i], self.sizes[a + i], tile_regions[i]
             full = dropout_mask(self.seed * 1009 + a + i, (x.shape[0], x.shape[1], h, w), m.p, x.dtype)  # type: ignore[arg-type]
-            return x * full[:, :, r.h0:r.h1, r.w0:r.w1]
+            return x * full[:, :, r.h0:r.h1, r.w0:r.w1].to(x.device)
         return run
 
     def forward(self, g: int, s: int, batch: Batch, seed: int, ids: Sequence[int], *parts: Any) -> Any:
@@ -171,7 +181,7 @@ class TileHost:
             x = self._input(batch, tile.input)
         elif s == 0:
             prev = self.plan.tiles[g - 1]
-            x = assemble(tile.input, [(prev[u].output, p) for u, p in zip(ids, parts)]).requires_grad_()
+            x = assemble(tile.input, [(prev[u].output, p) for u, p in zip(ids, parts)]).to(self.dev).requires_grad_()
         else:
             x = self.pending.pop(g).detach().requires_grad_()
         with self._saving((g, s)):
@@ -191,7 +201,7 @@ class TileHost:
         if not last:
             self.pending[g] = out
             return local_stats(out[(..., *tile.owned[hi - a].within(tile.regions[hi - a]))])  # type: ignore[union-attr]
-        return out.detach().numpy()
+        return out.detach().cpu().numpy()
 
     def tail(self, y: Batch, *parts: np.ndarray) -> Any:
         """Rest of the network on the assembled map (device 0); returns the gradient of each
@@ -199,16 +209,18 @@ class TileHost:
         t0 = time.perf_counter()
         last = self.plan.tiles[-1]
         full = Region(0, max(t.output.h1 for t in last), 0, max(t.output.w1 for t in last))
-        fmap = assemble(full, [(t.output, p) for t, p in zip(last, parts)]).requires_grad_()
+        fmap = assemble(full, [(t.output, p) for t, p in zip(last, parts)]).to(self.dev).requires_grad_()
         labels = y if isinstance(y, torch.Tensor) else torch.as_tensor(self.data.y_train[y], dtype=torch.long)  # type: ignore[union-attr]
+        labels = labels.to(self.dev)
         self.saved[-1] = 0
-        with self._saving(-1), torch.random.fork_rng(devices=[]):  # the step's seed, not this process's stream
+        rng = [self.dev.index or 0] if self.dev.type == "cuda" else []  # the step's seed, not this process's stream
+        with self._saving(-1), torch.random.fork_rng(devices=rng):
             torch.manual_seed(self.seed)
             loss = self.loss_fn(self.tail_net(fmap), labels)
         loss.backward()
         self.stats["tail_activation_bytes"] = max(self.stats["tail_activation_bytes"], float(self.saved.pop(-1)))
         self.stats["loss_sum"] += float(loss.detach())
-        grad = fmap.grad.numpy()  # type: ignore[union-attr]
+        grad = fmap.grad.cpu().numpy()  # type: ignore[union-attr]
         tiles = [np.ascontiguousarray(grad[(..., *t.output.within(full))]) for t in last]
         self.stats["compute_s"] += time.perf_counter() - t0
         return tiles if len(tiles) > 1 else tiles[0]
@@ -224,10 +236,10 @@ class TileHost:
             nx, nnorm = self.norms.pop(g)
             grad = nnorm.input_grad(nx.grad, parts)
         elif g == len(self.plan.groups) - 1:
-            grad = torch.from_numpy(np.array(parts[0]))
+            grad = torch.from_numpy(np.array(parts[0])).to(self.dev)
         else:
             nxt = self.plan.tiles[g + 1]
-            grad = scatter_add(tile.output, [(nxt[u].input, p) for u, p in zip(ids, parts)])
+            grad = scatter_add(tile.output, [(nxt[u].input, p) for u, p in zip(ids, parts)]).to(self.dev)
         if out.requires_grad:
             out.backward(grad)
         self.saved.pop((g, s), None)
@@ -236,15 +248,15 @@ class TileHost:
             self.norms[g] = (x, norm)  # type: ignore[assignment]
             return norm.local_sums()  # type: ignore[union-attr]
         if g:
-            return x.grad.numpy()  # type: ignore[union-attr]
+            return x.grad.cpu().numpy()  # type: ignore[union-attr]
         self.stats["steps"] += 1
-        return [None if p.grad is None else p.grad.detach().numpy().copy() for p in self.params]
+        return [None if p.grad is None else p.grad.detach().to("cpu", copy=True).numpy() for p in self.params]
 
     def step(self, *grads: list[np.ndarray | None]) -> None:
         """The all-reduce's end: sum every device's weight gradients in rank order, then step."""
         for i, p in enumerate(self.params):
             got = [g[i] for g in grads if g[i] is not None]
-            p.grad = torch.from_numpy(np.sum(got, axis=0)) if got else None
+            p.grad = torch.from_numpy(np.sum(got, axis=0)).to(p.device) if got else None
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 

@@ -80,10 +80,15 @@ class TiledEngine:
             lines.append(f"left out (the planner predicts no gain from them): {', '.join(idle)}")
         return "\n".join(lines)
 
+    def specs(self) -> list[ActorSpec]:
+        """One tile actor per tile device, with the fleet's CPUs and GPU share per actor."""
+        fleet = self.cfg.fleet
+        return [ActorSpec(r, (d.id,), fleet.num_cpus_per_actor, dict(d.resources), dict(d.node_labels),
+                          fleet.num_gpus_per_actor, role="tile") for r, d in enumerate(self.tile_devices)]
+
     def start(self) -> tuple[list[tuple[ActorSpec, Any]], Any]:
         cfg, mcfg = self.cfg, self.cfg.method
-        specs = [ActorSpec(r, (d.id,), cfg.fleet.num_cpus_per_actor, dict(d.resources), dict(d.node_labels))
-                 for r, d in enumerate(self.tile_devices)]
+        specs = self.specs()
         placement.check_placement(specs)
         data_ref = ray.put(self.dataset)
         opt = {"lr": mcfg.lr, "momentum": mcfg.momentum, "weight_decay": mcfg.weight_decay}
@@ -93,7 +98,8 @@ class TiledEngine:
             fwd = cost.compute_s / 3 * cfg.fleet.time_scale  # forward : backward = 1 : 2 (planner.BACKWARD)
             pace = (fwd, 2 * fwd) if sleep else None
             handle = TileActor.options(**placement.actor_options(s)).remote(
-                s.index, self.model, self.fused, self.plan, opt, data_ref, max(1, int(s.num_cpus)), pace)
+                s.index, self.model, self.fused, self.plan, opt, data_ref, max(1, int(s.num_cpus)), pace,
+                compute=cfg.fleet.compute_device, num_gpus=s.num_gpus)
             actors.append((s, handle))
         return actors, data_ref
 

@@ -7,6 +7,10 @@ a short proxy training in which every mini-batch drops filters at rates ``d``. N
 searches the grid for the two objectives (cost, loss); the front is the non-dominated set of
 every candidate evaluated. Fronts are cached on disk keyed by model, input, data and search
 settings, so jobs (and every round of a job) reuse them; the search runs once per model.
+
+The proxy training runs on the device it is given (the driver's, ``ServerData.compute``); its
+random draws (mini-batches, kept filters) come from a CPU generator, so a GPU search explores the
+candidates a CPU one does, and the measured step times are the GPU's.
 """
 
 from __future__ import annotations
@@ -123,16 +127,18 @@ class _Evaluator:
     """Proxy-trains and profiles one candidate; memoised, because NSGA-II revisits grid points."""
 
     def __init__(self, model_fn: Callable[[], nn.Module], data: LocalData, cfg: DSEConfig,
-                 input_shape: tuple[int, ...]) -> None:
+                 input_shape: tuple[int, ...], device: torch.device | None = None) -> None:
         self.model_fn, self.cfg, self.input_shape = model_fn, cfg, tuple(input_shape)
+        self.device = device or torch.device("cpu")
         n_train = max(1, int(0.8 * len(data)))
-        self.train = LocalData(data.x[:n_train], data.y[:n_train])
-        self.val = LocalData(data.x[n_train:], data.y[n_train:])
+        x, y = data.x.to(self.device), data.y.to(self.device)  # moved once, used by every candidate
+        self.train = LocalData(x[:n_train], y[:n_train])
+        self.val = LocalData(x[n_train:], y[n_train:])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.init = {k: v.clone() for k, v in model_fn().state_dict().items()}
         with torch.random.fork_rng(devices=[]):
-            self.model = model_fn()  # one object: its channel groups are traced once, not per candidate
+            self.model = model_fn().to(self.device)  # one object: its channel groups are traced once, not per candidate
         self.layers = filters.droppable(self.model)
         self.memo: dict[tuple[float, ...], Point] = {}
 
@@ -157,6 +163,8 @@ class _Evaluator:
             idx = torch.randint(n, (min(cfg.proxy_batch, n),), generator=g)
             t0 = time.perf_counter()
             trainer.step(self.train.x[idx], self.train.y[idx], g, cfg.lr, cfg.momentum)
+            if self.device.type == "cuda":  # a step's time is its kernels', not their launch
+                torch.cuda.synchronize(self.device)
             if step >= min(2, cfg.proxy_steps - 1):  # skip warm-up steps
                 times.append(time.perf_counter() - t0)
         m = evaluate_model(model, self.val)
@@ -168,9 +176,10 @@ class _Evaluator:
 
 
 def explore(model_fn: Callable[[], nn.Module], data: LocalData, cfg: DSEConfig, input_shape: tuple[int, ...],
-            use_cache: bool = True) -> Front:
-    """The Pareto front of per-layer dropout rates for this model (cached per model + grid)."""
-    ev = _Evaluator(model_fn, data, cfg, input_shape)
+            use_cache: bool = True, device: torch.device | None = None) -> Front:
+    """The Pareto front of per-layer dropout rates for this model (cached per model + grid),
+    searched on ``device`` (the CPU by default); ``data`` stays where it is."""
+    ev = _Evaluator(model_fn, data, cfg, input_shape, device)
     key = front_key(ev._fresh(), input_shape, data, cfg)
     path = cache_dir(cfg) / f"{key}.json"
     if use_cache and path.is_file():
