@@ -141,9 +141,12 @@ def check_local_gpus(specs: Sequence[ActorSpec], gpus: int) -> None:
         server = sum(s.num_gpus for s in specs if s.role == "split server")
         asked = [f"{len(actors)} actors x {actors[0].num_gpus:g} GPU"] if actors and actors[0].num_gpus else []
         asked += [f"the split server's {server:g} GPU"] if server else []
-        field = "fleet.num_gpus_per_actor" if actors and actors[0].num_gpus else "method.server_gpus"
+        if actors and actors[0].num_gpus:
+            field, fix = "fleet.num_gpus_per_actor", "use 0 (CPU actors), fewer fleet.actors"
+        else:
+            field, fix = "method.server_gpus", "use 0 (a CPU split server)"
         raise FlexrayError(f"config error: {field}: {' and '.join(asked)} need {need:g} GPUs but this machine has {gpus}; "
-                           "use 0 (CPU actors), fewer fleet.actors, or a cluster with GPUs (cluster.address)")
+                           f"{fix}, or a cluster with GPUs (cluster.address)")
 
 
 def _need(spec: ActorSpec) -> dict[str, float]:
