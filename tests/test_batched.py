@@ -75,8 +75,11 @@ CHUNKED = {
     "heterofl": ["method.scaler=false"],  # two rates among the 4 devices, masked classifier (the scaler x8 per layer makes a no-BN lenet diverge)
     "fedrolex": ["method.masked_classifier=true", "method.scaler=false"],  # a rolled window
     "fjord": ["method.distill=true", "method.local_epochs=2"],  # a width drawn per step and client, distilled
-    "flextrain": ["model.name=resnet8", "method.anchor=0.5"],  # depth prefixes with BatchNorm, student and anchor
-    "fedclass": ["model.name=resnet8"],  # FlexTrain's per-class FedAvg baseline: each class's own keys
+    # depth prefixes: k=2 labels-only plus anchor (the weakest tier), k=3 with student and anchor. On ViT:
+    # a BatchNorm resnet on real digits amplifies float32 rounding to ~1e-3 in one round, either way
+    # (float64: 1e-13), so resnet8's BatchNorm is checked on the random data above.
+    "flextrain": ["model.name=vit", "method.anchor=0.5", "method.depths.rpi4=2", "method.depths.jetson_nano=3"],
+    "fedclass": ["model.name=vit", "method.depths.rpi4=2", "method.depths.jetson_nano=3"],  # each class its own keys
 }
 
 
@@ -90,7 +93,7 @@ def test_an_actor_round_does_not_depend_on_the_chunking(method: str) -> None:
         torch.manual_seed(0)  # host_round's global model is drawn from torch's RNG
         runs[chunk] = host_round([*base, f"fleet.batch_clients={chunk}"])
     _, _, ref_tasks, ref_reports, ref_updates = runs[1]
-    assert len({t.spec for t in ref_tasks}) >= (2 if method in ("heterofl", "fedrolex", "fjord") else 1)
+    assert len({t.spec for t in ref_tasks}) >= (1 if method in ("fedavg", "fedprox", "fedbuff") else 2)
     for chunk in (3, 4):
         _, _, _, reports, updates = runs[chunk]
         assert [r.status for r in reports] == [r.status for r in ref_reports]
