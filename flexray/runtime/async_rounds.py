@@ -30,7 +30,7 @@ from flexray.methods.base import Method
 from flexray.methods.policy import Arrivals, AsyncPolicy, HasPolicy
 from flexray.models.profile import ModelProfile
 from flexray.protocol import DeviceView, State, SubModel, Task, Update, predict_times
-from flexray.runtime.rounds import RoundOutcome, SyncRounds, alive_nodes
+from flexray.runtime.rounds import RoundOutcome, SyncRounds
 
 _GIVE_UP_S = 365 * 86400.0  # a simulated year with no device online is a config problem
 
@@ -101,9 +101,7 @@ class AsyncRounds(SyncRounds):
             new = self.arrivals.arrive(flight.version, self.states[flight.version], state, ups, staleness)
             self._forget_unused(rnd)
             if new is not None:
-                busy = {f.device for f in self.flights}  # each version logs the devices a lost node holds
-                reports.extend(self.offline_report(rnd, clock, d) for d in self.devices.values()
-                               if d.id not in busy and d.trace.available(clock) and self.actor_of[d.id] in self.offline)
+                reports.extend(self.offline_reports(rnd, clock, {f.device for f in self.flights}))  # a lost node's devices
                 return new, RoundOutcome(reports, ups, clock - start, 0.0, self.take_lost())
 
     def _fill(self, version: int, clock: float) -> None:
@@ -165,10 +163,8 @@ class AsyncRounds(SyncRounds):
             reps, ups = ray.get(f.future)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
             self._actor_failed(f.device, err)
-            node = self.node_of.get(self.actor_of[f.device])
-            gone = node is not None and node not in alive_nodes()  # its node left: offline, not failed
-            dev = self.devices[f.device]
-            reps = [self.offline_report(f.version, f.start_s, dev) if gone
+            reps = [self.offline_report(f.version, f.start_s, self.devices[f.device])  # its node left: offline
+                    if self.node_left(self.actor_of[f.device])
                     else self.failed(f.version, f.start_s, f.device, type(err).__name__)]
             ups = []
         if self.split_server is not None:  # the device's server part, when its work counts

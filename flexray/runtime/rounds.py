@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,14 +90,12 @@ class SyncRounds:
         """Before handing out work: an actor that crashed on a live node is waited for (Ray
         restarts it in seconds); one whose node left goes offline until a node with its resources
         joins and Ray restarts it there (``_probe_offline``, given ``probe_s`` to answer)."""
-        self.lost_now += self._mark_lost(alive_nodes())
-        self._probe_offline(probe_s)
+        self.lost_now += self.check_nodes(probe_s)
         for idx in sorted(self.down - self.offline):
             handle = self.actors[idx][1]
             deadline = time.monotonic() + timeout_s
             while True:
-                node = self.node_of.get(idx)
-                if node and node not in alive_nodes():
+                if self.node_left(idx):
                     self.offline.add(idx)
                     break
                 try:
@@ -114,12 +112,17 @@ class SyncRounds:
         self.down.clear()
         self.lost_now += self._mark_lost(alive_nodes())  # a node found gone while waiting counts now
 
-    def check_nodes(self) -> int:
+    def check_nodes(self, probe_s: float = 1.0) -> int:
         """Mark the actors of nodes that left offline, bring back the offline ones that answer
         again (restarted on a rejoined node); returns how many nodes left since the last call."""
         lost = self._mark_lost(alive_nodes())
-        self._probe_offline()
+        self._probe_offline(probe_s)
         return lost
+
+    def node_left(self, idx: int) -> bool:
+        """Whether actor ``idx``'s last known node has left the cluster."""
+        node = self.node_of.get(idx)
+        return bool(node) and node not in alive_nodes()
 
     def _mark_lost(self, alive: set[str]) -> int:
         """The actors last seen on a node that is not alive go offline; returns the nodes newly lost."""
@@ -190,8 +193,7 @@ class SyncRounds:
         available = [d for d in self.devices.values() if d.trace.available(clock_s) and self.usable(d.id)]
         if not available and self.offline:
             available = self.await_rejoin(clock_s)
-        offline = [self.offline_report(rnd, clock_s, d) for d in self.devices.values()
-                   if d.trace.available(clock_s) and self.actor_of[d.id] in self.offline]
+        offline = self.offline_reports(rnd, clock_s)
         chosen = sample_devices(self.cfg, rnd, available)
         target = target_count(self.cfg, len(available))
         deadline = self.cfg.rounds.deadline_s
@@ -266,6 +268,11 @@ class SyncRounds:
         nodes = ", ".join(sorted(n[:8] for n in self.lost_nodes))
         raise NodesLeft(f"cluster: every device that could train is on a node that left ({nodes}) and none rejoined "
                         f"within cluster.rejoin_timeout_s={limit:g} s; start the nodes again, then resume the run")
+
+    def offline_reports(self, rnd: int, clock_s: float, busy: Collection[int] = ()) -> list[DeviceReport]:
+        """One ``offline`` report per available device (not in ``busy``) whose actor's node left."""
+        return [self.offline_report(rnd, clock_s, d) for d in self.devices.values()
+                if d.id not in busy and d.trace.available(clock_s) and self.actor_of[d.id] in self.offline]
 
     def offline_report(self, rnd: int, clock_s: float, d: Device) -> DeviceReport:
         node = self.node_of.get(self.actor_of[d.id], "")
