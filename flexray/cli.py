@@ -79,7 +79,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         job.prepare(method, Path(tmp))
     deadline = cfg.rounds.deadline_s
     views = [DeviceView(d.id, d.profile, d.trace.speed(0.0), len(d.indices), deadline) for d in avail]
-    plan = SubModelScheduler(cfg.schedule, method, mprof, cfg.method.batch_size).assign(views)
+    plan = SubModelScheduler(cfg.schedule, method, mprof, cfg.method.batch_size, deadline).assign(views)
     tasks = method.plan(0, plan.views, method.init(job.model()))
     preds = predict(method, tasks, {d.id: d for d in devices}, 0.0, mprof, cfg.method.batch_size, deadline)
     knobs = {t.device: _knobs(t.spec) for t in tasks}  # what the method chose per device (cut, share, k, p, ...)

@@ -180,11 +180,14 @@ class FaultsConfig(_Frozen):
 class ScheduleConfig(_Frozen):
     """How methods with a sub-model knob (depth k, width p) pick each device's sub-model."""
 
-    mode: Literal["static", "minmax"] = Field(
-        "minmax", description="static: capability tiers (the papers); minmax: re-planned every round from the traces"
+    mode: Literal["capacity", "minmax", "static"] = Field(
+        "capacity",
+        description="capacity: the largest sub-model each device finishes within the fastest device's full-model "
+        "time (or rounds.deadline_s), re-planned every round from the traces; minmax: strict min-max latency "
+        "(starves the full model on an unequal fleet); static: capability tiers (the papers)",
     )
     slack: float = Field(
-        1.0, ge=1.0, description="minmax: devices may take up to slack x the min-max latency for a larger sub-model"
+        1.0, ge=1.0, description="capacity/minmax: devices may take up to slack x the round time for a larger sub-model"
     )
 
 

@@ -299,7 +299,7 @@ def test_report_unknown_run_exits_2(mlflow_run: tuple[str, str], capsys: pytest.
     assert "0123456789abcdef0123456789abcdef" in line and "--uri" in line
 
 
-@pytest.mark.parametrize("mode", ["minmax", "static"])
+@pytest.mark.parametrize("mode", ["capacity", "minmax", "static"])
 def test_plan_shows_each_devices_sub_model(mode: str) -> None:
     sets = ["--set", "method.name=flextrain", "--set", "model.name=resnet8", "--set", f"schedule.mode={mode}"]
     rc, out = run_main(["plan", QUICKSTART, *sets])
@@ -309,6 +309,8 @@ def test_plan_shows_each_devices_sub_model(mode: str) -> None:
     assert k["rpi4"] <= k["phone_mid"] <= k["jetson_nano"] <= k["laptop_cpu"] and k["rpi4"] < k["laptop_cpu"]
     total = [float(r["total_s"]) for r in rows]
     slowest_class = max(rows, key=lambda r: float(r["total_s"]))["device"]
+    if mode == "capacity":  # the fastest class trains the full model (resnet8: k=3 blocks)
+        assert k["laptop_cpu"] == 3
     if mode == "minmax":  # the slowest device runs its smallest prefix; nobody is slower than it
         assert slowest_class.startswith("rpi4") and k["rpi4"] == 1
         assert max(total) == pytest.approx(max(float(r["total_s"]) for r in rows if r["device"].startswith("rpi4")))

@@ -285,7 +285,7 @@ MALFORMED: list[tuple[str, dict[str, Any], str, tuple[str, ...]]] = [
     ("dataset-choice", {"data.name": "imagenet"}, "data.name", ("'cifar10'",)),
     ("source-choice", {"data.source": "web"}, "data.source", ("'npz'",)),
     ("rounds-mode-choice", {"rounds.mode": "async_typo"}, "rounds.mode", ("'sync'",)),
-    ("schedule-mode-choice", {"schedule.mode": "greedy"}, "schedule.mode", ("'minmax'",)),
+    ("schedule-mode-choice", {"schedule.mode": "greedy"}, "schedule.mode", ("'capacity'", "'minmax'")),
     ("trace-kind-choice", {"fleet.groups.0.trace": {"kind": "sine"}}, "fleet.groups.0.trace.kind", ("'replay'",)),
     ("partition-kind", {"data.partition.kind": "random"}, "data.partition.kind", ("'dirichlet'", "'shards'")),
     # structure and cross-field checks

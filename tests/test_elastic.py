@@ -134,16 +134,21 @@ def test_aggregate_weighted_mean_and_masked_rows() -> None:
     assert torch.equal(only_b[head[1]][3:].float(), state[head[1]][3:])  # nobody covered: unchanged
 
 
-def test_scaler_and_batch_stat_bn_helpers() -> None:
+def test_fan_in_scaler_and_batch_stat_bn_helpers() -> None:
     full = build("cnn", DIGITS)
-    sub = elastic.add_scalers(slices.narrow(full, 0.5), 0.5)
+    sub = elastic.add_scalers(slices.narrow(full, 0.5), full)
     plain = slices.narrow(full, 0.5)
     plain.load_state_dict(sub.state_dict())
     x = torch.randn(4, *DIGITS)
-    assert torch.equal(sub.eval()(x), plain.eval()(x))  # identity at evaluation
-    sub.train()
-    conv = sub.conv1[0]
-    assert torch.allclose(conv(x), 2 * torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))
+    conv1, conv2 = sub.conv1[0], sub.conv2[0]
+    assert not conv1._forward_pre_hooks  # the first layer's input is never narrowed: no factor
+    h = torch.randn(4, conv2.in_channels, 8, 8)
+    want = torch.nn.functional.conv2d(2 * h, conv2.weight, conv2.bias, padding=conv2.padding)
+    for mode in (sub.train(), sub.eval()):  # part of the function in training and at evaluation
+        assert torch.allclose(mode.conv2[0](h), want)
+    assert not torch.allclose(sub(x), plain.eval()(x))
+    same = elastic.add_scalers(slices.narrow(full, 1.0), full)
+    assert not any(m._forward_pre_hooks for m in same.modules())  # the full model is left alone
     net, y = build("resnet8", DIGITS).eval(), torch.randn(8, *DIGITS)
     with elastic.batch_stat_bn(net):
         batch = net(y)

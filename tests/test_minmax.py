@@ -1,4 +1,5 @@
-"""Min-max sub-model assignment: optimal against brute force, memory respected, traces matter (no Ray)."""
+"""Sub-model assignment: capacity and strict min-max against brute force, memory respected,
+traces matter, and only capacity trains the full model on a spread-out fleet (no Ray)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from flexray.methods.flextrain import FlexTrain
 from flexray.methods.heterofl import HeteroFL
 from flexray.models import build_model, profile_model
 from flexray.protocol import DeviceView, SubModel
-from flexray.schedule.minmax import SubModelScheduler, minmax_choice, static_choice
+from flexray.schedule.minmax import SubModelScheduler, capacity_choice, minmax_choice, static_choice
 
 SHAPE = (3, 32, 32)
 
@@ -63,6 +64,60 @@ def test_minmax_is_never_beaten_by_brute_force(seed: int) -> None:
     for combo in winners:  # no optimal assignment gives any device a larger option
         for i, j in chosen:
             assert j <= combo[i]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_capacity_matches_brute_force(seed: int) -> None:
+    """Per device, over every option: the largest (lowest index) that fits and finishes by the
+    target, else the fastest that fits; -1 when nothing fits."""
+    rng = np.random.default_rng(100 + seed)
+    n, m = int(rng.integers(1, 6)), int(rng.integers(1, 5))
+    lat = rng.uniform(1, 100, size=(n, m))
+    fits = rng.random((n, m)) < 0.75
+    target = float(rng.uniform(1, 100))
+    idx = capacity_choice(lat, fits, target)
+    for i in range(n):
+        ok = [j for j in range(m) if fits[i, j]]
+        within = [j for j in ok if lat[i, j] <= target]
+        want = min(within) if within else (min(ok, key=lambda j: lat[i, j]) if ok else -1)
+        assert idx[i] == want, (i, lat[i], fits[i], target)
+
+
+def test_capacity_trains_the_full_model_where_strict_minmax_starves_it() -> None:
+    """The quickstart's spread (rpi4 ... laptop, ~30x): strict min-max paces the round to the rpi4's
+    smallest option, and nobody trains the full model; capacity paces it to the fastest device's
+    full model, which the fast devices train, and the slow ones take the largest option in time."""
+    method, profile = _method(HeteroFL)
+    views = _views("rpi4", "jetson_nano", "laptop_cpu", "laptop_cpu")
+    strict = SubModelScheduler(ScheduleConfig(mode="minmax"), method, profile, batch_size=32).assign(views)
+    sched = SubModelScheduler(ScheduleConfig(mode="capacity"), method, profile, batch_size=32)
+    plan = sched.assign(views)
+    full = sched.options[0]
+    assert full not in [v.choice for v in strict.views]
+    rate = {v.id: v.choice.rate for v in plan.views}
+    assert rate[2] == rate[3] == 1.0 and rate[0] < 1.0
+    assert plan.target_s == pytest.approx(sched.latency(views[2], full))
+    for v in plan.views:  # the largest option within the round time, or the fastest when none is
+        j = sched.options.index(v.choice)
+        if plan.predicted_s[v.id] <= plan.target_s * (1 + 1e-9):
+            assert all(sched.latency(v, o) > plan.target_s for o in sched.options[:j])
+        else:
+            assert plan.predicted_s[v.id] == pytest.approx(min(sched.latency(v, o) for o in sched.options))
+
+
+def test_capacity_round_time_uses_the_largest_dataset_and_the_users_deadline() -> None:
+    method, profile = _method(HeteroFL)
+    views = [*_views("laptop_cpu", "laptop_cpu", n=100)]
+    views[1] = replace(views[1], num_samples=400)  # same class, 4x the data
+    sched = SubModelScheduler(ScheduleConfig(mode="capacity"), method, profile, batch_size=32)
+    plan = sched.assign(views)
+    assert [v.choice.rate for v in plan.views] == [1.0, 1.0]  # a device of the fastest class: full model
+    assert plan.target_s == pytest.approx(sched.latency(views[1], sched.options[0]))
+    tight = SubModelScheduler(ScheduleConfig(mode="capacity"), method, profile, batch_size=32,
+                              deadline_s=plan.target_s / 20)
+    small = tight.assign(views)
+    assert small.target_s == pytest.approx(plan.target_s / 20)
+    assert all(v.choice.rate < 1.0 for v in small.views)  # the user's deadline overrides
 
 
 def test_slack_trades_latency_for_larger_submodels() -> None:

@@ -3,8 +3,8 @@ device's ``ceil(p * C)`` channels are a window that rolls by one channel per rou
 around (starting at ``round mod C``), so every global channel is trained by small devices too,
 not only the leading ones.
 
-The paper builds on HeteroFL's code base, so scaler and static BN default on; the masked
-classifier is a HeteroFL addition and defaults off. Sub-model accuracies (``acc_p*``) are of the
+The paper builds on HeteroFL's code base, so its scaler (``auto``: on for BatchNorm models) and
+static BN are HeteroFL's; the masked classifier is a HeteroFL addition and defaults off. Sub-model accuracies (``acc_p*``) are of the
 leading channels, as for the other width methods.
 """
 

@@ -30,7 +30,7 @@ from flexray.protocol import LocalData, State, Task, Update
 
 
 class FjORDConfig(WidthConfig):
-    scaler: bool = Field(False, description="HeteroFL scaler: outputs x 1/p while training")
+    scaler: bool = Field(False, description="HeteroFL scaler: each layer's input x full/kept fan-in")
     masked_classifier: bool = Field(False, description="train and average only the classifier rows of local labels")
     distill: bool = Field(False, description="self-distillation from the device's p_max model")
     distill_weight: float = Field(1.0, ge=0, description="weight of the distillation term")

@@ -2,8 +2,9 @@
 ``ceil(p * C)`` channels of every layer, ``p`` from its capability tier (1, 1/2, ..., 1/16); the
 server averages every global entry over the devices whose sub-model holds it.
 
-As in the paper: a scaler divides outputs by ``p`` while training so sub-models see activations
-of the full model's scale; static BN ships no running statistics (the global model normalises
+As in the paper: a scaler keeps sub-models' activations at the full model's scale (the paper's
+1/p on conv outputs, here each layer's exact fan-in ratio, on models with BatchNorm: see
+``flexray.models.elastic.FanInScaler`` for why not on others); static BN ships no running statistics (the global model normalises
 with batch statistics at evaluation; see ``flexray.models.elastic.batch_stat_bn``); the
 classifier is trained and averaged only on the label rows a device holds.
 """
@@ -16,7 +17,6 @@ from flexray.methods.width import WidthConfig, WidthMethod
 
 
 class HeteroFLConfig(WidthConfig):
-    scaler: bool = Field(True, description="outputs x 1/p while training (paper sec. 3.2)")
     static_bn: bool = Field(True, description="sBN: no running stats shipped; batch statistics at evaluation")
     masked_classifier: bool = Field(True, description="train and average only the classifier rows of local labels")
 

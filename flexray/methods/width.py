@@ -13,7 +13,7 @@ Static rate assignment (the papers' capability tiers): ``rate`` forces one rate 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, ValidationInfo, field_validator
@@ -40,7 +40,10 @@ class WidthConfig(MethodConfig):
     full_rate_flops: float = Field(
         100e9, gt=0, description="FLOP/s that earns rate 1; slower devices: largest p with p^2 <= flops/this"
     )
-    scaler: bool = Field(True, description="HeteroFL scaler: outputs x 1/p while training")
+    scaler: bool | Literal["auto"] = Field(
+        "auto", description="HeteroFL scaler: each layer's input x full/kept fan-in (elastic.FanInScaler); "
+        "auto: on for models with BatchNorm, which keeps it from multiplying step sizes"
+    )
     static_bn: bool = Field(True, description="ship no BN running stats; evaluate BN with batch statistics")
     masked_classifier: bool = Field(True, description="train and aggregate only the classifier rows of local labels")
     eval_rates: bool = Field(True, description="also evaluate every sub-model (leading channels): acc_p{rate}")
@@ -97,6 +100,11 @@ class WidthMethod(Method):
         self._up_bytes: dict[float, int] = {}
 
     @property
+    def scaled(self) -> bool:
+        """Whether sub-models get the fan-in scaler (``scaler: auto``: when the model has BatchNorm)."""
+        return elastic.normalised(self.full) if self.wcfg.scaler == "auto" else bool(self.wcfg.scaler)
+
+    @property
     def wcfg(self) -> WidthConfig:
         return self.cfg
 
@@ -116,8 +124,8 @@ class WidthMethod(Method):
         """A width-``rate`` model (with HeteroFL's scaler hooks when configured)."""
         with torch.random.fork_rng(devices=[]):
             model = slices.narrow(self.full, rate)
-        if self.wcfg.scaler if scaler is None else scaler:
-            elastic.add_scalers(model, rate)
+        if self.scaled if scaler is None else scaler:
+            elastic.add_scalers(model, self.full)
         return model
 
     def sub_profile(self, rate: float, input_shape: tuple[int, ...]) -> ModelProfile:
@@ -176,7 +184,7 @@ class WidthMethod(Method):
         if rate == 1:
             model.load_state_dict(state)
             return model
-        sub = self.build(rate, scaler=False)
+        sub = self.build(rate)
         sub.load_state_dict(elastic.extract(state, slices.sub_index(self.full, rate)))
         return sub
 
@@ -232,7 +240,7 @@ class WidthMethod(Method):
                 if rate == 1:
                     continue
                 if rate not in self._eval_models:
-                    self._eval_models[rate] = self.build(rate, scaler=False)
+                    self._eval_models[rate] = self.build(rate)
                 sub = self._eval_models[rate]
                 sub.load_state_dict(elastic.extract(state, slices.sub_index(self.full, rate)))
                 with elastic.batch_stat_bn(sub, self.wcfg.static_bn):

@@ -125,8 +125,8 @@ def classifier_keys(model: nn.Module) -> list[str]:
 
 
 class Scaler:
-    """HeteroFL's scaler: divide a layer's output by ``rate`` in training, so a width-``p``
-    sub-model's activations match the full model's in scale (identity at evaluation)."""
+    """Output hook dividing a layer's output by ``rate`` in training (DISTREAL's inverted
+    dropout over kept output channels; identity at evaluation)."""
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
@@ -135,13 +135,54 @@ class Scaler:
         return output / self.rate if module.training and self.rate != 1 else None
 
 
-def add_scalers(model: nn.Module, rate: float) -> nn.Module:
-    """Scale every Conv2d and hidden Linear output by 1/``rate`` during training (in place)."""
-    last = classifier_keys(model)
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d) or (isinstance(m, nn.Linear) and f"{name}.weight" not in last):
-            m.register_forward_hook(Scaler(rate))
-    return model
+def normalised(model: nn.Module) -> bool:
+    """Whether ``model`` has BatchNorm layers (which cancel a scaler's effect on step sizes)."""
+    return any(isinstance(m, _BN) for m in model.modules())
+
+
+class FanInScaler:
+    """Input pre-hook multiplying a layer's input by ``full fan-in / kept fan-in``.
+
+    HeteroFL's scaler (sec. 3.2) exists so a width-``p`` sub-model's pre-activations have the full
+    model's scale: a layer that sums over ``ceil(p * C)`` of its ``C`` inputs sums ~``p`` times as
+    much. The paper divides every conv's *output* by ``p`` and lets the BatchNorm after it absorb
+    the error; without BatchNorm that also scales the first layer (whose input is never narrowed)
+    and the biases, ``1/p`` more per layer, and a no-BN network diverges (the quickstart's cnn
+    stayed at chance). Scaling each layer's input by its own fan-in ratio is exact where the paper
+    is approximate, is 1 for the first layer and depthwise convs, and leaves the full model alone.
+    It stays on at evaluation: it is part of the function the sub-model trained.
+
+    Scaling a layer's input by ``f`` also scales its weight gradient by ``f`` and its output's
+    sensitivity to the weights by ``f``: the layer's effective learning rate grows ``f^2``
+    (x256 at p = 1/16). A BatchNorm after the layer cancels that (it is scale-invariant); a network
+    without normalisation diverges at the learning rate the full model trains at. Hence the width
+    methods' ``scaler: auto`` (on for BatchNorm models only).
+    """
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+    def __call__(self, _module: nn.Module, inputs: tuple) -> tuple:
+        return (inputs[0] * self.factor, *inputs[1:])
+
+
+def fan_in(module: nn.Module) -> int:
+    """Inputs one output of a Conv2d (per group) or Linear sums over."""
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels // module.groups
+    return int(module.in_features)  # nn.Linear
+
+
+def add_scalers(sub: nn.Module, full: nn.Module) -> nn.Module:
+    """Give every Conv2d and Linear of the sub-model ``sub`` whose fan-in is narrower than in
+    ``full`` (same module names) a ``FanInScaler`` (in place)."""
+    wide = dict(full.named_modules())
+    for name, m in sub.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and name in wide:
+            factor = fan_in(wide[name]) / fan_in(m)
+            if factor != 1:
+                m.register_forward_pre_hook(FanInScaler(factor))
+    return sub
 
 
 @contextmanager
@@ -211,6 +252,7 @@ def is_bn_stat(key: str) -> bool:
 
 
 __all__ = [
-    "BN_STATS", "Index", "Part", "Scaler", "add_scalers", "aggregate", "batch_stat_bn", "batch_statistics", "check_rate",
-    "classifier_keys", "extract", "is_bn_stat", "leading_view", "mask_logits", "scaled", "whole_index",
+    "BN_STATS", "FanInScaler", "Index", "Part", "Scaler", "add_scalers", "aggregate", "batch_stat_bn",
+    "batch_statistics", "check_rate", "classifier_keys", "extract", "fan_in", "is_bn_stat", "leading_view",
+    "mask_logits", "normalised", "scaled", "whole_index",
 ]

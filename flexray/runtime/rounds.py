@@ -68,7 +68,8 @@ class SyncRounds:
     ) -> None:
         self.cfg, self.method, self.server = cfg, method, server
         self.profile = model_profile
-        self.scheduler = SubModelScheduler(cfg.schedule, method, model_profile, method.cfg.batch_size)
+        self.scheduler = SubModelScheduler(
+            cfg.schedule, method, model_profile, method.cfg.batch_size, cfg.rounds.deadline_s)
         self.split_server = split_server  # the method's split server actor (Method.server_spec), if any
         self.devices = {d.id: d for d in devices}
         self.actors = list(actors)

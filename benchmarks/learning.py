@@ -1,0 +1,82 @@
+"""Does every method learn the quickstart under its defaults? One `--set method.name=M` each.
+
+Sync: the quickstart as shipped (15 rounds of 8 devices = 120 client updates). Async: the same
+number of client updates (``rounds.mode=async rounds.num=120``). FlexTrain and FedClass train the
+residual ``resnet8`` (depth prefixes need residual blocks), so their row compares to FedAvg on it.
+Prints one JSON line per run (global accuracy, mean device accuracy, simulated time, energy) and
+a summary line; ``--out`` appends them to a results file.
+
+    python benchmarks/learning.py [--methods heterofl,fedrolex] [--modes sync,async] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+from flexray.methods import _PATHS
+from flexray.runtime.actor import warm_actors
+from flexray.runtime.assembly import load_config
+from flexray.runtime.driver import run_job
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "jobs" / "quickstart.yaml"
+DEPTH = {"flextrain", "fedclass"}  # need a residual model
+ASYNC_UPDATES = 120  # 15 sync rounds x 8 devices
+
+
+def overrides(method: str, mode: str, uri: str) -> list[str]:
+    sets = [f"method.name={method}", f"tracking.uri={uri}", "tracking.progress=false", "tracking.plots=false",
+            "tracking.log_model=false", "tracking.checkpoint_every=0"]
+    if method in DEPTH:
+        sets.append("model.name=resnet8")
+    if method == "splitfed":
+        sets.append("fleet.actors=1")
+    if mode == "async":
+        sets += ["rounds.mode=async", f"rounds.num={ASYNC_UPDATES}", f"tracking.eval_every={ASYNC_UPDATES}"]
+    return sets
+
+
+def run(method: str, mode: str, uri: str) -> dict:
+    cfg = load_config(QUICKSTART, overrides(method, mode, uri))
+    final = run_job(cfg).final
+    return {"method": method, "mode": mode, "model": cfg.model.name,
+            "accuracy": round(final.get("accuracy", 0.0), 4),
+            "mean_device_acc": round(final.get("mean_device_acc", final.get("accuracy", 0.0)), 4),
+            "sim_time_s": round(final.get("sim_time_s", 0.0), 4), "energy_j": round(final.get("energy_j", 0.0), 3)}
+
+
+def stamp() -> dict:
+    """Date, machine and command of a result line (docs/benchmarks.md renders them)."""
+    gpu = "no GPU"
+    return {"date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()} cores {platform.machine()}, {gpu}",
+            "command": "python benchmarks/learning.py " + " ".join(sys.argv[1:])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default=",".join(m for m in _PATHS if m not in ("fedasync", "fedbuff")))
+    ap.add_argument("--modes", default="sync,async")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    lines = []
+    with tempfile.TemporaryDirectory() as tmp, warm_actors():
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        for mode in args.modes.split(","):
+            for method in args.methods.split(","):
+                row = {"benchmark": "learning", **run(method, mode, uri), **stamp()}
+                lines.append(row)
+                print(json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in lines)
+
+
+if __name__ == "__main__":
+    main()
