@@ -96,7 +96,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     drop = cfg.rounds.stragglers == "drop"
     print(f"\nmodel {cfg.model.name}: {mprof.param_bytes / 1e6:.3f} MB, {mprof.train_flops_per_sample / 1e6:.3f} MFLOP/sample (train)")
     print(f"predicted round time: {round_time(preds, cfg.rounds.deadline_s, drop):.4g} s simulated "
-          f"({len(preds)} of {len(devices)} devices available at t=0)")
+          f"({len(preds)} of {len(devices)} devices available at t=0, schedule.mode={cfg.schedule.mode})")
+    n_train = len(job.dataset.y_train)
+    if held := cfg.method.held_out(n_train):
+        print(f"held out for the server: {held} of {n_train} training samples (the method's proxy_samples); "
+              f"the devices share the other {n_train - held}")
     if server is not None:
         where = f" on {placement.describe(server.index)}" if placement else ""
         print(f"split server: {server.num_cpus:g} CPU, {server.num_gpus:g} GPU{where}")

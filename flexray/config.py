@@ -137,6 +137,21 @@ class MethodConfig(BaseModel):
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
 
+    def held_out(self, n_train: int) -> int:
+        """Training samples the server keeps from the devices (a proxy set); the fleet is
+        partitioned from the rest. 0 for methods that use no server data."""
+        return 0
+
+
+def sample_count(value: int | float, n: int, field: str) -> int:
+    """A count given as an int, or as a fraction (float in (0, 1)) of ``n`` samples (at least 1)."""
+    if isinstance(value, float):
+        if not 0 < value < 1:
+            raise ValueError(f"{field}: a fraction of the training set must be in (0, 1), got {value}; "
+                             "write a count as an integer")
+        return max(1, round(value * n))
+    return int(value)
+
 
 def fractions(values: list[float], what: str) -> list[float]:
     """A validated menu of rates in [0, 1) (dropout, pruning): sorted, without repeats."""

@@ -15,10 +15,23 @@ DIRICHLET_TRIES = 100  # re-draws before giving up on "every device gets >= 1 sa
 
 
 def partition(
-    labels: np.ndarray, num_devices: int, cfg: PartitionConfig, seed: int, cap: int | None = None
+    labels: np.ndarray, num_devices: int, cfg: PartitionConfig, seed: int, cap: int | None = None,
+    hold_out: int = 0,
 ) -> list[np.ndarray]:
-    """One sorted int64 index array per device into the training set; the arrays are disjoint."""
+    """One sorted int64 index array per device into the training set; the arrays are disjoint.
+
+    ``hold_out`` samples (drawn uniformly, seeded) go to no device: the server's proxy set
+    (``MethodConfig.held_out``); the devices split the rest."""
     labels = np.asarray(labels).reshape(-1)
+    if hold_out:
+        if hold_out >= len(labels):
+            raise FlexrayError(
+                f"config error: method: holds out {hold_out} of {len(labels)} training samples for the server and "
+                "leaves the devices none; lower its proxy_samples"
+            )
+        keep = np.sort(np.random.default_rng([seed, 1]).permutation(len(labels))[hold_out:])
+        parts = partition(labels[keep], num_devices, cfg, seed, cap)
+        return [keep[p] for p in parts]
     n = len(labels)
     if num_devices < 1:
         raise FlexrayError(f"config error: fleet.groups: the fleet has {num_devices} devices; it needs at least one")

@@ -33,10 +33,12 @@ class Device:
 
 
 def build_fleet(cfg: JobConfig, labels: np.ndarray) -> list[Device]:
-    """Devices in config order, each with its data shard, profile and seeded trace."""
+    """Devices in config order, each with its data shard, profile and seeded trace; the samples the
+    method holds out for the server (``cfg.method.held_out``) go to none of them."""
     groups = cfg.fleet.groups
     total = sum(g.count for g in groups)
-    shards = partition(labels, total, cfg.data.partition, seed=cfg.seed, cap=cfg.data.samples_per_device)
+    shards = partition(labels, total, cfg.data.partition, seed=cfg.seed, cap=cfg.data.samples_per_device,
+                       hold_out=cfg.method.held_out(len(labels)))
     devices: list[Device] = []
     for gi, g in enumerate(groups):
         check_selector(g.node_labels, f"fleet.groups.{gi}.node_labels")

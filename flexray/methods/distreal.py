@@ -56,6 +56,9 @@ class DropoutConfig(MethodConfig):
 class DistrealConfig(DropoutConfig):
     dse: DSEConfig = Field(default_factory=DSEConfig, description="design-space exploration")
 
+    def held_out(self, n_train: int) -> int:
+        return self.dse.proxy_count(n_train)
+
 
 class FilterDropout(Method):
     """Shared by DISTREAL and uniform dropout: a set of dropout vectors (cost, convergence) is
@@ -176,7 +179,7 @@ class Distreal(FilterDropout):
 
     def candidates(self, data: ServerData, workdir: Path) -> tuple[list[str], list[list[float]], list[Path]]:
         cfg = self.cfg
-        proxy = data.take(cfg.dse.proxy_samples, "method.dse.proxy_samples")
+        proxy = data.take(cfg.held_out(len(data.dataset.y_train)), "method.dse.proxy_samples")
         front = dse.explore(self.model_fn, proxy, cfg.dse.model_copy(update={"scaler": cfg.scaler}),
                             data.dataset.input_shape, device=data.compute)  # on the driver's device
         json_path = workdir / "distreal_front.json"

@@ -29,8 +29,16 @@ samples ``k ~ pi`` and minimises ``CE(f_k(x), y) + beta * ||f_k(x) - stopgrad(f_
 (Huang et al. 2016's linear rule) to its parameter-free shortcut; teacher and evaluation run every
 block, unscaled (a dropped block is a skipped layer, as in a prefix); FLOPs count the whole prefix.
 
-The squared distance is averaged over the logits (MSE), not summed: with the sum, beta = 0.2
-diverged at lr 0.05 (loss 2 -> 290 within three epochs on digits).
+The distance is between the two configurations' class probabilities (softmax), summed over
+classes (``distance: probs``, at most 2 per sample). The paper writes ``||f_{k-1}(x) - f_k(x)||^2``
+without saying whether ``f`` ends in logits or probabilities; on logits (``distance: logits``,
+averaged over them) it diverges: the student and the teacher share the stem, the early blocks and
+the classifier, so pulling the student's logits toward the teacher's also moves the teacher's, and
+the unbounded squared gap feeds itself. On the quickstart (resnet8, the fast devices at k = 3 and
+the others at k = 1) the laptops' loss went 1.4 -> 28 -> 1074 in three rounds and the global model
+ended at 17%; whether it blows up depended on the plan and the rule (minmax 81%, static 17%,
+coverage 26%), which is what made FlexTrain look fragile. On probabilities every setting learns
+(docs/elastic.md, "Self-distillation distance").
 
 Anchor (``anchor``, flexray's option; 0 = the paper): every device deeper than ``k = 1`` also
 adds ``anchor x CE(f_1(x), y)``, so the shortest prefix, which the weakest devices deploy, learns
@@ -74,6 +82,9 @@ class FlexTrainConfig(MethodConfig):
         None, description="centralised: sampling weights of k = 1..K (normalised); default uniform"
     )
     beta: float = Field(0.2, ge=0, allow_inf_nan=False, description="self-distillation weight (paper: 0.2)")
+    distance: Literal["probs", "logits"] = Field(
+        "probs", description="self-distillation distance: squared L2 between the configurations' class "
+        "probabilities (bounded), or their raw logits (diverges on the quickstart: module doc)")
     anchor: float = Field(
         0.0, ge=0, description="federated: weight of an extra CE term at k = 1 on every deeper device (paper: 0)"
     )
@@ -366,13 +377,20 @@ class FlexTrain(Method):
             small = None
             if student is not None:
                 small = student(xb)
-                total = total + self.fcfg.beta * (small - out.detach()).pow(2).mean()
+                total = total + self.fcfg.beta * self.distance(small, out.detach())
             if anchor is not None:  # at k = 2 the student is the anchor: one forward pass
                 small = small if anchor is student else anchor(xb)
                 total = total + self.fcfg.anchor * F.cross_entropy(small, yb)
             return total
 
         return loss
+
+    def distance(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """``||f_{k-1}(x) - f_k(x)||^2`` per sample, averaged over the batch, on the class
+        probabilities (``distance: probs``, bounded) or the raw logits (``logits``; see module doc)."""
+        if self.fcfg.distance == "logits":
+            return (student - teacher).pow(2).mean()
+        return (F.softmax(student, 1) - F.softmax(teacher, 1)).pow(2).sum(1).mean()
 
     def centralised_flops(self, k: int, input_shape: tuple[int, ...]) -> float:
         """Per-sample FLOPs of a centralised step at k: train f_k, forward the teacher f_{k+1}."""
@@ -404,7 +422,7 @@ class FlexTrain(Method):
             if k < self.max_k and self.fcfg.beta > 0:
                 with torch.no_grad():
                     target = prefixes[k + 1](xb)
-                total = total + self.fcfg.beta * (out - target).pow(2).mean()
+                total = total + self.fcfg.beta * self.distance(out, target)
             return total
 
         samples, mean_loss = sgd_train(model, data, self.cfg, ctx.generator, batch_loss=loss)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from flexray.config import MethodConfig, fractions
+from flexray.config import MethodConfig, fractions, sample_count
 from flexray.errors import FlexrayError
 from flexray.methods.base import DeviceContext, Method, ServerData, cast_like, check_tensors, copy_state, sgd_train
 from flexray.models import elastic, filters
@@ -44,7 +44,10 @@ class ReftConfig(MethodConfig):
                                 description="structured pruning ratios a device may get")
     ratio: float | None = Field(None, ge=0, lt=1, description="every device prunes this ratio (overrides ratios)")
     deadline_s: float | None = Field(None, gt=0, description="deadline to fit when the round has none")
-    proxy_samples: int = Field(1000, ge=1, description="unlabeled held-out samples for distillation")
+    proxy_samples: int | float = Field(
+        0.1, gt=0, description="unlabeled samples held out from the devices for distillation: a count, or a "
+        "fraction (< 1) of the training set"
+    )
     temperature: float = Field(1.0, gt=0, description="distillation temperature T (3 flattened the skewed clients' "
                                "biases into the targets: 1.7 points below T = 1 on CIFAR-10)")
     distill_steps: int = Field(50, ge=0, description="server KL steps per round (0: plain averaging)")
@@ -55,6 +58,15 @@ class ReftConfig(MethodConfig):
     @classmethod
     def _ratios_ok(cls, v: list[float]) -> list[float]:
         return fractions(v, "pruning ratios")
+
+    @field_validator("proxy_samples")
+    @classmethod
+    def _proxy_ok(cls, v: int | float) -> int | float:
+        sample_count(v, 1, "proxy_samples")  # a float must be a fraction
+        return v
+
+    def held_out(self, n_train: int) -> int:
+        return sample_count(self.proxy_samples, n_train, "proxy_samples") if self.distill_steps else 0
 
 
 class Reft(Method):
@@ -85,7 +97,8 @@ class Reft(Method):
     def setup(self, data: ServerData, workdir: Path) -> list[Path]:
         self.input_shape, self.compute = data.dataset.input_shape, data.compute
         if self.rcfg.distill_steps:  # labels unused; moved once to where the distillation runs
-            self.proxy = data.take(self.rcfg.proxy_samples, "method.proxy_samples").x.to(self.compute)
+            count = self.rcfg.held_out(len(data.dataset.y_train))
+            self.proxy = data.take(count, "method.proxy_samples").x.to(self.compute)
         return []
 
     # ---- pruned models

@@ -38,7 +38,11 @@ class SplitFedConfig(MethodConfig):
         "tlmp", description="tlmp: min-max cuts and shares (Wen et al.); exact: bisection over all integer cuts; "
         "fl: no split; fixed: method.cut for all; equal: equal shares")
     cut: int | None = Field(None, ge=1, description="scheduler=fixed: stages every client trains")
-    server_cpus: float = Field(1.0, gt=0, description="CPUs of the split server actor")
+    server_cpus: float = Field(
+        0.0, ge=0, description="CPUs Ray reserves for the split server actor. 0 (default): it shares the device "
+        "actors' cores, which wait for it on every step (a client's forward, the server's step and its backward "
+        "run one after another), so a 2-core machine runs the quickstart; reserve cores (e.g. 1) where other work "
+        "competes for them")
     server_gpus: float | None = Field(
         None, ge=0, description="GPU share of the split server actor (Ray's num_gpus; it computes on CUDA with one); "
         "default fleet.num_gpus_per_actor, so it computes where the devices do")

@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from flexray.config import fractions
+from flexray.config import fractions, sample_count
 from flexray.models import filters
 from flexray.models.evaluate import evaluate_model
 from flexray.models.profile import profile_model
@@ -43,7 +43,10 @@ class DSEConfig(BaseModel):
                               description="dropout rates a layer may take")
     pop_size: int = Field(12, ge=4, description="NSGA-II population")
     generations: int = Field(6, ge=1, description="NSGA-II generations")
-    proxy_samples: int = Field(1000, ge=20, description="held-out samples: 80% proxy training, 20% validation")
+    proxy_samples: int | float = Field(
+        0.1, gt=0, description="samples held out from the devices, 80% proxy training and 20% validation: a "
+        "count (>= 20), or a fraction (< 1) of the training set"
+    )
     proxy_steps: int = Field(50, ge=1, description="mini-batch steps of proxy training per candidate")
     proxy_batch: int = Field(32, ge=1)
     lr: float = Field(0.05, gt=0)
@@ -59,6 +62,18 @@ class DSEConfig(BaseModel):
     @classmethod
     def _grid_ok(cls, v: list[float]) -> list[float]:
         return fractions([*v, 0.0], "dropout rates")
+
+    @field_validator("proxy_samples")
+    @classmethod
+    def _proxy_ok(cls, v: int | float) -> int | float:
+        if isinstance(v, int) and v < 20:
+            raise ValueError(f"proxy_samples: needs at least 20 (a validation fifth of 4), got {v}")
+        sample_count(v, 1, "proxy_samples")  # a float must be a fraction
+        return v
+
+    def proxy_count(self, n_train: int) -> int:
+        """Held-out samples for the search: at least 20 (so the validation fifth has 4)."""
+        return max(20, sample_count(self.proxy_samples, n_train, "proxy_samples"))
 
 
 @dataclass(frozen=True)
