@@ -1,7 +1,8 @@
 """Does every method learn the quickstart under its defaults? One `--set method.name=M` each.
 
 Sync: the quickstart as shipped (15 rounds of 8 devices = 120 client updates). Async: the same
-number of client updates (``rounds.mode=async rounds.num=120``). FlexTrain and FedClass train the
+number of client updates (``rounds.mode=async rounds.num=120``). Nothing else is set: every method
+runs with its defaults. FlexTrain and FedClass train the
 residual ``resnet8`` (depth prefixes need residual blocks), so their row compares to FedAvg on it.
 Prints one JSON line per run (global accuracy, mean device accuracy, simulated time, energy) and
 a summary line; ``--out`` appends them to a results file.
@@ -36,8 +37,6 @@ def overrides(method: str, mode: str, uri: str) -> list[str]:
             "tracking.log_model=false", "tracking.checkpoint_every=0"]
     if method in DEPTH:
         sets.append("model.name=resnet8")
-    if method == "splitfed":
-        sets.append("fleet.actors=1")
     if mode == "async":
         sets += ["rounds.mode=async", f"rounds.num={ASYNC_UPDATES}", f"tracking.eval_every={ASYNC_UPDATES}"]
     return sets

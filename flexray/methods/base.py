@@ -38,6 +38,7 @@ class ServerData:
     dataset: Any  # flexray.data.datasets.Dataset
     held_out: Any  # numpy int64 indices into dataset.x_train
     compute: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    progress: bool = False  # tracking.progress: long preparation (a design-space search) shows a bar
 
     def take(self, count: int, field: str) -> LocalData:
         """The first ``count`` held-out samples as tensors, or a FlexrayError naming ``field``."""

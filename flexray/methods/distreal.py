@@ -181,7 +181,7 @@ class Distreal(FilterDropout):
         cfg = self.cfg
         proxy = data.take(cfg.held_out(len(data.dataset.y_train)), "method.dse.proxy_samples")
         front = dse.explore(self.model_fn, proxy, cfg.dse.model_copy(update={"scaler": cfg.scaler}),
-                            data.dataset.input_shape, device=data.compute)  # on the driver's device
+                            data.dataset.input_shape, device=data.compute, progress=data.progress)
         json_path = workdir / "distreal_front.json"
         json_path.write_text(front.to_json())
         paths = [json_path, dse.plot(front, workdir / "distreal_front.png")]

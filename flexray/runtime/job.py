@@ -87,7 +87,7 @@ class Job:
         held_out = np.setdiff1d(np.arange(len(self.dataset.y_train)), held)
         compute = driver_device(self.cfg.fleet)
         with torch.random.fork_rng(devices=[compute.index or 0] if compute.type == "cuda" else []):
-            return method.setup(ServerData(self.dataset, held_out, compute), workdir)
+            return method.setup(ServerData(self.dataset, held_out, compute, self.cfg.tracking.progress), workdir)
 
     def local_data(self, device: Device) -> LocalData:
         ds = self.dataset

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
+from tqdm import tqdm
 
 from flexray.config import fractions, sample_count
 from flexray.models import filters
@@ -191,13 +193,17 @@ class _Evaluator:
 
 
 def explore(model_fn: Callable[[], nn.Module], data: LocalData, cfg: DSEConfig, input_shape: tuple[int, ...],
-            use_cache: bool = True, device: torch.device | None = None) -> Front:
+            use_cache: bool = True, device: torch.device | None = None, progress: bool = False) -> Front:
     """The Pareto front of per-layer dropout rates for this model (cached per model + grid),
-    searched on ``device`` (the CPU by default); ``data`` stays where it is."""
+    searched on ``device`` (the CPU by default); ``data`` stays where it is. ``progress``: a bar
+    over the candidates (a search on a large model takes minutes), or a line naming the cached
+    front it reuses."""
     ev = _Evaluator(model_fn, data, cfg, input_shape, device)
     key = front_key(ev._fresh(), input_shape, data, cfg)
     path = cache_dir(cfg) / f"{key}.json"
     if use_cache and path.is_file():
+        if progress:
+            print(f"design-space search: reusing the cached front {path} (delete it to search again)", file=sys.stderr)
         return Front.from_json(path.read_text())
 
     from pymoo.algorithms.moo.nsga2 import NSGA2
@@ -214,7 +220,10 @@ def explore(model_fn: Callable[[], nn.Module], data: LocalData, cfg: DSEConfig, 
             super().__init__(n_var=n_var, n_obj=2, xl=0, xu=len(grid) - 1, vtype=int)
 
         def _evaluate(self, x: np.ndarray, out: dict, *args: object, **kwargs: object) -> None:
-            pts = [ev(tuple(grid[int(i)] for i in row)) for row in np.asarray(x).round().astype(int)]
+            pts = []
+            for row in np.asarray(x).round().astype(int):
+                pts.append(ev(tuple(grid[int(i)] for i in row)))
+                bar.update(1)
             out["F"] = np.array([[cost(p, cfg.objective), p.loss] for p in pts])
 
     combos = len(grid) ** n_var
@@ -225,8 +234,11 @@ def explore(model_fn: Callable[[], nn.Module], data: LocalData, cfg: DSEConfig, 
     algo = NSGA2(pop_size=pop, sampling=start, eliminate_duplicates=True,
                  crossover=SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
                  mutation=PM(eta=20, vtype=float, repair=RoundingRepair()))
-    with torch.random.fork_rng(devices=[]):
+    bar = tqdm(total=pop * cfg.generations, desc=f"design-space search ({n_var} layers)", unit="candidate",
+               disable=not progress, leave=False)
+    with bar, torch.random.fork_rng(devices=[]):
         minimize(Grid(), algo, ("n_gen", cfg.generations), seed=cfg.seed, verbose=False)
+        bar.total = bar.n  # the bound assumed no repeats; NSGA-II stops proposing new points sooner
     evaluated = tuple(ev.memo.values())
     full = ev((0.0,) * n_var)
     front = Front(tuple(la.name for la in ev.layers), tuple(non_dominated(evaluated, cfg.objective)), evaluated, key,
