@@ -12,6 +12,7 @@ from torch's global stream.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -25,7 +26,13 @@ from flexray.schedule.tiling import MESSAGE_S
 
 
 class TiledConfig(MethodConfig):
-    steps_per_round: int = Field(10, ge=1, description="synchronous SGD steps per logged round")
+    steps_per_round: int | None = Field(
+        None, ge=1, description="synchronous SGD steps per logged round; null = local_epochs passes over the "
+        "devices' pooled data, the samples a FedAvg round of the same fleet processes")
+
+    def round_steps(self, samples: int) -> int:
+        """Steps of one round over ``samples`` pooled samples."""
+        return self.steps_per_round or self.local_epochs * math.ceil(samples / self.batch_size)
     grid: tuple[int, int] | None = Field(None, description="[rows, cols] of tiles; null = the planner picks")
     groups: list[int] | None = Field(
         None, description="fused-layer indices where a new group starts ([] = one group); null = the planner picks")
@@ -74,7 +81,7 @@ class Tiled(Method):
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         loss_sum = 0.0
-        steps = batches(len(data), cfg.batch_size, cfg.steps_per_round, ctx.generator)
+        steps = batches(len(data), cfg.batch_size, cfg.round_steps(len(data)), ctx.generator)
         for idx in steps:
             opt.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(model(data.x[idx]), data.y[idx])

@@ -111,7 +111,8 @@ class TiledEngine:
 
 
 class TiledRounds:
-    """One logged round = ``steps_per_round`` tiled SGD steps on the devices' pooled data."""
+    """One logged round = ``steps_per_round`` tiled SGD steps on the devices' pooled data (by
+    default ``local_epochs`` passes over it)."""
 
     def __init__(self, engine: TiledEngine, actors: list[tuple[ActorSpec, Any]]) -> None:
         self.engine, self.cfg, self.plan = engine, engine.cfg, engine.plan
@@ -130,7 +131,7 @@ class TiledRounds:
 
     def step(self, rnd: int, clock_s: float, state: State) -> tuple[State, RoundOutcome]:
         cfg, mcfg = self.cfg, self.cfg.method
-        steps: int = mcfg.steps_per_round  # type: ignore[attr-defined]
+        steps: int = mcfg.round_steps(len(self.pool))  # type: ignore[attr-defined]
         state_ref = ray.put(state)
         self.runner.all("load", state_ref, self.opt_state)
         self.opt_state = None
