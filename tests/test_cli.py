@@ -316,6 +316,20 @@ def test_plan_shows_each_devices_sub_model(mode: str) -> None:
         assert max(total) == pytest.approx(max(float(r["total_s"]) for r in rows if r["device"].startswith("rpi4")))
 
 
+@pytest.mark.parametrize("method", ["reft", "distreal"])
+def test_plan_says_what_the_server_holds_out(method: str, tmp_path: Path) -> None:
+    """The quickstart's defaults hold out a tenth of the training set for the server's proxy set
+    (they were refused before: the devices left it nothing); plan says how much."""
+    sets = ["--set", f"method.name={method}"]
+    if method == "distreal":
+        sets += ["--set", f"method.dse.cache_dir={tmp_path}", "--set", "method.dse.generations=1"]
+    rc, out = run_main(["plan", QUICKSTART, *sets])
+    assert rc == 0, out
+    held, total, rest = map(int, re.search(r"held out for the server: (\d+) of (\d+) .* other (\d+)", out).groups())
+    assert held == round(0.1 * total) and rest == total - held
+    assert sum(int(r["samples"]) for r in parse_table(out)) == rest  # the devices hold the rest
+
+
 # ---------------------------------------------------------------- every method on models it may not fit
 
 

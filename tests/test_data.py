@@ -271,6 +271,19 @@ def test_cap_limits_and_subsets() -> None:
         assert not all(np.array_equal(c, f[:30]) for c, f in zip(capped, full))  # a shuffle, not a prefix
 
 
+def test_hold_out_is_seeded_disjoint_and_left_to_no_device() -> None:
+    for cfg in KINDS:
+        parts = partition(LABELS, 4, cfg, seed=2, hold_out=100)
+        again = partition(LABELS, 4, cfg, seed=2, hold_out=100)
+        held = np.concatenate(parts)
+        assert len(held) == len(np.unique(held)) == len(LABELS) - 100  # everyone else's, once
+        assert all(np.array_equal(p, a) and np.all(np.diff(p) > 0) for p, a in zip(parts, again))
+    assert not np.array_equal(np.concatenate(partition(LABELS, 4, PartitionConfig(), seed=2, hold_out=100)),
+                              np.concatenate(partition(LABELS, 4, PartitionConfig(), seed=3, hold_out=100)))
+    with pytest.raises(FlexrayError, match="proxy_samples"):
+        partition(LABELS, 4, PartitionConfig(), seed=0, hold_out=len(LABELS))
+
+
 def test_partition_too_few_samples() -> None:
     with pytest.raises(FlexrayError, match="data.partition") as info:
         partition(np.arange(5), 6, PartitionConfig(), seed=0)
