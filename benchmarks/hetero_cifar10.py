@@ -7,14 +7,17 @@ throttling, so simulated times are exact and reproducible:
 - ``fedavg_drop``: FedAvg on the full model, a deadline drops the slowest class (its data is lost);
 - ``fedsmall``: FedAvg on the prefix the weakest device can run (FlexTrain's k=1, no distillation);
 - ``fedclass``: one FedAvg model per device class (its static FlexTrain tier);
-- ``flextrain``: depths chosen per round by the min-max scheduler (``schedule.mode: minmax``),
-  each entry averaged over the devices that trained it (``aggregation: coverage``);
-- ``flextrain_paper``: the same with the paper's Algorithm 2 (``aggregation: paper``, the default):
-  over every device of the round, one that did not train an entry entering with its global value;
-- ``flextrain_anchor``: the same plus flexray's ``anchor: 1.0`` (CE at k = 1 on every deeper device);
-- ``flextrain_static``, ``heterofl``, ``fjord``, ``fedrolex``: the papers' static capability tiers;
-- ``heterofl_minmax``: HeteroFL under the min-max scheduler. Width p costs p^2 of the FLOPs, so a
-  33x slower device on p = 1/16 sets a round time that leaves everyone on narrow sub-models:
+- ``flextrain``: its defaults: depths chosen per round by the capacity scheduler (``schedule.mode:
+  capacity``: the fastest device's full-model latency is the round time), the paper's Algorithm 2
+  (``aggregation: paper``: over every device of the round, one that did not train an entry entering
+  with its global value), self-distillation on class probabilities;
+- ``flextrain_coverage``: each entry averaged over the devices that trained it (``aggregation: coverage``);
+- ``flextrain_minmax`` / ``flextrain_static``: the strict min-max scheduler / the papers' static tiers;
+- ``flextrain_anchor``: the defaults plus flexray's ``anchor: 1.0`` (CE at k = 1 on every deeper device);
+- ``heterofl``, ``fjord``, ``fedrolex``: their defaults (capacity scheduler);
+- ``heterofl_static``: the papers' static capability tiers;
+- ``heterofl_minmax``: HeteroFL under the strict min-max scheduler. Width p costs p^2 of the FLOPs,
+  so a 33x slower device on p = 1/16 sets a round time that leaves everyone on narrow sub-models:
   the fastest rounds, the least-trained full model (``schedule.slack`` trades the two).
 
 Reported per method: final global accuracy, final mean device accuracy (each device evaluated
@@ -79,15 +82,16 @@ def variants(deadline: float) -> dict[str, tuple[dict, str, float | None]]:
         "fedavg_drop": ({"name": "fedavg"}, "minmax", deadline),
         "fedsmall": ({"name": "flextrain", "k": 1, "beta": 0.0}, "static", None),
         "fedclass": ({"name": "fedclass"}, "static", None),
-        "flextrain": ({"name": "flextrain", "beta": 0.2, "aggregation": "coverage"}, "minmax", None),
-        "flextrain_paper": ({"name": "flextrain", "beta": 0.2, "aggregation": "paper"}, "minmax", None),
-        "flextrain_anchor": (  # flexray's option
-            {"name": "flextrain", "beta": 0.2, "anchor": 1.0, "aggregation": "coverage"}, "minmax", None),
-        "flextrain_static": ({"name": "flextrain", "beta": 0.2, "aggregation": "coverage"}, "static", None),
-        "heterofl": ({"name": "heterofl", "momentum": 0.0}, "static", None),
-        "fjord": ({"name": "fjord"}, "static", None),
-        "fedrolex": ({"name": "fedrolex", "momentum": 0.0}, "static", None),
-        "heterofl_minmax": ({"name": "heterofl", "momentum": 0.0}, "minmax", None),
+        "flextrain": ({"name": "flextrain"}, "capacity", None),
+        "flextrain_coverage": ({"name": "flextrain", "aggregation": "coverage"}, "capacity", None),
+        "flextrain_minmax": ({"name": "flextrain"}, "minmax", None),
+        "flextrain_static": ({"name": "flextrain"}, "static", None),
+        "flextrain_anchor": ({"name": "flextrain", "anchor": 1.0}, "capacity", None),  # flexray's option
+        "heterofl": ({"name": "heterofl"}, "capacity", None),
+        "fjord": ({"name": "fjord"}, "capacity", None),
+        "fedrolex": ({"name": "fedrolex"}, "capacity", None),
+        "heterofl_static": ({"name": "heterofl"}, "static", None),
+        "heterofl_minmax": ({"name": "heterofl"}, "minmax", None),
     }
 
 

@@ -128,6 +128,10 @@ SPECS: dict[str, list[Table]] = {
             ("accuracy", "accuracy"), ("loss", "loss"), ("sim s", "sim_time_s"), ("energy J", "energy_j"),
             ("bytes up", "bytes_up"), ("train loss", "train_loss"), ("mean device acc", "mean_device_acc"))],
         ("wall s", val("wall_s"))])],
+    "learning": [Table([
+        ("method", val("method")), ("mode", val("mode")), ("model", val("model")), ("global acc", pct("accuracy")),
+        ("vs FedAvg", times("vs_fedavg")), ("mean device acc", pct("mean_device_acc")),
+        ("sim s", val("sim_time_s")), ("energy J", val("energy_j"))])],
     "hetero_cifar10": [Table([
         ("method", val("method")), ("model", val("model")), ("rounds", val("rounds")), ("seeds", val("seeds")),
         ("mean device acc", pct("mean_device_acc")), ("per seed", pct("mean_device_acc_per_seed")),

@@ -45,9 +45,9 @@ def overrides(method: str, mode: str, uri: str) -> list[str]:
     if method in DEPTH:
         sets.append("model.name=resnet8")
     if mode == "async":
-        sets += ["rounds.mode=async", f"rounds.num={ASYNC_UPDATES}", f"tracking.eval_every={ASYNC_UPDATES}"]
+        sets += ["rounds.mode=async", f"rounds.num={ASYNC_UPDATES}", f"rounds.eval_every={ASYNC_UPDATES}"]
     else:
-        sets.append("tracking.eval_every=15")
+        sets.append("rounds.eval_every=15")
     return sets
 
 

@@ -3,10 +3,11 @@
 server averages every global entry over the devices whose sub-model holds it.
 
 As in the paper: a scaler keeps sub-models' activations at the full model's scale (the paper's
-1/p on conv outputs, here each layer's exact fan-in ratio, on models with BatchNorm: see
-``flexray.models.elastic.FanInScaler`` for why not on others); static BN ships no running statistics (the global model normalises
-with batch statistics at evaluation; see ``flexray.models.elastic.batch_stat_bn``); the
-classifier is trained and averaged only on the label rows a device holds.
+1/p on conv outputs; here each layer's exact fan-in ratio, on models with BatchNorm only:
+``flexray.models.elastic.FanInScaler`` says why); static BN ships no running statistics (the
+global model normalises with batch statistics at evaluation; see
+``flexray.models.elastic.batch_stat_bn``); the classifier is trained and averaged only on the
+label rows a device holds.
 """
 
 from __future__ import annotations

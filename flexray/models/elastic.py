@@ -154,9 +154,12 @@ class FanInScaler:
 
     Scaling a layer's input by ``f`` also scales its weight gradient by ``f`` and its output's
     sensitivity to the weights by ``f``: the layer's effective learning rate grows ``f^2``
-    (x256 at p = 1/16). A BatchNorm after the layer cancels that (it is scale-invariant); a network
-    without normalisation diverges at the learning rate the full model trains at. Hence the width
-    methods' ``scaler: auto`` (on for BatchNorm models only).
+    (x256 at p = 1/16), and a network without normalisation diverges at the learning rate the full
+    model trains at. A layer followed by BatchNorm in training mode is scale-invariant, so there the
+    factor changes neither the forward pass nor the gradients (as the paper's output scaler does
+    not in the paper's BatchNorm models); what remains is the classifier's input, which then has the
+    full model's scale. Hence the width methods' ``scaler: auto``: on for BatchNorm models, where it
+    is the paper's setting and harmless, off for the others, where it diverges.
     """
 
     def __init__(self, factor: float) -> None:
