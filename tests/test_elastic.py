@@ -328,7 +328,7 @@ def test_cost_predicts_what_the_device_sends(name: str, digits) -> None:  # noqa
 
 def test_fjord_bn_statistics_reach_the_pmax_model(digits) -> None:  # noqa: ANN001
     local, _, shape = digits
-    method, state, model_fn = make("fjord", "resnet8", shape, static_bn=False, rate=0.5)
+    method, state, model_fn = make("fjord", "resnet8", shape, static_bn=False, rates=[1.0, 0.5], rate=0.5)
     task = method.plan(0, [view(0, "rpi4")], state)[0]
     u = train(method, task, state, local, model_fn)
     assert "stem.1.running_mean" in u.tensors and u.tensors["stem.1.num_batches_tracked"] == len(local) // 32
