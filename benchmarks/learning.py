@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from flexray.methods import _PATHS
+from flexray.methods.fedbuff import FedBuffConfig
 from flexray.runtime.actor import warm_actors
 from flexray.runtime.assembly import load_config
 from flexray.runtime.driver import run_job
@@ -31,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "jobs" / "quickstart.yaml"
 DEPTH = {"flextrain", "fedclass"}  # need a residual model
 ASYNC_UPDATES = 120  # 15 sync rounds x 8 devices
+FEDBUFF_BUFFER = FedBuffConfig.model_fields["buffer_size"].default  # FedBuff: one model version per buffer
 ASYNC_ONLY = {"fedasync", "fedbuff"}  # FedAvg under an async policy
 SYNC_ONLY = {"tiled"}  # its own engine: synchronous steps
 
@@ -41,7 +43,8 @@ def overrides(method: str, mode: str, uri: str) -> list[str]:
     if method in DEPTH:
         sets.append("model.name=resnet8")
     if mode == "async":
-        sets += ["rounds.mode=async", f"rounds.num={ASYNC_UPDATES}", f"rounds.eval_every={ASYNC_UPDATES}"]
+        versions = ASYNC_UPDATES // FEDBUFF_BUFFER if method == "fedbuff" else ASYNC_UPDATES  # one per buffer
+        sets += ["rounds.mode=async", f"rounds.num={versions}", f"rounds.eval_every={versions}"]
     return sets
 
 

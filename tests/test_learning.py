@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from flexray.methods import _PATHS
+from flexray.methods.fedbuff import FedBuffConfig
 from flexray.runtime.actor import warm_actors
 from flexray.runtime.assembly import load_config
 from flexray.runtime.driver import run_job
@@ -29,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "jobs" / "quickstart.yaml"
 RATIO = 0.85
 ASYNC_UPDATES = 120  # 15 sync rounds x 8 devices
+FEDBUFF_BUFFER = FedBuffConfig.model_fields["buffer_size"].default  # FedBuff: one model version per buffer
 DEPTH = {"flextrain", "fedclass"}  # depth prefixes need a residual model
 ASYNC_ONLY = {"fedasync", "fedbuff"}  # FedAvg under an async policy; in sync rounds they are FedAvg
 SYNC_ONLY = {"tiled"}  # its own engine: synchronous steps, no async mode
@@ -45,7 +47,8 @@ def overrides(method: str, mode: str, uri: str) -> list[str]:
     if method in DEPTH:
         sets.append("model.name=resnet8")
     if mode == "async":
-        sets += ["rounds.mode=async", f"rounds.num={ASYNC_UPDATES}", f"rounds.eval_every={ASYNC_UPDATES}"]
+        versions = ASYNC_UPDATES // FEDBUFF_BUFFER if method == "fedbuff" else ASYNC_UPDATES  # one per buffer
+        sets += ["rounds.mode=async", f"rounds.num={versions}", f"rounds.eval_every={versions}"]
     else:
         sets.append("rounds.eval_every=15")
     return sets

@@ -29,6 +29,7 @@ from flexray.models.blocks import stages
 from flexray.models.profile import ModelProfile
 from flexray.models.tiling import tileable_prefix
 from flexray.protocol import DeviceProfile, State, energy_j
+from flexray.runtime.actor import drop_warm
 from flexray.runtime.rounds import RoundOutcome
 from flexray.runtime.tiled import TileActor, TiledStep, fused_stack
 from flexray.schedule.tiling import TilingPlan, choose_plan, speed_order
@@ -90,6 +91,7 @@ class TiledEngine:
         cfg, mcfg = self.cfg, self.cfg.method
         specs = self.specs()
         placement.check_placement(specs)
+        drop_warm()  # device actors kept warm by an earlier job (warm_actors) would hold the CPUs: never started
         data_ref = ray.put(self.dataset)
         opt = {"lr": mcfg.lr, "momentum": mcfg.momentum, "weight_decay": mcfg.weight_decay}
         sleep = cfg.fleet.throttle == "sleep"
