@@ -96,13 +96,26 @@ def test_capacity_trains_the_full_model_where_strict_minmax_starves_it() -> None
     assert full not in [v.choice for v in strict.views]
     rate = {v.id: v.choice.rate for v in plan.views}
     assert rate[2] == rate[3] == 1.0 and rate[0] < 1.0
-    assert plan.target_s == pytest.approx(sched.latency(views[2], full))
+    assert plan.target_s == pytest.approx(max(sched.latency(views[2], full), strict.target_s))
     for v in plan.views:  # the largest option within the round time, or the fastest when none is
         j = sched.options.index(v.choice)
         if plan.predicted_s[v.id] <= plan.target_s * (1 + 1e-9):
             assert all(sched.latency(v, o) > plan.target_s for o in sched.options[:j])
         else:
             assert plan.predicted_s[v.id] == pytest.approx(min(sched.latency(v, o) for o in sched.options))
+
+
+def test_capacity_round_time_is_never_below_the_slowest_devices_fastest_option() -> None:
+    """When the slowest device's smallest sub-model takes longer than the fastest device's full
+    model, the round lasts that long anyway: the others get the largest sub-model in that time,
+    exactly strict min-max's choice."""
+    method, profile = _method(HeteroFL)
+    views = _views("rpi3", "laptop_cpu")
+    views[0] = replace(views[0], speed=0.002)  # throttled to a crawl
+    cap = SubModelScheduler(ScheduleConfig(mode="capacity"), method, profile, batch_size=32).assign(views)
+    strict = SubModelScheduler(ScheduleConfig(mode="minmax"), method, profile, batch_size=32).assign(views)
+    assert cap.target_s == pytest.approx(strict.target_s)
+    assert [v.choice for v in cap.views] == [v.choice for v in strict.views]
 
 
 def test_capacity_round_time_uses_the_largest_dataset_and_the_users_deadline() -> None:

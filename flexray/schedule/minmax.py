@@ -6,11 +6,12 @@ method's per-option cost (from the model's per-layer profile); options whose tra
 exceeds the device's are out. Then:
 
 - ``capacity`` (the default): the round time ``T`` is the user's ``rounds.deadline_s``, else
-  the fastest device's latency on the largest option any device fits in memory (the full model),
-  each device costed on the round's largest local dataset (so devices of the fastest class all
-  train the full model, whatever their share of the data). Every device trains the largest
-  option it finishes by ``slack * T``; a device that finishes none by then trains its fastest
-  option (and is the round's straggler). So the full model is
+  the larger of the fastest device's latency on the largest option any device fits in memory
+  (the full model; each device costed on the round's largest local dataset, so devices of the
+  fastest class all train the full model, whatever their share of the data) and ``T*`` below
+  (the round cannot end sooner: the slowest device on its fastest option). Every device trains
+  the largest option it finishes by ``slack * T``; a device that finishes none by then (only
+  under a user deadline) trains its fastest option and is the round's straggler. So the full model is
   trained every round by every device that can afford it, and never starved: the papers'
   capability rule, with the speeds of this round. ``tests/test_minmax.py`` checks it against
   brute force.
@@ -110,7 +111,7 @@ class SubModelScheduler:
         fits = np.array([mem <= v.profile.memory_bytes for v in views]).reshape(len(views), -1)
         return lat, fits
 
-    def round_time(self, views: Sequence[DeviceView], fits: np.ndarray) -> float:
+    def round_time(self, views: Sequence[DeviceView], lat: np.ndarray, fits: np.ndarray) -> float:
         """The capacity mode's ``T`` before slack (see module doc); inf when no device fits anything."""
         if self.deadline_s is not None:
             return self.deadline_s
@@ -119,9 +120,11 @@ class SubModelScheduler:
             return float("inf")
         j = int(np.argmax(someone))  # the largest option some device fits
         most = max(v.num_samples for v in views)
-        return min(
+        full = min(
             self.latency(replace(v, num_samples=most), self.options[j]) for i, v in enumerate(views) if fits[i, j]
         )
+        floor = float(np.where(fits, lat, np.inf).min(axis=1)[fits.any(axis=1)].max())  # strict min-max's T*
+        return max(full, floor)
 
     def _tier(self, view: DeviceView) -> int:
         name = view.profile.name
@@ -136,7 +139,7 @@ class SubModelScheduler:
             return Plan(list(views), {}, 0.0)
         lat, fits = self.table(views)
         if self.cfg.mode == "capacity":
-            target = self.round_time(views, fits) * self.cfg.slack
+            target = self.round_time(views, lat, fits) * self.cfg.slack
             idx = capacity_choice(lat, fits, target)
         elif self.cfg.mode == "minmax":
             idx, target = minmax_choice(lat, fits, self.cfg.slack)
