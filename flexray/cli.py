@@ -96,7 +96,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     drop = cfg.rounds.stragglers == "drop"
     print(f"\nmodel {cfg.model.name}: {mprof.param_bytes / 1e6:.3f} MB, {mprof.train_flops_per_sample / 1e6:.3f} MFLOP/sample (train)")
     print(f"predicted round time: {round_time(preds, cfg.rounds.deadline_s, drop):.4g} s simulated "
-          f"({len(preds)} of {len(devices)} devices available at t=0, schedule.mode={cfg.schedule.mode})")
+          f"({len(preds)} of {len(devices)} devices available at t=0)")
+    if plan.predicted_s:  # a method with sub-models: which rule chose them, and for what round time
+        print(f"sub-models chosen by schedule.mode={cfg.schedule.mode} for a round of {plan.target_s:.4g} s")
     n_train = len(job.dataset.y_train)
     if held := cfg.method.held_out(n_train):
         print(f"held out for the server: {held} of {n_train} training samples (the method's proxy_samples); "
