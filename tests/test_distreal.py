@@ -108,6 +108,27 @@ def test_pareto_front_is_non_dominated_cached_and_reproducible(tmp_path):
     assert dse.Front.from_json(front.to_json()) == front
 
 
+def test_search_shows_progress_and_names_a_reused_front(tmp_path, capsys):
+    """A search with ``progress`` draws a bar over its candidates on stderr; a cached front is
+    named in one line instead; without ``progress`` both are silent."""
+    ds, data = _proxy()
+    cfg = dse.DSEConfig(grid=[0.0, 0.5], proxy_steps=2, proxy_samples=40, pop_size=4, generations=2,
+                        cache_dir=str(tmp_path))
+
+    def model_fn():
+        return cnn(ds.input_shape, 10, 8)
+
+    dse.explore(model_fn, data, cfg, ds.input_shape, progress=True)
+    err = capsys.readouterr().err
+    assert "design-space search" in err and "candidate" in err
+    dse.explore(model_fn, data, cfg, ds.input_shape, progress=True)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("design-space search: reusing the cached front") and str(tmp_path) in err
+    assert len(err.splitlines()) == 1
+    dse.explore(model_fn, data, cfg, ds.input_shape)
+    assert capsys.readouterr().err == ""
+
+
 def test_device_whose_budget_drops_picks_a_cheaper_point():
     method = Distreal(DistrealConfig(name="distreal"), lambda: cnn((1, 8, 8), 10, 8))
     points = [[0.75, 0.75, 1e4, 2.6], [0.5, 0.25, 5e4, 2.2], [0.0, 0.0, 1.3e5, 1.8]]  # rates, flops, loss
