@@ -41,18 +41,24 @@ from flexray.models.profile import ModelProfile
 from flexray.protocol import CostModel, DeviceView, SubModel, SubModelKnob, Task, predict_times
 
 
+def min_max_time(latency: np.ndarray, fits: np.ndarray) -> float:
+    """``T* = max_i min_o latency(i, o)`` over the devices (rows) that fit some option (columns);
+    inf when none fits anything."""
+    fastest = np.where(fits, latency, np.inf).min(axis=1)
+    ok = np.isfinite(fastest)
+    return float(fastest[ok].max()) if ok.any() else float("inf")
+
+
 def minmax_choice(latency: np.ndarray, fits: np.ndarray, slack: float = 1.0) -> tuple[np.ndarray, float]:
     """Per device (row) the index of its option (columns, largest first), -1 when none fits.
 
     Returns the choices and the target latency ``slack * T*`` (inf when no device fits anything).
     """
-    lat = np.where(fits, latency, np.inf)
-    fastest = lat.min(axis=1)
-    ok = np.isfinite(fastest)
-    if not ok.any():
-        return np.full(lat.shape[0], -1), float("inf")
-    target = float(fastest[ok].max()) * slack
-    within = lat <= target * (1 + 1e-12)
+    target = min_max_time(latency, fits)
+    if not np.isfinite(target):
+        return np.full(latency.shape[0], -1), target
+    target *= slack
+    within = np.where(fits, latency, np.inf) <= target * (1 + 1e-12)
     return np.where(within.any(axis=1), within.argmax(axis=1), -1), target
 
 
@@ -123,8 +129,7 @@ class SubModelScheduler:
         full = min(
             self.latency(replace(v, num_samples=most), self.options[j]) for i, v in enumerate(views) if fits[i, j]
         )
-        floor = float(np.where(fits, lat, np.inf).min(axis=1)[fits.any(axis=1)].max())  # strict min-max's T*
-        return max(full, floor)
+        return max(full, min_max_time(lat, fits))  # never shorter than the straggler makes it anyway
 
     def _tier(self, view: DeviceView) -> int:
         name = view.profile.name
