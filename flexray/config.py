@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flexray.errors import FlexrayError
 
@@ -151,6 +151,15 @@ def sample_count(value: int | float, n: int, field: str) -> int:
                              "write a count as an integer")
         return max(1, round(value * n))
     return int(value)
+
+
+def _count_or_fraction(value: int | float) -> int | float:
+    sample_count(value, 1, "proxy_samples")  # a float must be a fraction
+    return value
+
+
+SampleCount = Annotated[int | float, AfterValidator(_count_or_fraction)]
+"""A config field read by ``sample_count``: a count, or a fraction (float in (0, 1)) of the training set."""
 
 
 def fractions(values: list[float], what: str) -> list[float]:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from flexray.config import MethodConfig, fractions, sample_count
+from flexray.config import MethodConfig, SampleCount, fractions, sample_count
 from flexray.errors import FlexrayError
 from flexray.methods.base import DeviceContext, Method, ServerData, cast_like, check_tensors, copy_state, sgd_train
 from flexray.models import elastic, filters
@@ -44,7 +44,7 @@ class ReftConfig(MethodConfig):
                                 description="structured pruning ratios a device may get")
     ratio: float | None = Field(None, ge=0, lt=1, description="every device prunes this ratio (overrides ratios)")
     deadline_s: float | None = Field(None, gt=0, description="deadline to fit when the round has none")
-    proxy_samples: int | float = Field(
+    proxy_samples: SampleCount = Field(
         0.1, gt=0, description="unlabeled samples held out from the devices for distillation: a count, or a "
         "fraction (< 1) of the training set"
     )
@@ -58,12 +58,6 @@ class ReftConfig(MethodConfig):
     @classmethod
     def _ratios_ok(cls, v: list[float]) -> list[float]:
         return fractions(v, "pruning ratios")
-
-    @field_validator("proxy_samples")
-    @classmethod
-    def _proxy_ok(cls, v: int | float) -> int | float:
-        sample_count(v, 1, "proxy_samples")  # a float must be a fraction
-        return v
 
     def held_out(self, n_train: int) -> int:
         return sample_count(self.proxy_samples, n_train, "proxy_samples") if self.distill_steps else 0

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from tqdm import tqdm
 
-from flexray.config import fractions, sample_count
+from flexray.config import SampleCount, fractions, sample_count
 from flexray.models import filters
 from flexray.models.evaluate import evaluate_model
 from flexray.models.profile import profile_model
@@ -45,7 +45,7 @@ class DSEConfig(BaseModel):
                               description="dropout rates a layer may take")
     pop_size: int = Field(12, ge=4, description="NSGA-II population")
     generations: int = Field(6, ge=1, description="NSGA-II generations")
-    proxy_samples: int | float = Field(
+    proxy_samples: SampleCount = Field(
         0.1, gt=0, description="samples held out from the devices, 80% proxy training and 20% validation: a "
         "count (>= 20), or a fraction (< 1) of the training set"
     )
@@ -70,7 +70,6 @@ class DSEConfig(BaseModel):
     def _proxy_ok(cls, v: int | float) -> int | float:
         if isinstance(v, int) and v < 20:
             raise ValueError(f"proxy_samples: needs at least 20 (a validation fifth of 4), got {v}")
-        sample_count(v, 1, "proxy_samples")  # a float must be a fraction
         return v
 
     def proxy_count(self, n_train: int) -> int:
