@@ -10,6 +10,7 @@ can never disagree about what a device costs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol, runtime_checkable
 
@@ -19,8 +20,48 @@ State = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
+class KindRates:
+    """How fast a device runs one kind of kernel: each kernel costs
+    ``kernel_s + flops / flops_per_s + bytes / bytes_per_s + rows * row_s`` (``inf``: not limiting)."""
+
+    flops_per_s: float = math.inf
+    bytes_per_s: float = math.inf
+    kernel_s: float = 0.0
+    row_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class LatencyParams:
+    """A device's calibrated per-layer latency model (``flexray probe`` fits it; docs/latency.md)."""
+
+    step_s: float  # fixed cost of one optimizer step (Python, autograd engine, zero_grad)
+    kinds: tuple[KindRates, ...]  # one per ``KINDS``
+
+    def coefficients(self) -> tuple[float, ...]:
+        """Seconds per unit of ``Workload.features()``."""
+        return (
+            self.step_s, *(k.kernel_s for k in self.kinds), *(1.0 / k.flops_per_s for k in self.kinds),
+            *(1.0 / k.bytes_per_s for k in self.kinds), *(k.row_s for k in self.kinds),
+        )
+
+    @classmethod
+    def from_coefficients(cls, c: Sequence[float]) -> LatencyParams:
+        n = len(KINDS)
+        rate = (lambda v: 1.0 / v if v > 0 else math.inf)
+        return cls(float(c[0]), tuple(
+            KindRates(rate(c[1 + n + i]), rate(c[1 + 2 * n + i]), float(c[1 + i]), float(c[1 + 3 * n + i])) for i in range(n)))
+
+    def scaled(self, speedup: float) -> LatencyParams:
+        """The same device ``speedup`` times faster at everything (a catalog class from a reference)."""
+        return LatencyParams.from_coefficients([c / speedup for c in self.coefficients()])
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
-    """A device class (``flexray.fleet.profiles.CATALOG`` lists the built-in ones)."""
+    """A device class (``flexray.fleet.profiles.CATALOG`` lists the built-in ones).
+
+    ``flops`` alone is the coarse model (time = counted FLOPs / flops); ``latency`` is the
+    calibrated per-layer model that replaces it for compute when present."""
 
     name: str
     flops: float  # sustained TRAINING FLOP/s (not peak) on this device with PyTorch
@@ -30,6 +71,97 @@ class DeviceProfile:
     power_active_w: float  # while computing
     power_idle_w: float
     power_radio_w: float  # extra power while transmitting/receiving
+    latency: LatencyParams | None = None
+    rtt_s: float = 0.0  # round-trip time: what every message pays before its bytes flow
+
+
+KINDS = ("conv", "grouped", "matmul", "attention", "pool", "norm", "memory")
+"""Kernel kinds whose speed differs on real hardware: dense convs, grouped/depthwise convs,
+matmuls (linear layers), attention, pooling, normalisation and the other memory-bound kernels
+(activations, elementwise, the optimizer's updates)."""
+
+Vector = tuple[float, ...]  # one number per kind, in ``KINDS`` order
+_ZERO: Vector = (0.0,) * len(KINDS)
+
+
+def _vec(kind: str, value: float) -> Vector:
+    out = [0.0] * len(KINDS)
+    out[KINDS.index(kind)] = float(value)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Training work as the latency model sees it: counts that add up across kernels, steps and
+    tasks, so a task's time is one dot product with a device's rates (``compute_seconds``).
+    ``flexray.models.kernels`` counts them from a traced training step."""
+
+    steps: float = 0.0  # optimizer steps: each pays the device's fixed per-step cost
+    counted: float = 0.0  # FLOPs as torch.utils.flop_counter counts them (what logs and coarse profiles use)
+    kernels: Vector = _ZERO  # kernels launched, per kind: each pays a per-kernel cost
+    flops: Vector = _ZERO  # FLOPs as executed, per kind: channel dims rounded up to the vector width
+    bytes: Vector = _ZERO  # bytes read + written, per kind
+    rows: Vector = _ZERO  # image planes (N x C) or token rows a kernel loops over, per kind
+
+    @classmethod
+    def kernel(cls, kind: str, counted: float, executed: float, nbytes: float, rows: float) -> Workload:
+        return cls(0.0, counted, _vec(kind, 1.0), _vec(kind, executed), _vec(kind, nbytes), _vec(kind, rows))
+
+    @classmethod
+    def coarse(cls, flops: float) -> Workload:
+        """Work known only by its FLOPs (a server's aggregation), costed as one dense-conv kernel."""
+        return cls(counted=flops, flops=_vec("conv", flops))
+
+    def __add__(self, other: Workload) -> Workload:
+        return Workload(self.steps + other.steps, self.counted + other.counted, _add(self.kernels, other.kernels, 1.0),
+                        _add(self.flops, other.flops, 1.0), _add(self.bytes, other.bytes, 1.0),
+                        _add(self.rows, other.rows, 1.0))
+
+    def __sub__(self, other: Workload) -> Workload:
+        return Workload(self.steps - other.steps, self.counted - other.counted, _add(self.kernels, other.kernels, -1.0),
+                        _add(self.flops, other.flops, -1.0), _add(self.bytes, other.bytes, -1.0),
+                        _add(self.rows, other.rows, -1.0))
+
+    def __mul__(self, k: float) -> Workload:
+        return Workload(self.steps * k, self.counted * k, tuple(a * k for a in self.kernels), tuple(a * k for a in self.flops),
+                        tuple(a * k for a in self.bytes), tuple(a * k for a in self.rows))
+
+    __rmul__ = __mul__
+
+    def clip(self) -> Workload:
+        """Negative counts (float noise of an affine fit) to zero."""
+        return Workload(max(self.steps, 0.0), max(self.counted, 0.0), tuple(max(a, 0.0) for a in self.kernels),
+                        tuple(max(a, 0.0) for a in self.flops), tuple(max(a, 0.0) for a in self.bytes),
+                        tuple(max(a, 0.0) for a in self.rows))
+
+    def features(self) -> tuple[float, ...]:
+        """(steps, kernels per kind, FLOPs per kind, bytes per kind): what a calibration regresses on."""
+        return (self.steps, *self.kernels, *self.flops, *self.bytes, *self.rows)
+
+
+def _add(a: Vector, b: Vector, sign: float) -> Vector:
+    return tuple(x + sign * y for x, y in zip(a, b))
+
+
+@dataclass(frozen=True)
+class StepProfile:
+    """One training step of a model: ``fixed`` per step (weights, optimizer state, kernel count)
+    plus ``per_sample`` times the batch (activations, FLOPs)."""
+
+    fixed: Workload
+    per_sample: Workload
+
+    def step(self, batch_size: int) -> Workload:
+        return self.fixed + self.per_sample * batch_size
+
+    def epochs(self, samples: int, batch_size: int, epochs: float = 1.0) -> Workload:
+        """``epochs`` passes over ``samples`` in mini-batches (the last one partial)."""
+        steps = -(-int(samples) // max(int(batch_size), 1))
+        return (self.fixed * steps + self.per_sample * samples) * epochs
+
+    def samples(self, samples: float, batch_size: int) -> Workload:
+        """``samples`` seen in full batches of ``batch_size`` (what a step budget trains)."""
+        return self.fixed * (samples / max(batch_size, 1)) + self.per_sample * samples
 
 
 @dataclass(frozen=True)
@@ -192,12 +324,24 @@ def energy_j(profile: DeviceProfile, compute_s: float, comm_s: float, idle_s: fl
     )
 
 
+def compute_seconds(profile: DeviceProfile, work: Workload, speed: float = 1.0) -> float:
+    """Seconds ``profile`` needs for ``work`` at trace ``speed``: the calibrated per-layer model
+    when the profile has one, else counted FLOPs over ``profile.flops`` (the coarse form)."""
+    if profile.latency is None:
+        return work.counted / (profile.flops * speed)
+    return sum(c * f for c, f in zip(profile.latency.coefficients(), work.features())) / speed
+
+
+def transfer_seconds(profile: DeviceProfile, nbytes: float, bps: float, messages: float = 1.0) -> float:
+    """``messages`` round trips plus ``nbytes`` at ``bps`` bits/s; nothing sent costs nothing."""
+    return (profile.rtt_s * messages if nbytes > 0 else 0.0) + 8.0 * nbytes / bps
+
+
 def predict_times(
-    profile: DeviceProfile, speed: float, flops: float, bytes_down: float, bytes_up: float
+    profile: DeviceProfile, speed: float, work: Workload, bytes_down: float, bytes_up: float
 ) -> tuple[float, float, float]:
-    """(download_s, compute_s, upload_s) for ``flops`` of training at trace ``speed``,
-    with bandwidth in bits/s and payloads in bytes."""
-    download_s = 8.0 * bytes_down / profile.downlink_bps
-    compute_s = flops / (profile.flops * speed)
-    upload_s = 8.0 * bytes_up / profile.uplink_bps
+    """(download_s, compute_s, upload_s) of one task, with bandwidth in bits/s and payloads in bytes."""
+    download_s = transfer_seconds(profile, bytes_down, profile.downlink_bps)
+    compute_s = compute_seconds(profile, work, speed)
+    upload_s = transfer_seconds(profile, bytes_up, profile.uplink_bps)
     return download_s, compute_s, upload_s
