@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import logging
 import os
 import sys
@@ -17,13 +18,15 @@ from flexray import phases
 from flexray.errors import FlexrayError
 from flexray.fleet.latency import predict, round_time
 from flexray.fleet.placement import check_local_gpus, connected_placement
-from flexray.fleet.probe import default_name, measure, nearest_class, profile_line
+from flexray.fleet.calibrate import calibrate
+from flexray.fleet.probe import describe, nearest_class, probe_host, profile_line
 from flexray.fleet.profiles import CATALOG
 from flexray.protocol import DeviceView, PlanNotes, SubModel
 from flexray.runtime.assembly import load_config
 from flexray.runtime.driver import run_job, use_ray_auth_mode
 from flexray.runtime.engines import engine_for
 from flexray.runtime.job import Job, local_gpus
+from flexray.runtime.probe_nodes import probe_nodes
 from flexray.runtime.split_server import server_actor
 from flexray.schedule.minmax import SubModelScheduler
 from flexray.tracking.mlflow_logger import check_access, resolve_uri
@@ -126,13 +129,23 @@ def cmd_probe(args: argparse.Namespace) -> int:
         raise FlexrayError(f"probe: --like {args.like!r}: unknown device class; use one of {', '.join(CATALOG)}")
     if args.seconds <= 0:
         raise FlexrayError("probe: --seconds must be > 0")
-    res = measure(model, width, data, batch, seconds=args.seconds, threads=args.threads)
-    name = args.name or default_name()
-    like = CATALOG[args.like] if args.like else CATALOG.get(name) or nearest_class(res.flops)
-    print(f"# flexray probe: {res.flops:.4g} FLOP/s sustained training ({model} width {width} on {data}-shaped input, "
-          f"batch {batch}, {res.threads} threads, {res.steps} steps in {res.seconds:.1f} s)")
-    print(f"# paste under fleet.profiles; bandwidth and power are copied from {like.name} (measure them to be exact)")
-    print(profile_line(name, res, like))
+    cal_s = None if args.coarse else args.calibration_seconds
+    if cal_s is not None and cal_s <= 0:
+        raise FlexrayError("probe: --calibration-seconds must be > 0")
+    if args.address:
+        probes = probe_nodes(args.address, model, width, data, batch, args.seconds, args.threads, cal_s)
+        named = [(f"{args.name or p.host}_{i}" if len(probes) > 1 and args.name else args.name or p.host, p)
+                 for i, (_, p) in enumerate(probes)]
+    else:
+        probe = probe_host(model, width, data, batch, args.seconds, args.threads, None)
+        if cal_s is not None:  # the bar on stderr; the profile stays pasteable from stdout
+            probe = dataclasses.replace(probe, calibration=calibrate(seconds=cal_s, threads=args.threads, progress=True))
+        named = [(args.name or probe.host, probe)]
+    for name, probe in named:
+        like = CATALOG[args.like] if args.like else CATALOG.get(name) or nearest_class(probe.result.flops)
+        for line in describe(probe, like, model, width, data, batch):
+            print(line)
+        print(profile_line(name, probe, like))
     return 0
 
 
@@ -172,7 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["run"].add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
     sub.choices["plan"].add_argument("--address", metavar="HOST:PORT",
                                      help="a running Ray cluster: show the node each device actor lands on (or fail)")
-    pp = sub.add_parser("probe", help="measure this machine's training FLOP/s; prints a fleet.profiles line")
+    pp = sub.add_parser("probe", help="calibrate this machine's latency model (or every board's, with --address); "
+                        "prints a fleet.profiles line")
+    pp.add_argument("--address", metavar="HOST:PORT", help="a running Ray cluster: probe every node on its own actor")
+    pp.add_argument("--coarse", action="store_true", help="FLOP/s only, no per-layer calibration")
+    pp.add_argument("--calibration-seconds", type=float, default=0.3,
+                    help="seconds each calibration case is timed (default 0.3: about a minute in all)")
     pp.add_argument("--name", help="profile name to print (default: the host name)")
     pp.add_argument("--config", help="take model, data shape and batch size from this job YAML")
     pp.add_argument("--model", default="cnn", help="model to train (default cnn)")

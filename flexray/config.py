@@ -8,6 +8,8 @@ and device classes are checked by ``flexray.runtime.assembly.load_config``, stil
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -65,8 +67,31 @@ class ModelConfig(_Frozen):
         return self
 
 
+class KindRatesConfig(_Frozen):
+    """How fast a device runs one kind of kernel (``flexray.protocol.KindRates``; docs/latency.md)."""
+
+    flops_per_s: float = Field(math.inf, gt=0, description="FLOP/s on this kind's executed FLOPs (.inf: not limiting)")
+    bytes_per_s: float = Field(math.inf, gt=0, description="bytes/s read + written by its kernels (.inf: not limiting)")
+    kernel_s: float = Field(0.0, ge=0, description="fixed seconds per kernel (dispatch, launch)")
+    row_s: float = Field(0.0, ge=0, description="seconds per image plane / token row a kernel loops over")
+
+
+class LatencyConfig(_Frozen):
+    """A calibrated per-layer latency model, as ``flexray probe`` prints it."""
+
+    step_s: float = Field(0.0, ge=0, description="fixed seconds per optimizer step")
+    conv: KindRatesConfig = KindRatesConfig()
+    grouped: KindRatesConfig = KindRatesConfig()
+    matmul: KindRatesConfig = KindRatesConfig()
+    attention: KindRatesConfig = KindRatesConfig()
+    pool: KindRatesConfig = KindRatesConfig()
+    norm: KindRatesConfig = KindRatesConfig()
+    memory: KindRatesConfig = KindRatesConfig()
+
+
 class ProfileConfig(_Frozen):
-    """A custom device class; same fields as ``flexray.fleet.profiles.DeviceProfile``."""
+    """A custom device class; same fields as ``flexray.fleet.profiles.DeviceProfile``. With
+    ``flops`` only it is the coarse model; ``latency`` (from ``flexray probe``) the per-layer one."""
 
     flops: float = Field(gt=0, description="sustained training FLOP/s")
     memory_bytes: float = Field(gt=0)
@@ -75,6 +100,8 @@ class ProfileConfig(_Frozen):
     power_active_w: float = Field(gt=0)
     power_idle_w: float = Field(ge=0)
     power_radio_w: float = Field(ge=0)
+    latency: LatencyConfig | None = Field(None, description="calibrated per-layer latency model (flexray probe prints it)")
+    rtt_s: float = Field(0.0, ge=0, description="round-trip time each message pays before its bytes flow")
 
 
 class TraceConfig(_Frozen):

@@ -38,10 +38,10 @@ class LatencyParams:
     kinds: tuple[KindRates, ...]  # one per ``KINDS``
 
     def coefficients(self) -> tuple[float, ...]:
-        """Seconds per unit of ``Workload.features()``."""
+        """Seconds per unit of ``Workload.features()`` (counted FLOPs, the last, cost nothing here)."""
         return (
             self.step_s, *(k.kernel_s for k in self.kinds), *(1.0 / k.flops_per_s for k in self.kinds),
-            *(1.0 / k.bytes_per_s for k in self.kinds), *(k.row_s for k in self.kinds),
+            *(1.0 / k.bytes_per_s for k in self.kinds), *(k.row_s for k in self.kinds), 0.0,
         )
 
     @classmethod
@@ -135,8 +135,9 @@ class Workload:
                         tuple(max(a, 0.0) for a in self.rows))
 
     def features(self) -> tuple[float, ...]:
-        """(steps, kernels per kind, FLOPs per kind, bytes per kind): what a calibration regresses on."""
-        return (self.steps, *self.kernels, *self.flops, *self.bytes, *self.rows)
+        """(steps, kernels, executed FLOPs, bytes and rows per kind, counted FLOPs): a task's time is
+        their dot product with ``coefficients(profile)``."""
+        return (self.steps, *self.kernels, *self.flops, *self.bytes, *self.rows, self.counted)
 
 
 def _add(a: Vector, b: Vector, sign: float) -> Vector:
@@ -150,6 +151,15 @@ class StepProfile:
 
     fixed: Workload
     per_sample: Workload
+
+    def __add__(self, other: StepProfile) -> StepProfile:
+        return StepProfile(self.fixed + other.fixed, self.per_sample + other.per_sample)
+
+    def __mul__(self, k: float) -> StepProfile:
+        """Weighted (a mixture of steps, a share of one): counts scale, as costs do."""
+        return StepProfile(self.fixed * k, self.per_sample * k)
+
+    __rmul__ = __mul__
 
     def step(self, batch_size: int) -> Workload:
         return self.fixed + self.per_sample * batch_size
@@ -232,10 +242,16 @@ class Task:
 class Cost:
     """Predicted work of a task, the input of the latency/energy model."""
 
-    flops: float
+    work: Workload
     bytes_down: int
     bytes_up: int
     server_s: float = 0.0  # simulated time the device waits on a split server
+    round_trips: float = 0.0  # messages exchanged while training (split learning: one per step)
+
+    @property
+    def flops(self) -> float:
+        """Counted FLOPs, for logs."""
+        return self.work.counted
 
 
 @dataclass(frozen=True)
@@ -243,7 +259,7 @@ class ServerSpec:
     """A split-learning server a method needs the runtime to host (``flexray/runtime/split_server.py``)."""
 
     shared: bool  # one server model for all clients (SplitFed-V2) or a copy per client (V1)
-    server_flops: tuple[float, ...]  # server training FLOPs per sample, indexed by cut - 1
+    server_steps: tuple[StepProfile, ...]  # the server part's SGD step per client batch, indexed by cut - 1
     lr: float
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -259,7 +275,7 @@ class Update:
     tensors: dict[str, torch.Tensor]
     weight: float
     samples: int
-    flops: float | None = None  # None: the actor counts samples x counted per-sample FLOPs
+    work: Workload | None = None  # what was trained; None: the model's SGD steps over ``samples``
     bytes_down: int | None = None  # None: bytes of the global state that was shipped
     metrics: dict[str, float] = field(default_factory=dict)
     device: int = -1  # set by the actor; -1 for an actor's pre-summed update
@@ -267,6 +283,11 @@ class Update:
     trained: SubModel | None = None
     """The sub-model these tensors were trained on (width rate, depth k, pruning ratio, the dropout
     point picked): what the server's ``validate`` and ``aggregate`` read. ``metrics`` only logs."""
+
+    @property
+    def flops(self) -> float | None:
+        """Counted FLOPs of ``work``, for logs (None: the actor counts them)."""
+        return self.work.counted if self.work is not None else None
 
 
 @dataclass
@@ -324,12 +345,17 @@ def energy_j(profile: DeviceProfile, compute_s: float, comm_s: float, idle_s: fl
     )
 
 
+def coefficients(profile: DeviceProfile) -> tuple[float, ...]:
+    """Seconds per unit of ``Workload.features()`` on ``profile``: its calibrated per-layer model,
+    else (the coarse form) counted FLOPs over ``profile.flops``."""
+    if profile.latency is not None:
+        return profile.latency.coefficients()
+    return (0.0,) * (1 + 4 * len(KINDS)) + (1.0 / profile.flops,)
+
+
 def compute_seconds(profile: DeviceProfile, work: Workload, speed: float = 1.0) -> float:
-    """Seconds ``profile`` needs for ``work`` at trace ``speed``: the calibrated per-layer model
-    when the profile has one, else counted FLOPs over ``profile.flops`` (the coarse form)."""
-    if profile.latency is None:
-        return work.counted / (profile.flops * speed)
-    return sum(c * f for c, f in zip(profile.latency.coefficients(), work.features())) / speed
+    """Seconds ``profile`` needs for ``work`` at trace ``speed`` (a linear model: see ``coefficients``)."""
+    return sum(c * f for c, f in zip(coefficients(profile), work.features())) / speed
 
 
 def transfer_seconds(profile: DeviceProfile, nbytes: float, bps: float, messages: float = 1.0) -> float:
@@ -338,10 +364,16 @@ def transfer_seconds(profile: DeviceProfile, nbytes: float, bps: float, messages
 
 
 def predict_times(
-    profile: DeviceProfile, speed: float, work: Workload, bytes_down: float, bytes_up: float
+    profile: DeviceProfile, speed: float, work: Workload, bytes_down: float, bytes_up: float, round_trips: float = 0.0,
 ) -> tuple[float, float, float]:
-    """(download_s, compute_s, upload_s) of one task, with bandwidth in bits/s and payloads in bytes."""
+    """(download_s, compute_s, upload_s) of one task, with bandwidth in bits/s and payloads in bytes;
+    ``round_trips`` exchanged while training (split learning) are counted with the upload."""
     download_s = transfer_seconds(profile, bytes_down, profile.downlink_bps)
     compute_s = compute_seconds(profile, work, speed)
-    upload_s = transfer_seconds(profile, bytes_up, profile.uplink_bps)
+    upload_s = transfer_seconds(profile, bytes_up, profile.uplink_bps) + profile.rtt_s * round_trips
     return download_s, compute_s, upload_s
+
+
+def cost_times(profile: DeviceProfile, speed: float, cost: Cost) -> tuple[float, float, float]:
+    """``predict_times`` of a task's ``Cost``."""
+    return predict_times(profile, speed, cost.work, cost.bytes_down, cost.bytes_up, cost.round_trips)

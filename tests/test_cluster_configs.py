@@ -81,15 +81,23 @@ def test_probe_prints_a_profile_line_that_validates(capsys):
     from flexray.cli import main
     from flexray.runtime.assembly import parse_config
 
-    assert main(["probe", "--seconds", "0.3", "--name", "lab_pi", "--data", "digits", "--width", "8", "--like", "rpi4"]) == 0
+    assert main(["probe", "--seconds", "0.3", "--name", "lab_pi", "--data", "digits", "--width", "8", "--like", "rpi4",
+                 "--calibration-seconds", "0.01"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[0].startswith("# flexray probe:") and "FLOP/s" in out[0] and "rpi4" in out[1]
+    assert out[0].startswith("# flexray probe on ") and "FLOP/s" in out[0] and "latency model" in out[1]
+    assert "rpi4" in out[2]
     profiles = yaml.safe_load(out[-1])
     assert set(profiles) == {"lab_pi"} and profiles["lab_pi"]["flops"] > 1e5
-    assert profiles["lab_pi"]["power_active_w"] == 6.4  # copied from --like rpi4
+    assert profiles["lab_pi"]["power_active_w"] == 6.4 and profiles["lab_pi"]["rtt_s"] == 0.003  # from --like rpi4
+    conv = profiles["lab_pi"]["latency"]["conv"]
+    assert conv["flops_per_s"] > 1e8 and conv["kernel_s"] >= 0  # the calibrated per-layer model
     # The line pastes straight into a job: the group uses the measured profile.
     cfg = parse_config(job_tree(fleet__profiles=profiles, fleet__groups=[{"profile": "lab_pi", "count": 1}]))
     assert cfg.fleet.profiles["lab_pi"].flops == profiles["lab_pi"]["flops"]
+    assert cfg.fleet.profiles["lab_pi"].latency is not None
+    assert main(["probe", "--seconds", "0.1", "--coarse", "--data", "digits", "--width", "8"]) == 0
+    coarse = yaml.safe_load(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "latency" not in next(iter(coarse.values()))  # --coarse: FLOP/s only, still a valid profile
     assert main(["probe", "--like", "toaster"]) == 2
 
 

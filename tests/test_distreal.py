@@ -16,7 +16,7 @@ from flexray.methods.distreal import Distreal, DistrealConfig, front_spec
 from flexray.models import elastic, filters
 from flexray.models.profile import profile_model, state_bytes
 from flexray.models.zoo import cnn, lenet
-from flexray.protocol import DeviceView, LocalData, Task, Update
+from flexray.protocol import DeviceView, LocalData, Task, Update, Workload, compute_seconds, predict_times
 from flexray.runtime.assembly import parse_config
 from flexray.runtime.driver import run_job
 from flexray.schedule import dse
@@ -134,17 +134,19 @@ def test_device_whose_budget_drops_picks_a_cheaper_point():
     points = [[0.75, 0.75, 1e4, 2.6], [0.5, 0.25, 5e4, 2.2], [0.0, 0.0, 1.3e5, 1.8]]  # rates, flops, loss
     spec = front_spec(["conv1.0", "conv2.0"], points)
     rpi3 = CATALOG["rpi3"]
-    fast = DeviceView(0, rpi3, 1.0, 100, deadline_s=0.02)
-    slow = DeviceView(0, rpi3, 0.4, 100, deadline_s=0.02)
-    crawl = DeviceView(0, rpi3, 0.01, 100, deadline_s=0.02)
+    # each point is costed from the slim model it trains, on the device's per-layer clock
+    secs = [compute_seconds(rpi3, method.point_work(spec, i, 100)) for i in range(3)]
+    assert secs[0] < secs[1] < secs[2]
+    dl, _, ul = predict_times(rpi3, 1.0, Workload(), method.model_bytes(), method.model_bytes())
+    deadline = dl + ul + 1.01 * secs[2]  # the full model just fits at speed 1
+    speeds = (1.0, secs[1] / secs[2], 0.5 * secs[0] / secs[2])
+    fast, slow, crawl = (DeviceView(0, rpi3, s, 100, deadline_s=deadline) for s in speeds)
     picks = [method.choose(spec, v, 100) for v in (fast, slow, crawl)]
     assert picks == [2, 1, 0]  # full model, then cheaper, then the cheapest
-    flops = [points[i][2] for i in picks]
-    assert flops[0] > flops[1] > flops[2]
     assert method.choose(spec, DeviceView(0, rpi3, 0.01, 100), 100) == 2  # no deadline: best convergence
     # the predicted cost follows the same choice the device makes
     task = Task(0, 0, spec)
-    assert method.cost(task, slow, None).flops == 100 * points[1][2]  # type: ignore[arg-type]
+    assert method.cost(task, slow, None).work == method.point_work(spec, 1, 100)  # type: ignore[arg-type]
 
 
 def test_local_update_uses_its_pick_and_aggregation_ignores_dropped_entries():
@@ -157,7 +159,9 @@ def test_local_update_uses_its_pick_and_aggregation_ignores_dropped_entries():
     ctx.seed(1)
     ctx.device = DeviceView(0, CATALOG["rpi3"], 0.1, 8, deadline_s=0.002)
     up = method.local_update(Task(0, 0, spec), state, data, ctx)
-    assert up.metrics["point"] == 0 and up.metrics["drop.conv2.0"] == 0.75 and up.flops == 8 * 1e4
+    assert up.metrics["point"] == 0 and up.metrics["drop.conv2.0"] == 0.75
+    assert up.work == method.point_work(spec, 0, 8)  # the slim model's kernels, one epoch of one batch
+    assert up.work.counted < method.point_work(spec, 1, 8).counted
     trained = (up.tensors["conv2.0.weight"] != state["conv2.0.weight"]).any(dim=(1, 2, 3))
     assert int(trained.sum()) == 4  # ceil(0.25 * 16) filters of conv2 in the single mini-batch
 
@@ -175,10 +179,12 @@ def test_local_update_uses_its_pick_and_aggregation_ignores_dropped_entries():
 
 
 def test_distreal_job_logs_front_and_choices_follow_the_traces(ray_cluster, mlflow_uri, tmp_path):
-    trace = {"kind": "random_walk", "sigma": 0.5, "step_s": 0.02, "min_speed": 0.1, "max_speed": 3.0}
+    # a width-32 cnn: on the rpi3's per-layer clock its dropout points span ~5x (width 8: under 2x,
+    # per-step fixed costs dominate); at 0.2x speed the cheap points fit 1 s, the full one needs ~0.5x
+    trace = {"kind": "random_walk", "sigma": 0.5, "step_s": 0.2, "min_speed": 0.2, "max_speed": 3.0}
     tree = job_tree(
-        tracking__uri=mlflow_uri, rounds__num=5, rounds__deadline_s=0.025, rounds__stragglers="drop",
-        data__samples_per_device=200, method={
+        tracking__uri=mlflow_uri, rounds__num=5, rounds__deadline_s=1.0, rounds__stragglers="drop",
+        data__samples_per_device=200, model={"name": "cnn", "width": 32}, method={
             "name": "distreal", "batch_size": 32, "lr": 0.1, "momentum": 0.5,
             "dse": {"proxy_samples": 300, "proxy_steps": 6, "pop_size": 6, "generations": 2,
                     "cache_dir": str(tmp_path / "cache")},

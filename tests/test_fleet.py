@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pickle
 from dataclasses import fields
@@ -14,7 +15,7 @@ from flexray.config import ProfileConfig, TraceConfig
 from flexray.errors import FlexrayError
 from flexray.fleet.profiles import CATALOG, resolve_profile
 from flexray.fleet.traces import RandomWalkTrace, ReplayTrace, build_trace
-from flexray.protocol import DeviceProfile, energy_j, predict_times
+from flexray.protocol import KINDS, DeviceProfile, KindRates, LatencyParams, Workload, compute_seconds, energy_j, predict_times
 
 REQUIRED = (
     "rpi3", "rpi4", "jetson_nano", "jetson_orin_nano", "phone_mid", "phone_high", "laptop_cpu", "edge_gpu_server"
@@ -29,8 +30,12 @@ def test_catalog_has_required_classes_with_positive_numbers():
         p = CATALOG[name]
         assert p.name == name
         for f in fields(DeviceProfile):
-            if f.name != "name":
+            if f.name not in ("name", "latency"):
                 assert getattr(p, f.name) > 0, (name, f.name)
+        lat = p.latency
+        assert lat is not None and lat.step_s > 0 and len(lat.kinds) == len(KINDS), name
+        assert lat.kinds[0].flops_per_s == pytest.approx(p.flops), name  # dense conv runs at the class's FLOP/s
+        assert all(k.bytes_per_s > 0 and k.kernel_s >= 0 and k.row_s >= 0 for k in lat.kinds), name
         assert isinstance(p.memory_bytes, int)
         assert p.power_active_w > p.power_idle_w
 
@@ -63,6 +68,22 @@ def test_resolve_profile_custom_then_catalog():
     assert resolve_profile("rpi4", custom).flops == 5e9  # custom overrides the catalog
     assert resolve_profile("rpi4") is CATALOG["rpi4"]
     assert resolve_profile("rpi3", custom) is CATALOG["rpi3"]
+
+
+def test_a_latency_block_as_probe_prints_it_loads_into_the_profile():
+    import yaml
+
+    from flexray.fleet.profiles import latency_yaml
+
+    ref = CATALOG["rpi4"].latency
+    block = yaml.safe_load(latency_yaml(ref))  # what flexray probe prints under latency:
+    p = resolve_profile("lab_pi", {"lab_pi": _pc(latency=block, rtt_s=0.004)})
+    assert p.rtt_s == 0.004 and p.latency is not None
+    for mine, theirs in zip(p.latency.coefficients(), ref.coefficients()):
+        assert mine == pytest.approx(theirs, rel=1e-3)  # 4 significant digits survive the round trip
+    assert math.isinf(p.latency.kinds[1].flops_per_s)  # ".inf": a rate that does not limit
+    with pytest.raises(ValueError):
+        _pc(latency={"conv": {"flops_per_s": -1.0}})
 
 
 def test_resolve_profile_unknown_lists_known_names():
@@ -260,11 +281,26 @@ def test_energy_hand_computed():
 
 
 def test_predict_times_hand_computed():
-    down, comp, up = predict_times(P, speed=0.5, flops=3e9, bytes_down=1e6, bytes_up=250_000)
+    down, comp, up = predict_times(P, speed=0.5, work=Workload.coarse(3e9), bytes_down=1e6, bytes_up=250_000)
     assert down == pytest.approx(2.0)  # 8e6 bits / 4e6 bit/s
-    assert comp == pytest.approx(6.0)  # 3e9 / (1e9 x 0.5)
+    assert comp == pytest.approx(6.0)  # 3e9 / (1e9 x 0.5): a flops-only profile is the coarse model
     assert up == pytest.approx(2.0)  # 2e6 bits / 1e6 bit/s
-    assert predict_times(P, 2.0, 0.0, 0.0, 0.0) == (0.0, 0.0, 0.0)
+    assert predict_times(P, 2.0, Workload(), 0.0, 0.0) == (0.0, 0.0, 0.0)
+    rtt = dataclasses.replace(P, rtt_s=0.05)  # every message pays a round trip; split steps add theirs
+    assert predict_times(rtt, 0.5, Workload.coarse(3e9), 1e6, 250_000, round_trips=10) == pytest.approx((2.05, 6.0, 2.55))
+    assert predict_times(rtt, 1.0, Workload(), 0.0, 0.0) == (0.0, 0.0, 0.0)  # nothing sent, nothing paid
+
+
+def test_calibrated_profile_costs_every_kernel():
+    """The per-layer model by hand: kernels, FLOPs by kind, bytes and rows each at their rate."""
+    kinds = tuple(KindRates(flops_per_s=1e9, bytes_per_s=1e8, kernel_s=1e-3, row_s=1e-6) for _ in KINDS)
+    prof = dataclasses.replace(P, latency=LatencyParams(step_s=0.5, kinds=kinds))
+    conv = Workload.kernel("conv", counted=1e9, executed=2e9, nbytes=1e8, rows=1000)
+    work = conv + conv + Workload(steps=2.0)
+    # 2 x (1 ms + 2 s + 1 s + 1 ms) + 2 x 0.5 s
+    assert compute_seconds(prof, work, speed=1.0) == pytest.approx(2 * (1e-3 + 2.0 + 1.0 + 1e-3) + 1.0)
+    assert compute_seconds(prof, work, speed=2.0) == pytest.approx(compute_seconds(prof, work) / 2)
+    assert compute_seconds(P, work) == pytest.approx(2.0)  # coarse: counted FLOPs / flops
 
 
 def test_available_between_is_exact_for_every_kind(tmp_path):

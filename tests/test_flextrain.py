@@ -18,7 +18,7 @@ from flexray.methods import METHODS, flextrain
 from flexray.methods.base import DeviceContext
 from flexray.methods.flextrain import FlexTrain
 from flexray.models import build_model, depth, profile_model, state_bytes
-from flexray.protocol import DeviceView, LocalData, SubModel, Task, Update
+from flexray.protocol import DeviceView, LocalData, SubModel, Task, Update, compute_seconds
 from flexray.runtime.assembly import parse_config
 from tests.conftest import host_round
 
@@ -91,15 +91,17 @@ def test_plan_gives_faster_devices_deeper_prefixes(digits) -> None:
     json.dumps([t.spec.log() for t in tasks])  # lands in the event log
     assert set(tasks[0].spec.log()) == {"k"} and all(isinstance(k, int) for k in ks)
     assert ks == sorted(ks) and ks[0] == 1 and ks[-1] == method.max_k == 9 and len(set(ks)) >= 3
-    # the rule: largest k whose per-sample FLOPs fit flops/full_depth_flops of the full model's
-    probe = method._probe_shape()
-    full = method.flops_per_sample(9, probe)
+    # the rule: the largest k whose step takes the device (per-layer clock) at most flops /
+    # full_depth_flops of its own full-depth step
+    probe, batch = method._probe_shape(), method.cfg.batch_size
     for name, k in zip(names, ks):
-        ratio = CATALOG[name].flops / method.fcfg.full_depth_flops
+        budget = (CATALOG[name].flops / method.fcfg.full_depth_flops
+                  * compute_seconds(CATALOG[name], method.step_of(9, probe).step(batch)))
+        took = {c: compute_seconds(CATALOG[name], method.step_of(c, probe).step(batch)) for c in (k, k + 1) if c <= 9}
         if k < 9:
-            assert method.flops_per_sample(k + 1, probe) > ratio * full
+            assert took[k + 1] > budget
         if k > 1:
-            assert method.flops_per_sample(k, probe) <= ratio * full * (1 + 1e-9)
+            assert took[k] <= budget * (1 + 1e-9)
     pinned, _, _ = make(shape, "resnet20", depths={"rpi3": 7})
     assert pinned.plan(0, [view(0, "rpi3")], state)[0].spec == SubModel(k=7, mode=flextrain.LABELS)  # weakest tier
     too_deep, _, _ = make(shape, "resnet20", depths={"rpi3": 10})

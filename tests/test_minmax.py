@@ -84,11 +84,14 @@ def test_capacity_matches_brute_force(seed: int) -> None:
 
 
 def test_capacity_trains_the_full_model_where_strict_minmax_starves_it() -> None:
-    """The quickstart's spread (rpi4 ... laptop, ~30x): strict min-max paces the round to the rpi4's
-    smallest option, and nobody trains the full model; capacity paces it to the fastest device's
-    full model, which the fast devices train, and the slow ones take the largest option in time."""
+    """Strict min-max paces the round to the slowest device's smallest option (an rpi4 at p=1/16);
+    when that is shorter than the fastest device's full model (a Jetson Nano's), nobody trains the
+    full model. Capacity paces it to the fastest device's full model, which the fast devices train,
+    and the slow ones take the largest option in time. (On the per-layer clock a 1/16 sub-model
+    costs the rpi4 1/13 of its full model, not the 1/100+ its FLOPs say, so with laptops in the
+    fleet even strict min-max trains them at full width.)"""
     method, profile = _method(HeteroFL)
-    views = _views("rpi4", "jetson_nano", "laptop_cpu", "laptop_cpu")
+    views = _views("rpi4", "rpi4", "jetson_nano", "jetson_nano")
     strict = SubModelScheduler(ScheduleConfig(mode="minmax"), method, profile, batch_size=32).assign(views)
     sched = SubModelScheduler(ScheduleConfig(mode="capacity"), method, profile, batch_size=32)
     plan = sched.assign(views)

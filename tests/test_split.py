@@ -12,7 +12,7 @@ from flexray.fleet.profiles import CATALOG
 from flexray.fleet.synthetic import random_clients
 from flexray.models import build_model, profile_model
 from flexray.models.split import split_model, split_points, stage_names
-from flexray.protocol import ServerSpec, SubModel, Task
+from flexray.protocol import DeviceProfile, ServerSpec, StepProfile, SubModel, Task, Workload
 from flexray.runtime.split_server import LocalPort, SplitServerHost
 from flexray.schedule.tlmp import Clients, baselines, brute_force, exact_minmax, fit_cuts, min_target, terms, tlmp
 
@@ -57,6 +57,11 @@ def test_split_points_account_for_the_whole_model(one_torch_thread, name, shape)
         assert p.smashed_bytes == h[0].numel() * 4 and p.split
     last = pts[-1]
     assert not last.split and last.smashed_bytes == 0 and last.server_flops == 0  # cut = L is plain FL
+    whole = prof.step.step(16).features()
+    for p in pts[:-1]:  # the two parts' kernels are the whole step's, with a step on each side
+        both = (p.client_step.step(16) + p.server_step.step(16)).features()
+        assert both[1:] == pytest.approx(whole[1:], rel=1e-6) and both[0] == whole[0] + 1
+    assert last.client_step == prof.step and last.server_step.step(16) == Workload()
     mem = [p.client_memory_bytes for p in pts]
     assert mem == sorted(mem)
 
@@ -87,7 +92,7 @@ def test_split_training_gives_the_whole_models_gradients(one_torch_thread, name,
     L = len(whole)
     cuts = range(1, L) if L <= 6 else (1, 2, L // 2, L - 2, L - 1)  # mobilenet has 19 stages: a spread
     for cut in cuts:
-        spec = ServerSpec(shared=False, server_flops=(1.0,) * L, lr=0.1)
+        spec = ServerSpec(shared=False, server_steps=(StepProfile(Workload(steps=1.0), Workload()),) * L, lr=0.1)
         host = SplitServerHost(cfg, spec, shape, 10, SERVER)
         host.begin_round(0, state, [Task(0, 0, SubModel(cut=cut, theta=1.0))])
         model = build_model(ModelConfig(name=name, width=8), shape, 10)
@@ -129,25 +134,25 @@ def test_cut_regression_is_fitted_and_reports_its_error(resnet_points):
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_tlmp_respects_shares_and_memory(resnet_points, seed):
     clients = _fleet(300, seed, resnet_points, tight_memory=0.5)
-    plan = tlmp(clients, resnet_points, SERVER.flops)
+    plan = tlmp(clients, resnet_points, SERVER)
     assert plan.theta.min() >= 0 and plan.theta.sum() <= 1 + 1e-9
     need = np.array([resnet_points[c - 1].client_memory_bytes for c in plan.cuts])
     assert np.all(need <= clients.memory_bytes)
     assert (plan.cuts < len(resnet_points)).any()  # tight memory forces some splits
     split = plan.cuts < len(resnet_points)
     assert np.all(plan.theta[split] > 0) and np.all(plan.theta[~split] == 0)
-    tm = terms(clients, resnet_points, SERVER.flops)
+    tm = terms(clients, resnet_points, SERVER)
     assert np.allclose(plan.latency, tm.latency(plan.cuts, np.maximum(plan.theta, 1e-300)))
-    base = baselines(clients, resnet_points, SERVER.flops)
+    base = baselines(clients, resnet_points, SERVER)
     assert plan.max_latency <= min(base.values()) * (1 + 1e-9)
-    assert plan.max_latency <= exact_minmax(clients, resnet_points, SERVER.flops).max_latency * 1.01
+    assert plan.max_latency <= exact_minmax(clients, resnet_points, SERVER).max_latency * 1.01
 
 
 @pytest.mark.parametrize("seed", [10, 11, 12])
 def test_tlmp_is_within_one_percent_of_brute_force(resnet_points, seed):
     clients = _fleet(5, seed, resnet_points)
-    plan = tlmp(clients, resnet_points, SERVER.flops)
-    best, cuts = brute_force(clients, resnet_points, SERVER.flops, grid=2000)
+    plan = tlmp(clients, resnet_points, SERVER)
+    best, cuts = brute_force(clients, resnet_points, SERVER, grid=2000)
     assert np.isfinite(best) and len(cuts) == 5
     assert plan.max_latency <= best * 1.01
 
@@ -158,12 +163,12 @@ def test_tlmp_names_a_client_that_cannot_train_at_all(resnet_points):
     from flexray.errors import FlexrayError
 
     with pytest.raises(FlexrayError, match="client 2 cannot hold even the first stage"):
-        tlmp(clients, resnet_points, SERVER.flops)
+        tlmp(clients, resnet_points, SERVER)
 
 
 def test_tlmp_is_deterministic(resnet_points):
-    a = tlmp(_fleet(50, 5, resnet_points), resnet_points, SERVER.flops)
-    b = tlmp(_fleet(50, 5, resnet_points), resnet_points, SERVER.flops)
+    a = tlmp(_fleet(50, 5, resnet_points), resnet_points, SERVER)
+    b = tlmp(_fleet(50, 5, resnet_points), resnet_points, SERVER)
     assert np.array_equal(a.cuts, b.cuts) and np.array_equal(a.theta, b.theta)
 
 
@@ -199,14 +204,16 @@ def test_tlmp_cuts_inside_a_resnet_layer_when_that_is_the_min_max_optimum(resnet
     torchvision's layer2 used to hide; TLMP, the exact solver and brute force all find it."""
     names, pts = resnet18
     n, cut = 3, names.index("layer2_0") + 1
-    clients = Clients(flops=np.array([5e9, 4e9, 6e9]), uplink_bps=np.full(n, 2e6), downlink_bps=np.full(n, 2e7),
-                      memory_bytes=np.full(n, pts[cut - 1].client_memory_bytes), samples=np.array([500.0, 400.0, 600.0]))
-    plan = tlmp(clients, pts, SERVER.flops)
+    devices = [DeviceProfile(f"c{i}", f, int(pts[cut - 1].client_memory_bytes), 2e6, 2e7, 1.0, 1.0, 1.0)
+               for i, f in enumerate((5e9, 4e9, 6e9))]  # FLOP/s only: the coarse clock
+    samples = np.array([500.0, 400.0, 600.0])
+    clients = Clients.of(devices, [1.0] * n, samples, np.ceil(samples / 32))
+    plan = tlmp(clients, pts, SERVER)
     assert plan.cuts.tolist() == [cut] * n and names[cut] == "layer2_1"  # the cut splits layer2
-    assert exact_minmax(clients, pts, SERVER.flops).cuts.tolist() == [cut] * n
-    best, best_cuts = brute_force(clients, pts, SERVER.flops, grid=2000)
+    assert exact_minmax(clients, pts, SERVER).cuts.tolist() == [cut] * n
+    best, best_cuts = brute_force(clients, pts, SERVER, grid=2000)
     assert best_cuts.tolist() == [cut] * n and plan.max_latency <= best * (1 + 1e-6)
-    tm = terms(clients, pts, SERVER.flops)
+    tm = terms(clients, pts, SERVER)
     coarse = np.array([names.index(g) + 1 for g in ("stem", "layer1_1", "layer2_1", "layer3_1", "layer4_1", "head")])
     coarse_best = min_target(tm.A[:, coarse - 1], tm.B[:, coarse - 1])[0]
     assert plan.max_latency < 0.95 * coarse_best  # the stage-level cuts alone lose > 5%

@@ -11,6 +11,7 @@ so ``benchmarks/latency_fidelity.py`` can check the fit on models it has never s
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import nnls
 from torch import nn
+from tqdm import tqdm
 
 from flexray.models.kernels import step_profile
 from flexray.protocol import KINDS, LatencyParams, StepProfile
@@ -158,7 +160,7 @@ def _fitted() -> np.ndarray:
     per-row cost only where kernels loop per (sample, channel) plane (depthwise convs, norms).
     Freeing the rest over-fits the suite (checked on held-out models: latency_fidelity.py)."""
     n = len(KINDS)
-    mask = np.zeros(1 + 4 * n, dtype=bool)
+    mask = np.zeros(2 + 4 * n, dtype=bool)  # the last feature, counted FLOPs, is the coarse model's
     mask[0] = True
     mask[1:1 + n] = True
     for i, kind in enumerate(KINDS):
@@ -180,16 +182,18 @@ def fit(rows: list[tuple[StepProfile, int, float]]) -> tuple[LatencyParams, np.n
 
 
 def calibrate(seconds: float = 0.3, batches: tuple[int, ...] = BATCHES, threads: int | None = None,
-              progress: Callable[[str], None] | None = None) -> Calibration:
-    """Time the suite on this machine and fit its ``LatencyParams`` (about a minute on 2 cores)."""
+              progress: bool = False) -> Calibration:
+    """Time the suite on this machine and fit its ``LatencyParams`` (about a minute on 2 cores;
+    ``progress``: a bar on stderr)."""
     if threads:
         torch.set_num_threads(threads)
     t0, rows = time.perf_counter(), []
     cases = suite()
-    for name, prof, b, t in measurements(cases, batches, seconds):
+    bar = tqdm(total=len(cases) * len(batches), desc="calibrating", unit="case", disable=not progress, file=sys.stderr)
+    for _, prof, b, t in measurements(cases, batches, seconds):
         rows.append((prof, b, t))
-        if progress:
-            progress(f"{name} batch {b}: {t * 1e3:.2f} ms")
+        bar.update()
+    bar.close()
     params, factors = fit(rows)
     return Calibration(params, len(rows), time.perf_counter() - t0, float(np.median(factors)), float(factors.max()),
                        torch.get_num_threads())

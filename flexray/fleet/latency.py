@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from flexray.fleet.fleet import Device
 from flexray.models.profile import ModelProfile, training_memory_bytes
-from flexray.protocol import CostModel, DeviceView, SubModelKnob, Task, energy_j, predict_times
+from flexray.protocol import CostModel, DeviceView, SubModelKnob, Task, cost_times, energy_j
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def predict(
         speed = d.trace.speed(t)
         view = DeviceView(d.id, d.profile, speed, len(d.indices), deadline_s)
         cost = method.cost(task, view, profile)
-        dl, comp, ul = predict_times(d.profile, speed, cost.flops, cost.bytes_down, cost.bytes_up)
+        dl, comp, ul = cost_times(d.profile, speed, cost)
         out.append(Prediction(
             d.id, d.name, d.profile.name, len(d.indices), cost.flops, dl, comp, ul,
             energy_j(d.profile, comp, dl + ul, idle_s=cost.server_s), _fits(task, d, mem), cost.server_s,

@@ -1,9 +1,10 @@
-"""``flexray probe``: measure this machine's sustained training FLOP/s for a device profile.
+"""``flexray probe``: measure this machine for a device profile.
 
-The simulator turns counted FLOPs into time with a profile's ``flops``, so a real board's number
-must be measured the same way: time real training steps (forward, backward, optimizer) of the
-model the jobs use, and divide the FLOPs ``flexray.models.profile`` counts for them by the wall
-time. Datasheet peaks are 10-50x too optimistic for small-batch training on edge hardware.
+Two measurements. The coarse one times real training steps (forward, backward, optimizer) of the
+model the jobs use and divides the FLOPs ``flexray.models.profile`` counts for them by the wall
+time: one sustained FLOP/s number (datasheet peaks are 10-50x too optimistic for small-batch
+training on edge hardware). The calibration (``flexray.fleet.calibrate``) fits the per-layer
+latency model that replaces it: a board is 12x faster or slower depending on the workload.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from flexray.config import ModelConfig
-from flexray.fleet.profiles import CATALOG
+from flexray.fleet.calibrate import Calibration, calibrate
+from flexray.fleet.profiles import CATALOG, _yaml_float, latency_yaml
 from flexray.models import build_model, train_flops_per_sample
 from flexray.protocol import DeviceProfile
 
@@ -97,19 +99,48 @@ def default_name() -> str:
     return re.sub(r"[^a-z0-9_]+", "_", socket.gethostname().lower()).strip("_") or "my_device"
 
 
-def profile_line(name: str, result: ProbeResult, like: DeviceProfile) -> str:
+@dataclass(frozen=True)
+class HostProbe:
+    """Everything ``flexray probe`` measured on one machine."""
+
+    host: str
+    result: ProbeResult
+    calibration: Calibration | None  # None: --coarse
+    rtt_s: float | None = None  # measured message round trip (cluster probes), else the like-class's
+
+
+def probe_host(model: str, width: int, data: str, batch_size: int, seconds: float, threads: int | None,
+               calibration_seconds: float | None) -> HostProbe:
+    """The coarse FLOP/s and (unless ``calibration_seconds`` is None) the calibrated latency model."""
+    result = measure(model, width, data, batch_size, seconds=seconds, threads=threads)
+    cal = calibrate(seconds=calibration_seconds, threads=threads) if calibration_seconds is not None else None
+    return HostProbe(default_name(), result, cal)
+
+
+def profile_line(name: str, probe: HostProbe, like: DeviceProfile) -> str:
     """One YAML line for ``fleet.profiles``; floats keep a '.' so YAML reads them as numbers."""
     fields = {
-        "flops": result.flops, "memory_bytes": result.memory_bytes, "uplink_bps": like.uplink_bps,
+        "flops": probe.result.flops, "memory_bytes": probe.result.memory_bytes, "uplink_bps": like.uplink_bps,
         "downlink_bps": like.downlink_bps, "power_active_w": like.power_active_w, "power_idle_w": like.power_idle_w,
-        "power_radio_w": like.power_radio_w,
+        "power_radio_w": like.power_radio_w, "rtt_s": probe.rtt_s if probe.rtt_s is not None else like.rtt_s,
     }
     body = ", ".join(f"{k}: {v if isinstance(v, int) else _yaml_float(v)}" for k, v in fields.items())
+    if probe.calibration is not None:
+        body += f", latency: {latency_yaml(probe.calibration.params)}"
     return f"{name}: {{{body}}}"
 
 
-def _yaml_float(v: float) -> str:
-    """4 significant digits; PyYAML reads 1e+08 as a string, so write 1.0e+08."""
-    text = f"{float(v):.4g}"
-    mantissa, e, exp = text.partition("e")
-    return f"{mantissa}.0{e}{exp}" if e and "." not in mantissa else text
+def describe(probe: HostProbe, like: DeviceProfile, model: str, width: int, data: str, batch: int) -> list[str]:
+    """The comment lines above a profile."""
+    res, cal = probe.result, probe.calibration
+    lines = [f"# flexray probe on {probe.host}: {res.flops:.4g} FLOP/s sustained training ({model} width {width} on "
+             f"{data}-shaped input, batch {batch}, {res.threads} threads, {res.steps} steps in {res.seconds:.1f} s)"]
+    if cal is not None:
+        lines.append(f"# latency model: {cal.cases} calibration steps in {cal.seconds:.0f} s, {cal.threads} threads; "
+                     f"the fit is within {cal.median_factor:.2f}x of them (median), {cal.worst_factor:.2f}x (worst); "
+                     "docs/latency.md")
+    else:
+        lines.append("# coarse profile (flops only); drop --coarse for the per-layer latency model")
+    rtt = "rtt_s measured as a Ray round trip, " if probe.rtt_s is not None else ""
+    lines.append(f"# paste under fleet.profiles; {rtt}bandwidth and power are copied from {like.name} (measure them to be exact)")
+    return lines

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -11,7 +12,8 @@ from flexray.models.split import SplitPoint
 from flexray.schedule.tlmp import Clients
 
 
-def random_clients(n: int, rng: np.random.Generator, points: Sequence[SplitPoint], tight_share: float = 0.3) -> Clients:
+def random_clients(n: int, rng: np.random.Generator, points: Sequence[SplitPoint], tight_share: float = 0.3,
+                   batch_size: int = 32) -> Clients:
     """A random fleet for tests and benchmarks: catalog devices at 0.2-1.5x their speed and
     0.3-1.5x their bandwidth; a ``tight_share`` of them has memory for only the first cuts."""
     devs = [p for k, p in CATALOG.items() if k not in ("edge_gpu_server", "cloud_gpu")]
@@ -19,10 +21,8 @@ def random_clients(n: int, rng: np.random.Generator, points: Sequence[SplitPoint
     mem = np.array([p.memory_bytes for p in pick], dtype=float)
     tight = rng.random(n) < tight_share
     mem[tight] = rng.uniform(points[0].client_memory_bytes, points[-1].client_memory_bytes, int(tight.sum()))
-    return Clients(
-        flops=np.array([p.flops for p in pick]) * rng.uniform(0.2, 1.5, n),
-        uplink_bps=np.array([p.uplink_bps for p in pick]) * rng.uniform(0.3, 1.5, n),
-        downlink_bps=np.array([p.downlink_bps for p in pick]) * rng.uniform(0.3, 1.5, n),
-        memory_bytes=mem,
-        samples=rng.integers(50, 1000, n).astype(float),
-    )
+    speed = rng.uniform(0.2, 1.5, n)
+    up, down = rng.uniform(0.3, 1.5, n), rng.uniform(0.3, 1.5, n)
+    samples = rng.integers(50, 1000, n).astype(float)
+    base = Clients.of(pick, speed, samples, np.ceil(samples / batch_size))
+    return dataclasses.replace(base, uplink_bps=base.uplink_bps * up, downlink_bps=base.downlink_bps * down, memory_bytes=mem)

@@ -127,8 +127,8 @@ class Method(ABC):
         return [Task(device=d.id, round=rnd) for d in devices]
 
     def cost(self, task: Task, device: DeviceView, profile: ModelProfile) -> Cost:
-        samples = self.cfg.local_epochs * device.num_samples
-        return Cost(samples * profile.train_flops_per_sample, profile.param_bytes, profile.param_bytes)
+        work = profile.step.epochs(device.num_samples, self.cfg.batch_size, self.cfg.local_epochs)
+        return Cost(work, profile.param_bytes, profile.param_bytes)
 
     @abstractmethod
     def aggregate(self, rnd: int, state: State, updates: Sequence[Update]) -> State: ...

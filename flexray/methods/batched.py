@@ -27,7 +27,7 @@ from torch.func import functional_call, grad, vmap
 from flexray.config import MethodConfig
 from flexray.methods.base import local_batches
 from flexray.models.elastic import mask_logits
-from flexray.protocol import LocalData, State
+from flexray.protocol import LocalData, State, Workload
 
 Tensors = dict[str, torch.Tensor]
 
@@ -45,7 +45,7 @@ class ClientResult:
     state: State  # on the CPU, like every update that crosses the object store
     samples: int
     loss: float  # mean training loss per sample, as sgd_train reports it
-    flops: float  # counted by the step loss (0 where the method counts them itself)
+    work: Workload | None  # what the step loss counted (None where the method counts it itself)
 
 
 class _LossModule(nn.Module):
@@ -75,8 +75,9 @@ class StepLoss:
         """The variant of a client's next step, drawn right after its batch (as in ``sgd_train``)."""
         return None
 
-    def flops(self, variant: Hashable, rows: int) -> float:
-        return 0.0
+    def work(self, variant: Hashable, rows: int) -> Workload | None:
+        """The kernels of one step of ``rows`` samples of ``variant`` (None: the method counts)."""
+        return None
 
     def __call__(self, variant: Hashable, params: Tensors, buffers: Tensors, x: torch.Tensor, y: torch.Tensor,
                  mask: torch.Tensor | None) -> torch.Tensor:
@@ -103,7 +104,8 @@ def batched_sgd_train(
     momentum = {n: torch.zeros_like(p) for n, p in params.items()}
     stacked_masks = None if masks is None else torch.stack([m.to(_device(start)) for m in masks])
     batches: list[Iterator[torch.Tensor]] = [local_batches(len(d), cfg, g) for d, g in zip(datas, generators)]
-    seen, loss_sum, flops = [0] * k, [0.0] * k, [0.0] * k
+    seen, loss_sum = [0] * k, [0.0] * k
+    works: list[Workload | None] = [None] * k
     vmapped: dict[Hashable, Callable] = {}
 
     def grads_for(variant: Hashable) -> Callable:
@@ -141,11 +143,12 @@ def batched_sgd_train(
             for (i, _), loss in zip(members, losses.cpu().tolist()):  # one transfer per group
                 seen[i] += size
                 loss_sum[i] += loss * size
-                flops[i] += loss_of.flops(variant, size)
+                if (w := loss_of.work(variant, size)) is not None:
+                    works[i] = w if works[i] is None else works[i] + w  # type: ignore[operator]
     results = []
     for i in range(k):  # in state_dict order, like copy_state
         state = {n: (params[n] if n in params else buffers[n])[i].detach().to("cpu", copy=True) for n in model.state_dict()}
-        results.append(ClientResult(state, seen[i], loss_sum[i] / max(seen[i], 1), flops[i]))
+        results.append(ClientResult(state, seen[i], loss_sum[i] / max(seen[i], 1), works[i]))
     return results
 
 

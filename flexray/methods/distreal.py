@@ -40,8 +40,10 @@ from flexray.config import MethodConfig
 from flexray.errors import FlexrayError
 from flexray.methods.base import DeviceContext, Method, ServerData, cast_like, copy_state, local_batches
 from flexray.models import filters
-from flexray.models.profile import ModelProfile, state_bytes
-from flexray.protocol import Cost, DesignPoint, DeviceView, LocalData, State, SubModel, Task, Update, predict_times
+from flexray.models.profile import ModelProfile, ProfileCache, state_bytes
+from flexray.protocol import (
+    Cost, DesignPoint, DeviceView, LocalData, State, StepProfile, SubModel, Task, Update, Workload, compute_seconds, predict_times,
+)
 from flexray.schedule import dse
 from flexray.schedule.dse import DSEConfig
 
@@ -73,6 +75,13 @@ class FilterDropout(Method):
         self.points: list[list[float]] | None = None  # per point: rates..., flops/sample, convergence
         self.layers: list[str] = []
         self._bytes: int | None = None
+        self._profiles = ProfileCache()
+
+    def point_step(self, layers: Sequence[str], rates: Sequence[float], input_shape: tuple[int, ...]) -> StepProfile:
+        """One SGD step of the slim model a design point trains (its own traced kernels, cached)."""
+        width = filters.widths(filters.chain(self.full), dict(zip(layers, rates)))
+        key = tuple(sorted(width.items()))
+        return self._profiles.get(key, input_shape, lambda: filters.slim(self.full, width)).step
 
     def check(self) -> None:
         """Refuse a model that is no plain chain of Conv2d/Linear layers, before Ray starts."""
@@ -107,22 +116,31 @@ class FilterDropout(Method):
             self._bytes = state_bytes(self.full.state_dict())
         return self._bytes
 
-    def choose(self, spec: SubModel, view: DeviceView | None, samples: int) -> int:
+    def point_work(self, spec: SubModel, i: int, num_samples: int) -> Workload:
+        """The local epochs of design point ``i`` on ``num_samples`` (coarse, by its FLOPs, for a
+        model that does not record its input shape)."""
+        shape = getattr(self.full, "input_shape", None)
+        if shape is None:
+            return Workload.coarse(self.cfg.local_epochs * num_samples * spec.points[i].flops)
+        step = self.point_step(spec.layers, spec.points[i].rates, tuple(shape))
+        return step.epochs(num_samples, self.cfg.batch_size, self.cfg.local_epochs)
+
+    def choose(self, spec: SubModel, view: DeviceView | None, num_samples: int) -> int:
         """The device's own pick for its current budget (see ``dse.select``)."""
-        pts = [(p.flops, p.error) for p in spec.points]
         if view is None:
-            return dse.select(pts, 1.0, None, samples)
+            return dse.select([(p.flops, p.error) for p in spec.points], None)
         deadline = view.deadline_s if view.deadline_s is not None else self.dcfg.deadline_s
         budget = None
         if deadline is not None:
-            dl, _, ul = predict_times(view.profile, view.speed, 0.0, self.model_bytes(), self.model_bytes())
+            dl, _, ul = predict_times(view.profile, view.speed, Workload(), self.model_bytes(), self.model_bytes())
             budget = deadline - dl - ul
-        return dse.select(pts, view.profile.flops * view.speed, budget, samples)
+        pts = [(compute_seconds(view.profile, self.point_work(spec, i, num_samples), view.speed), p.error)
+               for i, p in enumerate(spec.points)]
+        return dse.select(pts, budget)
 
     def cost(self, task: Task, device: DeviceView, profile: ModelProfile) -> Cost:
-        samples = self.cfg.local_epochs * device.num_samples
-        point = task.spec.points[self.choose(task.spec, device, samples)]
-        return Cost(samples * point.flops, self.model_bytes(), self.model_bytes())
+        i = self.choose(task.spec, device, device.num_samples)
+        return Cost(self.point_work(task.spec, i, device.num_samples), self.model_bytes(), self.model_bytes())
 
     def aggregate(self, rnd: int, state: State, updates: Sequence[Update]) -> State:
         if not updates:
@@ -143,8 +161,7 @@ class FilterDropout(Method):
     # ---- device side
     def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
         spec = task.spec
-        samples_planned = self.cfg.local_epochs * len(data)
-        i = self.choose(spec, ctx.device, samples_planned)
+        i = self.choose(spec, ctx.device, len(data))
         rates = dict(zip(spec.layers, spec.points[i].rates))
         full = ctx.model(f"{self.name}:full")
         full.load_state_dict(state)
@@ -168,7 +185,8 @@ class FilterDropout(Method):
         metrics.update({f"drop.{k}": float(r) for k, r in rates.items()})
         if ctx.device is not None:
             metrics["budget_gflops"] = ctx.device.profile.flops * ctx.device.speed / 1e9
-        return Update(copy_state(full), weight=n, samples=seen, flops=seen * spec.points[i].flops, metrics=metrics,
+        work = self.point_work(spec, i, n) * (seen / max(self.cfg.local_epochs * n, 1))
+        return Update(copy_state(full), weight=n, samples=seen, work=work, metrics=metrics,
                       trained=SubModel(layers=spec.layers, points=(spec.points[i],)))
 
 

@@ -27,7 +27,7 @@ from flexray.methods.batched import StepLoss, Tensors
 from flexray.methods.width import WidthConfig, WidthMethod, rate_of
 from flexray.models import elastic
 from flexray.models.profile import state_bytes
-from flexray.protocol import LocalData, State, Task, Update
+from flexray.protocol import LocalData, State, StepProfile, Task, Update, Workload
 
 UNIFORM_5 = (1.0, 0.8, 0.6, 0.4, 0.2)
 """The paper's width set ("uniform-5", sec. 5). HeteroFL's halvings down to 1/16 (flexray's
@@ -57,15 +57,15 @@ class OrderedDropout(nn.Module):
 
     def __init__(
         self, base: nn.Module, skeletons: dict[float, nn.Module], rates: Sequence[float], generator: torch.Generator,
-        flops: dict[float, float], teacher_flops: float, distill: bool,
+        steps: dict[float, StepProfile], teacher: StepProfile, distill: bool,
     ) -> None:
         super().__init__()
         self.base = base
         self.skeletons = skeletons  # plain dict: not submodules, their own weights are never used
         self.rates, self.generator = list(rates), generator
-        self.per_sample, self.teacher_flops, self.distill = flops, teacher_flops, distill
+        self.steps, self.teacher_step, self.distill = steps, teacher, distill
         self.shapes = {p: {k: v.shape for k, v in m.state_dict().items()} for p, m in skeletons.items()}
-        self.flops = 0.0
+        self.work = Workload()
         self.student: torch.Tensor | None = None
         self.teacher: torch.Tensor | None = None
 
@@ -73,7 +73,7 @@ class OrderedDropout(nn.Module):
         if not self.training:
             return self.base(x)
         p = self.rates[int(torch.randint(len(self.rates), (1,), generator=self.generator))]
-        self.flops += len(x) * self.per_sample[p]
+        self.work = self.work + self.steps[p].step(len(x))
         self.teacher = None
         if p == max(self.rates):
             return self.base(x)
@@ -84,7 +84,7 @@ class OrderedDropout(nn.Module):
         if self.distill:
             with torch.no_grad():
                 self.teacher = self.base(x)
-            self.flops += len(x) * self.teacher_flops
+            self.work = self.work + self.teacher_step.step(len(x))
         return self.student
 
     def distill_loss(self, temperature: float, weight: float) -> torch.Tensor:
@@ -107,10 +107,10 @@ class StackedOrderedDropout(StepLoss):
     def draw(self, generator: torch.Generator) -> Hashable:
         return self.od.rates[int(torch.randint(len(self.od.rates), (1,), generator=generator))]
 
-    def flops(self, variant: Hashable, rows: int) -> float:
+    def work(self, variant: Hashable, rows: int) -> Workload:
         p = float(variant)  # type: ignore[arg-type]
-        teacher = self.od.teacher_flops if self.od.distill and p < max(self.od.rates) else 0.0
-        return rows * (self.od.per_sample[p] + teacher)
+        work = self.od.steps[p].step(rows)
+        return work + self.od.teacher_step.step(rows) if self.od.distill and p < max(self.od.rates) else work
 
     def __call__(self, variant: Hashable, params: Tensors, buffers: Tensors, x: torch.Tensor, y: torch.Tensor,
                  mask: torch.Tensor | None) -> torch.Tensor:
@@ -139,23 +139,26 @@ class FjORD(WidthMethod):
     def allowed(self, p_max: float) -> list[float]:
         return sorted(p for p in self.wcfg.rates if p <= p_max)
 
-    def flops_per_sample(self, rate: float, input_shape: tuple[int, ...]) -> float:
-        """Expected per-sample FLOPs: p is uniform over the allowed rates (teacher forward if distilling)."""
+    def step_of(self, rate: float, input_shape: tuple[int, ...]) -> StepProfile:
+        """The expected step: p is uniform over the allowed rates (teacher forward if distilling)."""
         rates = self.allowed(rate)
-        train = sum(self.sub_profile(p, input_shape).train_flops_per_sample for p in rates) / len(rates)
-        cfg = self.cfg
-        if cfg.distill:
-            teacher = self.sub_profile(rate, input_shape).fwd_flops_per_sample
-            train += teacher * sum(p < rate for p in rates) / len(rates)  # steps that ran a narrower width
-        return train
+        step = sum((self.sub_profile(p, input_shape).step for p in rates[1:]), self.sub_profile(rates[0], input_shape).step)
+        if self.cfg.distill:  # steps that ran a narrower width
+            step = step + self.teacher_step(rate, input_shape) * sum(p < rate for p in rates)
+        return step * (1.0 / len(rates))
+
+    def teacher_step(self, rate: float, input_shape: tuple[int, ...]) -> StepProfile:
+        """The width-``rate`` forward a distilling step adds: its step's kernels scaled by the
+        counted forward / training FLOPs (no trace of a forward alone)."""
+        prof = self.sub_profile(rate, input_shape)
+        return prof.step * (prof.fwd_flops_per_sample / max(prof.train_flops_per_sample, 1.0))
 
     def ordered_dropout(self, p_max: float, shape: tuple[int, ...], ctx: DeviceContext) -> OrderedDropout:
         base = ctx.model(f"{self.name}:{p_max}", lambda: self.build(p_max))
         rates = self.allowed(p_max)
         skeletons = {p: ctx.model(f"{self.name}:{p}", lambda p=p: self.build(p)) for p in rates if p < p_max}
-        flops = {p: self.sub_profile(p, shape).train_flops_per_sample for p in rates}
-        teacher = self.sub_profile(p_max, shape).fwd_flops_per_sample
-        return OrderedDropout(base, skeletons, rates, ctx.generator, flops, teacher, self.cfg.distill)
+        steps = {p: self.sub_profile(p, shape).step for p in rates}
+        return OrderedDropout(base, skeletons, rates, ctx.generator, steps, self.teacher_step(p_max, shape), self.cfg.distill)
 
     def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
         cfg = self.cfg
@@ -169,7 +172,7 @@ class FjORD(WidthMethod):
             for m in (od.base, *od.skeletons.values()):
                 stack.enter_context(elastic.mask_logits(m, labels))
             samples, loss = sgd_train(od, data, self.cfg, ctx.generator, extra)
-        return self.finish(copy_state(od.base), labels, p_max, len(data), samples, od.flops, state_bytes(sub), loss)
+        return self.finish(copy_state(od.base), labels, p_max, len(data), samples, od.work, state_bytes(sub), loss)
 
     def sub_model(self, rate: float, rnd: int, ctx: DeviceContext) -> nn.Module:
         return ctx.model(f"{self.name}:{rate}", lambda: self.build(rate))

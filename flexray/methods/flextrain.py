@@ -17,8 +17,9 @@ Classifier rule (``FlexTrain.head_rule``; ``flexray.models.depth``): ``zero_pad`
 with ``stage_heads`` a device whose student ends in another stage also trains and returns its head.
 
 Static tiers: ``depths`` maps a device class to ``k``; else a device gets the largest ``k`` whose
-per-sample training FLOPs, profiled at ``(C, 32, 32)`` (planning has no input shape; the per-``k``
-ratios barely depend on it), fit ``flops / full_depth_flops`` of the full model's (at least 1).
+training step, profiled at ``(C, 32, 32)`` (planning has no input shape; the per-``k`` ratios
+barely depend on it) and timed by the device's latency model, takes at most ``flops /
+full_depth_flops`` of its full-depth step (at least 1; with a FLOPs-only profile: of its FLOPs).
 The scheduler (``flexray.schedule.minmax``) picks that tier or the largest prefix meeting the
 round's min-max latency; ``k`` forces one configuration on every device (FedSmall).
 
@@ -66,7 +67,9 @@ from flexray.methods.base import (
 from flexray.methods.batched import StepLoss, batched_sgd_train, why_not_batched
 from flexray.models import depth, elastic
 from flexray.models.profile import ModelProfile, ProfileCache, training_memory_bytes
-from flexray.protocol import Cost, DeviceProfile, DeviceView, LocalData, State, SubModel, Task, Update
+from flexray.protocol import (
+    Cost, DeviceProfile, DeviceView, LocalData, State, StepProfile, SubModel, Task, Update, Workload, compute_seconds,
+)
 
 PROBE_HW = (32, 32)
 """Spatial size the planning FLOPs are profiled at (see module doc)."""
@@ -185,10 +188,20 @@ class FlexTrain(Method):
     def anchors(self, k: int) -> bool:
         return k > 1 and self.fcfg.anchor > 0
 
-    def flops_per_sample(self, k: int, input_shape: tuple[int, ...], labels: bool = False) -> float:
-        """Training FLOPs per sample at ``k``: the prefix, the student ``k - 1``, the anchor ``1``."""
-        configs = self.trained_configs(k, labels)
-        return sum(self.prefix_profile(c, input_shape).train_flops_per_sample for c in configs)
+    def step_of(self, k: int, input_shape: tuple[int, ...], labels: bool = False) -> StepProfile:
+        """One step at ``k``: the prefix's, plus the passes of the student ``k - 1`` and the anchor
+        ``1`` trained in the same step (each from its own traced kernels)."""
+        first, *others = self.trained_configs(k, labels)
+        step = self.prefix_profile(first, input_shape).step
+        for c in others:
+            prof = self.prefix_profile(c, input_shape)
+            step = step + (prof.parts.passes if prof.parts is not None else prof.step)
+        return step
+
+    def forward_step(self, k: int, input_shape: tuple[int, ...]) -> StepProfile:
+        """A teacher's forward: the prefix's step scaled by its counted forward / training FLOPs."""
+        prof = self.prefix_profile(k, input_shape)
+        return prof.step * (prof.fwd_flops_per_sample / max(prof.train_flops_per_sample, 1.0))
 
     def _probe_shape(self) -> tuple[int, ...]:
         conv = next((m for m in self.full.modules() if isinstance(m, nn.Conv2d)), None)
@@ -205,9 +218,10 @@ class FlexTrain(Method):
                 field = "k" if self.fcfg.k is not None else f"depths: {profile.name}"
                 raise FlexrayError(f"config error: method.{field}: k={forced} exceeds the model's {K} blocks")
             return forced
-        shape = self._probe_shape()
-        budget = profile.flops / self.fcfg.full_depth_flops * self.flops_per_sample(K, shape)
-        fits = [k for k in self.configs if self.flops_per_sample(k, shape) <= budget * (1 + 1e-9)]
+        shape, batch = self._probe_shape(), self.cfg.batch_size
+        took = {k: compute_seconds(profile, self.step_of(k, shape).step(batch)) for k in self.configs}
+        budget = profile.flops / self.fcfg.full_depth_flops * took[K]  # that share of its own full-depth step
+        fits = [k for k in self.configs if took[k] <= budget * (1 + 1e-9)]
         return max(fits) if fits else 1
 
     def _prefix_bytes(self, k: int, labels: bool = False) -> int:
@@ -275,13 +289,13 @@ class FlexTrain(Method):
     def cost(self, task: Task, device: DeviceView, profile: ModelProfile) -> Cost:
         if profile.input_shape is None:
             raise FlexrayError(f"method {self.name}: the model profile lacks input_shape; build it with profile_model")
-        samples = self.cfg.local_epochs * device.num_samples
+        epochs = (device.num_samples, self.cfg.batch_size, self.cfg.local_epochs)
         if self.centralised:
-            per = sum(float(p) * self.centralised_flops(k, profile.input_shape) for k, p in zip(self.configs, self.pi))
-            return Cost(samples * per, profile.param_bytes, profile.param_bytes)
+            mix = [self.centralised_step(k, profile.input_shape) * float(p) for k, p in zip(self.configs, self.pi)]
+            return Cost(sum(mix[1:], mix[0]).epochs(*epochs), profile.param_bytes, profile.param_bytes)
         k, labels = depth_of(task.spec), task.spec.mode == LABELS
         nbytes = self._prefix_bytes(k, labels)
-        return Cost(samples * self.flops_per_sample(k, profile.input_shape, labels), nbytes, nbytes)
+        return Cost(self.step_of(k, profile.input_shape, labels).epochs(*epochs), nbytes, nbytes)
 
     def validate(self, update: Update, state: State, planned: SubModel | None = None) -> str | None:
         if self.centralised:
@@ -359,9 +373,11 @@ class FlexTrain(Method):
 
     def _update(self, task: Task, tensors: State, samples: int, loss: float, data: LocalData) -> Update:
         k, labels = depth_of(task.spec), task.spec.mode == LABELS
-        per_sample = self.flops_per_sample(k, tuple(data.x.shape[1:]), labels)
+        step = self.step_of(k, tuple(data.x.shape[1:]), labels)
+        n = len(data)
         return Update(
-            tensors, weight=1.0, samples=samples, flops=samples * per_sample, bytes_down=state_bytes(tensors),
+            tensors, weight=1.0, samples=samples, work=step.epochs(n, self.cfg.batch_size, samples / max(n, 1)),
+            bytes_down=state_bytes(tensors),
             metrics={"train_loss": loss, "k": float(k)}, trained=SubModel(k=k, mode=task.spec.mode),
         )
 
@@ -392,12 +408,12 @@ class FlexTrain(Method):
             return (student - teacher).pow(2).mean()
         return (F.softmax(student, 1) - F.softmax(teacher, 1)).pow(2).sum(1).mean()
 
-    def centralised_flops(self, k: int, input_shape: tuple[int, ...]) -> float:
-        """Per-sample FLOPs of a centralised step at k: train f_k, forward the teacher f_{k+1}."""
-        flops = self.prefix_profile(k, input_shape).train_flops_per_sample
+    def centralised_step(self, k: int, input_shape: tuple[int, ...]) -> StepProfile:
+        """A centralised step at k: train f_k, forward the teacher f_{k+1}."""
+        step = self.prefix_profile(k, input_shape).step
         if k < self.max_k and self.fcfg.beta > 0:
-            flops += self.prefix_profile(k + 1, input_shape).fwd_flops_per_sample
-        return flops
+            step = step + self.forward_step(k + 1, input_shape)
+        return step
 
     def _centralised_update(self, state: State, data: LocalData, ctx: DeviceContext) -> Update:
         """Each step samples k ~ pi and minimises CE(f_k) + beta * ||f_k - stopgrad(f_{k+1})||^2,
@@ -407,12 +423,12 @@ class FlexTrain(Method):
         prefixes = {k: depth.depth_prefix(model, k) for k in self.configs}
         pi, shape = self.pi.float(), tuple(data.x.shape[1:])
         drop = depth.drop_probs(self.max_k, self.fcfg.stochastic_depth)
-        flops = 0.0
+        work = Workload()
 
         def loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-            nonlocal flops
+            nonlocal work
             k = int(torch.multinomial(pi, 1, generator=ctx.generator)) + 1
-            flops += len(xb) * self.centralised_flops(k, shape)
+            work = work + self.centralised_step(k, shape).step(len(xb))
             net = prefixes[k]
             if self.fcfg.stochastic_depth > 0:
                 keep = (torch.rand(self.max_k, generator=ctx.generator) >= drop).tolist()
@@ -428,7 +444,7 @@ class FlexTrain(Method):
         samples, mean_loss = sgd_train(model, data, self.cfg, ctx.generator, batch_loss=loss)
         tensors = {key: v.detach().clone() for key, v in model.state_dict().items()}
         return Update(
-            tensors, weight=float(len(data)), samples=samples, flops=flops, bytes_down=state_bytes(state),
+            tensors, weight=float(len(data)), samples=samples, work=work, bytes_down=state_bytes(state),
             metrics={"train_loss": mean_loss},
         )
 

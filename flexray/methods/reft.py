@@ -130,8 +130,8 @@ class Reft(Method):
             raise FlexrayError("method reft: no input shape; the driver calls setup() before planning")
         for r in cfg.ratios:
             prof = self.profile(r, self.input_shape)
-            flops = cfg.local_epochs * device.num_samples * prof.train_flops_per_sample
-            if sum(predict_times(device.profile, device.speed, flops, prof.param_bytes, prof.param_bytes)) <= deadline:
+            work = prof.step.epochs(device.num_samples, cfg.batch_size, cfg.local_epochs)
+            if sum(predict_times(device.profile, device.speed, work, prof.param_bytes, prof.param_bytes)) <= deadline:
                 return r
         return cfg.ratios[-1]
 
@@ -140,8 +140,8 @@ class Reft(Method):
 
     def cost(self, task: Task, device: DeviceView, profile: ModelProfile) -> Cost:
         prof = self.profile(ratio_of(task.spec), profile.input_shape or self.input_shape or ())
-        flops = self.cfg.local_epochs * device.num_samples * prof.train_flops_per_sample
-        return Cost(flops, prof.param_bytes, prof.param_bytes)
+        work = prof.step.epochs(device.num_samples, self.cfg.batch_size, self.cfg.local_epochs)
+        return Cost(work, prof.param_bytes, prof.param_bytes)
 
     def validate(self, update: Update, state: State, planned: SubModel | None = None) -> str | None:
         ratio = update.trained.ratio if update.trained is not None else None
@@ -236,8 +236,9 @@ class Reft(Method):
         model = ctx.model(f"reft:{ratio}", lambda: copy.deepcopy(self.pruned(ratio)))
         model.load_state_dict(sub_state)
         samples, loss = sgd_train(model, data, self.cfg, ctx.generator)
-        flops = samples * self.profile(ratio, tuple(data.x.shape[1:])).train_flops_per_sample
-        return Update(copy_state(model), weight=len(data), samples=samples, flops=flops,
+        step = self.profile(ratio, tuple(data.x.shape[1:])).step
+        return Update(copy_state(model), weight=len(data), samples=samples,
+                      work=step.epochs(len(data), self.cfg.batch_size, samples / max(len(data), 1)),
                       bytes_down=state_bytes(sub_state), metrics={"train_loss": loss, "ratio": ratio},
                       trained=SubModel(ratio=ratio))
 

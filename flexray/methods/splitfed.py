@@ -12,6 +12,7 @@ update holding that tensor, so FL clients, client parts and server parts merge i
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -26,7 +27,7 @@ from flexray.errors import FlexrayError
 from flexray.methods.base import DeviceContext, Method, cast_like, copy_state, local_batches, sgd_train
 from flexray.models.profile import ModelProfile
 from flexray.models.split import SplitPoint, keys_of_stages, split_model, split_points, stage_names
-from flexray.protocol import Cost, DeviceProfile, DeviceView, LocalData, ServerSpec, State, SubModel, Task, Update
+from flexray.protocol import Cost, DeviceProfile, DeviceView, LocalData, ServerSpec, State, SubModel, Task, Update, compute_seconds
 from flexray.schedule.tlmp import Clients, exact_minmax, fit_cuts, solve_shares, terms, tlmp
 
 log = logging.getLogger("flexray")
@@ -62,7 +63,7 @@ class SplitFed(Method):
     def attach(self, profile: ModelProfile, server: DeviceProfile) -> None:
         self.points: list[SplitPoint] = split_points(profile, self.cfg.batch_size)
         self.layer_names = [layer.name for layer in profile.layers]
-        self.server_flops, self.server_name = server.flops, server.name
+        self.server, self.server_name = server, server.name
         L = len(self.points)
         if self.cfg.cut is not None and self.cfg.cut > L:
             raise FlexrayError(f"config error: method.cut: the model has {L} stages; use 1..{L} ({L} = no split)")
@@ -90,7 +91,7 @@ class SplitFed(Method):
         if self.cfg.scheduler == "fl":
             return None
         c = self.cfg
-        return ServerSpec(shared=c.variant == "v2", server_flops=tuple(p.server_flops for p in self._points()),
+        return ServerSpec(shared=c.variant == "v2", server_steps=tuple(p.server_step for p in self._points()),
                           lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, num_cpus=c.server_cpus,
                           num_gpus=c.server_gpus)
 
@@ -101,18 +102,14 @@ class SplitFed(Method):
             return []
         points = self._points()
         L = len(points)
-        clients = Clients(
-            flops=np.array([d.profile.flops * d.speed for d in devices], dtype=float),
-            uplink_bps=np.array([d.profile.uplink_bps for d in devices], dtype=float),
-            downlink_bps=np.array([d.profile.downlink_bps for d in devices], dtype=float),
-            memory_bytes=np.array([d.profile.memory_bytes for d in devices], dtype=float),
-            samples=np.array([self.cfg.local_epochs * d.num_samples for d in devices], dtype=float),
-        )
-        tm = terms(clients, points, self.server_flops)
+        clients = Clients.of([d.profile for d in devices], [d.speed for d in devices],
+                             [self.cfg.local_epochs * d.num_samples for d in devices],
+                             [self.steps(d.num_samples) for d in devices])
+        tm = terms(clients, points, self.server)
         rows = np.arange(len(devices))
         kind = self.cfg.scheduler
         if kind in ("tlmp", "exact"):
-            plan = (tlmp if kind == "tlmp" else exact_minmax)(clients, points, self.server_flops)
+            plan = (tlmp if kind == "tlmp" else exact_minmax)(clients, points, self.server)
             cuts, theta = plan.cuts, plan.theta
         elif kind in ("fl", "fixed"):
             cut = L if kind == "fl" else int(self.cfg.cut or L)
@@ -156,9 +153,15 @@ class SplitFed(Method):
         p = self._points()[cut_of(task.spec) - 1]
         d = self.cfg.local_epochs * device.num_samples
         theta = task.spec.theta or 0.0
-        server_s = d * p.server_flops / (theta * self.server_flops) if p.split and theta > 0 else 0.0
-        return Cost(d * p.client_flops, p.client_model_bytes + d * p.downlink_bytes_per_sample,
-                    p.client_model_bytes + d * p.uplink_bytes_per_sample, server_s)
+        epochs = (device.num_samples, self.cfg.batch_size, self.cfg.local_epochs)
+        server_s = compute_seconds(self.server, p.server_step.epochs(*epochs)) / theta if p.split and theta > 0 else 0.0
+        return Cost(p.client_step.epochs(*epochs), p.client_model_bytes + d * p.downlink_bytes_per_sample,
+                    p.client_model_bytes + d * p.uplink_bytes_per_sample, server_s,
+                    round_trips=self.steps(device.num_samples) if p.split else 0.0)
+
+    def steps(self, num_samples: int) -> float:
+        """Client steps of a round: each is one round trip to the server when split."""
+        return self.cfg.local_epochs * math.ceil(num_samples / self.cfg.batch_size)
 
     def aggregate(self, rnd: int, state: State, updates: Sequence[Update]) -> State:
         """Per tensor: the sample-weighted mean over the updates that hold it (client parts, FL
@@ -183,7 +186,8 @@ class SplitFed(Method):
         model.load_state_dict(state)
         if not p.split:  # the last stage: the device trains the whole model (plain FL)
             samples, loss = sgd_train(model, data, self.cfg, ctx.generator)
-            return Update(copy_state(model), weight=len(data), samples=samples, flops=samples * p.client_flops,
+            return Update(copy_state(model), weight=len(data), samples=samples,
+                          work=p.client_step.epochs(len(data), self.cfg.batch_size, samples / max(len(data), 1)),
                           metrics={"train_loss": loss})
         if ctx.server is None:
             raise RuntimeError("splitfed: a split task ran without a server port (the runtime provides ctx.server)")
@@ -192,7 +196,8 @@ class SplitFed(Method):
         names = stage_names(model)[:cut]
         sd = model.state_dict()
         tensors = {k: sd[k].detach().to("cpu", copy=True) for k in keys_of_stages(list(sd), names)}  # the object store's side
-        return Update(tensors, weight=len(data), samples=samples, flops=samples * p.client_flops,
+        return Update(tensors, weight=len(data), samples=samples,
+                      work=p.client_step.epochs(len(data), self.cfg.batch_size, samples / max(len(data), 1)),
                       bytes_down=p.client_model_bytes, metrics={"train_loss": loss})
 
 

@@ -37,8 +37,9 @@ class TiledConfig(MethodConfig):
     groups: list[int] | None = Field(
         None, description="fused-layer indices where a new group starts ([] = one group); null = the planner picks")
     fused_stages: int | None = Field(None, ge=1, description="leading stages to tile; null = every tileable one")
-    message_s: float = Field(
-        MESSAGE_S, ge=0, description="fixed seconds the planner charges per message (radio round trip, task hop)")
+    message_s: float | None = Field(
+        None, ge=0, description=f"fixed seconds the planner charges per message (radio round trip, task hop); "
+        f"null = each device profile's rtt_s ({MESSAGE_S} s where a profile has none)")
 
     @field_validator("grid")
     @classmethod

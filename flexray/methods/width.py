@@ -26,7 +26,7 @@ from flexray.methods.batched import StepLoss, batched_sgd_train, why_not_batched
 from flexray.models import elastic, slices
 from flexray.models.channels import channel_groups
 from flexray.models.profile import ModelProfile, ProfileCache, state_bytes, training_memory_bytes
-from flexray.protocol import Cost, DeviceProfile, DeviceView, LocalData, State, SubModel, Task, Update
+from flexray.protocol import Cost, DeviceProfile, DeviceView, LocalData, State, StepProfile, SubModel, Task, Update, Workload
 
 RATES = (1.0, 0.5, 0.25, 0.125, 0.0625)
 LABELS = "_labels"
@@ -205,12 +205,14 @@ class WidthMethod(Method):
     def cost(self, task: Task, device: DeviceView, profile: ModelProfile) -> Cost:
         rate = rate_of(task.spec)
         sub = self.sub_profile(rate, self._input_shape(profile))
-        flops = self.wcfg.local_epochs * device.num_samples * self.flops_per_sample(rate, sub.input_shape or ())
-        return Cost(flops, sub.param_bytes, self._shipped_bytes(rate))
+        step = self.step_of(rate, sub.input_shape or ())
+        return Cost(step.epochs(device.num_samples, self.cfg.batch_size, self.wcfg.local_epochs), sub.param_bytes,
+                    self._shipped_bytes(rate))
 
-    def flops_per_sample(self, rate: float, input_shape: tuple[int, ...]) -> float:
-        """Predicted training FLOPs per sample of a task at ``rate`` (FjORD: expected over its rates)."""
-        return self.sub_profile(rate, input_shape).train_flops_per_sample
+    def step_of(self, rate: float, input_shape: tuple[int, ...]) -> StepProfile:
+        """One predicted SGD step of a task at ``rate``: the sub-model's own traced kernels
+        (FjORD: expected over its rates), not the full model's scaled by FLOPs."""
+        return self.sub_profile(rate, input_shape).step
 
     def validate(self, update: Update, state: State, planned: SubModel | None = None) -> str | None:
         rate = update.trained.rate if update.trained is not None else None
@@ -259,8 +261,9 @@ class WidthMethod(Method):
         labels = self.label_mask(data, state)
         with elastic.mask_logits(model, labels):
             samples, loss = sgd_train(model, data, self.cfg, ctx.generator)
-        per_sample = self.sub_profile(rate, tuple(data.x.shape[1:])).train_flops_per_sample
-        return self.finish(copy_state(model), labels, rate, len(data), samples, samples * per_sample, state_bytes(sub), loss)
+        step = self.sub_profile(rate, tuple(data.x.shape[1:])).step
+        work = step.epochs(len(data), self.cfg.batch_size, samples / max(len(data), 1))
+        return self.finish(copy_state(model), labels, rate, len(data), samples, work, state_bytes(sub), loss)
 
     def sub_model(self, rate: float, rnd: int, ctx: DeviceContext) -> nn.Module:
         """The device's cached width-``rate`` model, its channel maps at this round's window."""
@@ -285,8 +288,9 @@ class WidthMethod(Method):
         masks = None if labels[0] is None else [m for m in labels if m is not None]
         shape = tuple(datas[0].x.shape[1:])
         results = batched_sgd_train(model, datas, self.cfg, generators, self.step_loss(model, rate, shape, ctx), masks=masks)
-        per_sample = self.sub_profile(rate, shape).train_flops_per_sample
-        return [self.finish(r.state, m, rate, len(d), r.samples, r.flops or r.samples * per_sample, state_bytes(sub), r.loss)
+        step = self.sub_profile(rate, shape).step
+        return [self.finish(r.state, m, rate, len(d), r.samples,
+                            r.work or step.epochs(len(d), self.cfg.batch_size, r.samples / max(len(d), 1)), state_bytes(sub), r.loss)
                 for r, m, d in zip(results, labels, datas)]
 
     def step_loss(self, model: nn.Module, rate: float, shape: tuple[int, ...], ctx: DeviceContext) -> StepLoss:
@@ -294,7 +298,7 @@ class WidthMethod(Method):
         return StepLoss(model)
 
     def finish(
-        self, state: State, labels: torch.Tensor | None, rate: float, weight: int, samples: int, flops: float,
+        self, state: State, labels: torch.Tensor | None, rate: float, weight: int, samples: int, work: Workload,
         bytes_down: int, loss: float,
     ) -> Update:
         """The update a device sends: shipped entries of its sub-model, its labels, and its rate."""
@@ -303,7 +307,7 @@ class WidthMethod(Method):
             tensors[LABELS] = labels
         return Update(
             tensors, weight=weight, samples=samples,
-            flops=flops, bytes_down=bytes_down, metrics={"train_loss": loss, "rate": rate}, trained=SubModel(rate=rate),
+            work=work, bytes_down=bytes_down, metrics={"train_loss": loss, "rate": rate}, trained=SubModel(rate=rate),
         )
 
 

@@ -2,11 +2,13 @@
 
 A training step (forward, loss, backward, optimizer) is traced once at the ATen level with a
 ``TorchDispatchMode``, the way ``torch.utils.flop_counter`` counts FLOPs: every kernel the step
-launches is classified by kind (dense conv, grouped/depthwise conv, matmul, memory-bound) and
-gets its counted FLOPs and the bytes it reads and writes. The step is traced at two batch sizes;
-every count is affine in the batch (weights and optimizer state are fixed per step, activations
-scale with the batch), so two traces give the fixed and per-sample part of any batch size.
-``flexray.protocol.compute_seconds`` turns the sums into time with a device's calibrated rates.
+launches is classified by kind (``flexray.protocol.KINDS``) and gets its counted FLOPs, its
+executed FLOPs (vectorised dims rounded up to the hardware's tile), the bytes it reads and writes
+and the rows it loops over. ``torch.utils.module_tracker`` attributes each kernel, backward ones
+included, to the model's stage, so a split's client and server parts are costed from the same
+trace. The step is traced at two batch sizes; every count is affine in the batch (weights and
+optimizer state are fixed per step, activations scale), so two traces give any batch size.
+``flexray.protocol.compute_seconds`` turns the counts into time with a device's calibrated rates.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,34 +24,97 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import conv_flop_count, flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.module_tracker import ModuleTracker
 
-from flexray.models.profile import _conv_backward_flop, _device, _dtype, _logits, _rng_devices
 from flexray.protocol import StepProfile, Workload
 
 _aten = torch.ops.aten
 _CONV = {_aten.convolution, _aten._convolution, _aten.convolution_backward, _aten.cudnn_convolution,
          _aten._slow_conv2d_forward, _aten.convolution_overrideable}
 _GROUPS_ARG = {_aten.convolution: 8, _aten._convolution: 8, _aten.convolution_backward: 9}
-_TRACE_BATCHES = (2, 4)
+_CPU_ATTENTION = (_aten._scaled_dot_product_flash_attention_for_cpu, _aten._scaled_dot_product_flash_attention_for_cpu_backward)
+_ATTENTION = {*_CPU_ATTENTION, *(p for p in flop_registry if "attention" in str(p))}
+_POOL = {p for p in (getattr(_aten, n, None) for n in dir(_aten) if "pool" in n) if p is not None}
+_NORM = {p for p in (getattr(_aten, n, None) for n in dir(_aten) if "norm" in n) if p is not None}
+_TRACE_BATCHES = (2, 4)  # > 1 so BatchNorm trains; two points fix the affine fit
+
 LANES = 16
 """Channel blocking of conv and matmul kernels (oneDNN on AVX-512: 16 fp32 lanes; cuDNN and
-tensor cores tile channels in 8s and 16s): a layer with 4 channels runs as if it had 16."""
-
-
+tensor cores tile channels in 8s and 16s): a layer with 4 output channels runs as if it had 16."""
 QUERY_TILE = 32
 """Attention kernels (flash attention on CPU, most GPU kernels) work in tiles of 32 queries:
 65 tokens cost as much as 96."""
 
 
-def _pad(n: int, to: int = LANES) -> float:
+def conv_backward_flop(
+    grad_out_shape: list[int], x_shape: list[int], w_shape: list[int], _bias: Any, _stride: Any, _padding: Any,
+    _dilation: Any, transposed: bool, _output_padding: Any, _groups: int, output_mask: list[bool],
+    out_shape: Any = None, **_: Any,
+) -> int:
+    """Each conv gradient (input, weight) costs the same multiply-adds as the forward conv.
+
+    torch's own formula (torch 2.15 and older) ignores ``groups`` for the weight gradient, so
+    it over-counts depthwise convs by their channel count (MobileNet train/forward ratios of
+    ~20 instead of ~3); pytorch/pytorch#183405 fixes that upstream.
+    """
+    fwd = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed=transposed)
+    return fwd * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def rng_devices(model: nn.Module) -> list[int]:
+    dev = model_device(model)
+    return [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    """The classification output, also for models returning (logits, aux...) tuples."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out:
+        return logits_of(out[0])
+    if hasattr(out, "logits"):
+        return out.logits
+    raise TypeError(f"cannot find logits in model output of type {type(out).__name__}")
+
+
+def pad_lanes(n: int, to: int = LANES) -> float:
+    """How much work ``n`` channels cost as executed: rounded up to a multiple of ``to``, over ``n``."""
     return float(-(-n // to) * to) / max(n, 1)
 
 
+_pad = pad_lanes
+
+
+def _flops(packet: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    if packet is _aten.convolution_backward:
+        return float(conv_backward_flop(*[a.shape if isinstance(a, torch.Tensor) else a for a in args]))
+    if packet is _CPU_ATTENTION[0]:
+        return float(sdpa_flop_count(args[0].shape, args[1].shape, args[2].shape))
+    if packet is _CPU_ATTENTION[1]:
+        return float(sdpa_backward_flop_count(args[0].shape, args[1].shape, args[2].shape, args[3].shape))
+    if packet in flop_registry:
+        return float(flop_registry[packet](*args, **kwargs, out_val=out))
+    return 0.0
+
+
 def _lane_factor(packet: Any, args: tuple) -> float:
-    """Executed / counted FLOPs: the vectorised channel dim of dense convs and matmuls rounded
-    up to ``LANES`` (output channels forward and for the weight gradient, input channels for
-    the input gradient; a matmul's output features; attention's head dim)."""
+    """Executed / counted FLOPs: the vectorised dim of dense convs and matmuls rounded up to
+    ``LANES`` (output channels forward and for the weight gradient, input channels for the input
+    gradient; a matmul's output features), attention's head dim and query count to its tiles."""
     if packet in (_aten.convolution, _aten._convolution, _aten.convolution_backward):
         i = _GROUPS_ARG[packet]
         if len(args) > i and int(args[i]) > 1:
@@ -59,51 +125,11 @@ def _lane_factor(packet: Any, args: tuple) -> float:
         parts = [_pad(int(w.shape[1])) if mask[0] else 0.0, _pad(int(w.shape[0])) if mask[1] else 0.0]
         return sum(parts) / max(int(bool(mask[0])) + int(bool(mask[1])), 1)
     if packet in _ATTENTION and len(args) > 1 and isinstance(args[1], torch.Tensor):
-        q = args[1] if packet is _aten._scaled_dot_product_flash_attention_for_cpu_backward else args[0]
+        q = args[1] if packet is _CPU_ATTENTION[1] else args[0]
         return _pad(int(q.shape[-1])) * _pad(int(q.shape[-2]), QUERY_TILE)
     if packet in (_aten.mm, _aten.bmm, _aten.addmm, _aten.baddbmm):
         return _pad(int(args[-1].shape[-1]))
     return 1.0
-
-
-def _flops(packet: Any, args: tuple, kwargs: dict, out: Any) -> float:
-    if packet is _aten.convolution_backward:
-        shapes = [a.shape if isinstance(a, torch.Tensor) else a for a in args]
-        return float(_conv_backward_flop(*shapes))
-    if packet is _aten._scaled_dot_product_flash_attention_for_cpu:
-        return float(sdpa_flop_count(args[0].shape, args[1].shape, args[2].shape))
-    if packet is _aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        return float(sdpa_backward_flop_count(args[0].shape, args[1].shape, args[2].shape, args[3].shape))
-    if packet in flop_registry:
-        return float(flop_registry[packet](*args, **kwargs, out_val=out))
-    return 0.0
-
-
-def _is_view(func: Any) -> bool:
-    """Ops that only make a new view (view, t, expand, detach ...) launch no kernel."""
-    rets = func._schema.returns
-    return bool(rets) and all(r.alias_info is not None and not r.alias_info.is_write for r in rets)
-
-
-def _rows(out: Any) -> float:
-    """Planes (N x C of an image tensor) or rows (all but the last dim) of a kernel's first output."""
-    flat, _ = tree_flatten(out)
-    t = next((t for t in flat if isinstance(t, torch.Tensor)), None)
-    if t is None or t.dim() == 0:
-        return 1.0
-    dims = t.shape[:2] if t.dim() == 4 else t.shape[:-1]
-    return float(math.prod(int(d) for d in dims))
-
-
-def _tensor_bytes(values: Any) -> float:
-    flat, _ = tree_flatten(values)
-    return float(sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor)))
-
-
-_ATTENTION = {_aten._scaled_dot_product_flash_attention_for_cpu, _aten._scaled_dot_product_flash_attention_for_cpu_backward,
-              *(p for p in flop_registry if "attention" in str(p))}
-_POOL = {p for p in (getattr(_aten, n, None) for n in dir(_aten) if "pool" in n) if p is not None}
-_NORM = {p for p in (getattr(_aten, n, None) for n in dir(_aten) if "norm" in n) if p is not None}
 
 
 def _kind(packet: Any, args: tuple, flops: float) -> str:
@@ -119,12 +145,40 @@ def _kind(packet: Any, args: tuple, flops: float) -> str:
     return "matmul" if flops > 0 else "memory"
 
 
-class _KernelTrace(TorchDispatchMode):
-    """Sums kernels, FLOPs and bytes moved by kind over everything dispatched inside it."""
+def _is_view(func: Any) -> bool:
+    """Ops that only make a new view (view, t, expand, detach ...) launch no kernel."""
+    rets = func._schema.returns
+    return bool(rets) and all(r.alias_info is not None and not r.alias_info.is_write for r in rets)
 
-    def __init__(self) -> None:
+
+def _tensor_bytes(values: Any) -> float:
+    flat, _ = tree_flatten(values)
+    return float(sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor)))
+
+
+def _rows(out: Any) -> float:
+    """Planes (N x C of an image tensor) or rows (all but the last dim) of a kernel's first output."""
+    flat, _ = tree_flatten(out)
+    t = next((t for t in flat if isinstance(t, torch.Tensor)), None)
+    if t is None or t.dim() == 0:
+        return 1.0
+    return float(math.prod(int(d) for d in (t.shape[:2] if t.dim() == 4 else t.shape[:-1])))
+
+
+class _KernelTrace(TorchDispatchMode):
+    """Sums every kernel dispatched inside it into the bucket of the stage running it."""
+
+    def __init__(self, tracker: ModuleTracker, stage_names: dict[str, int]) -> None:
         super().__init__()
-        self.work = Workload()
+        self.tracker, self.stage_names = tracker, stage_names
+        self.bucket = "rest"
+        self.work: dict[int | str, Workload] = {}
+
+    def _where(self) -> int | str:
+        for name in self.tracker.parents:
+            if name in self.stage_names:
+                return self.stage_names[name]
+        return self.bucket
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -134,50 +188,99 @@ class _KernelTrace(TorchDispatchMode):
         packet = func.overloadpacket
         flops = _flops(packet, args, kwargs, out)
         moved = _tensor_bytes(args) + _tensor_bytes(kwargs) + _tensor_bytes(out)
-        kind = _kind(packet, args, flops)
-        self.work = self.work + Workload.kernel(kind, flops, flops * _lane_factor(packet, args), moved, _rows(out))
+        one = Workload.kernel(_kind(packet, args, flops), flops, flops * _lane_factor(packet, args), moved, _rows(out))
+        key = self._where()
+        self.work[key] = self.work.get(key, Workload()) + one
         return out
 
 
-def _trace_step(work: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
-                loss_fn: Callable[[Any, torch.Tensor], torch.Tensor]) -> Workload:
-    with _KernelTrace() as trace:
+@dataclass(frozen=True)
+class StepParts:
+    """One SGD step of a staged model, by part: each stage's forward and backward kernels, the
+    loss's and the optimizer's. ``whole`` is their sum with the step itself counted once."""
+
+    stages: tuple[StepProfile, ...]
+    loss: StepProfile
+    optimizer: StepProfile
+
+    @property
+    def whole(self) -> StepProfile:
+        return sum(self.stages, self.loss + self.optimizer) + _ONE_STEP
+
+    @property
+    def passes(self) -> StepProfile:
+        """Forward and backward with the loss, no optimizer step: a second head trained in the
+        same step (a distilled student, an anchor) adds this."""
+        return sum(self.stages, self.loss)
+
+    def part(self, lo: int, hi: int, loss: bool, optimizer_share: float) -> StepProfile:
+        """Stages ``[lo, hi)`` trained as a step of their own (a split's client or server part)."""
+        total = sum(self.stages[lo:hi], _ONE_STEP + self.optimizer * optimizer_share)
+        return total + self.loss if loss else total
+
+
+_ONE_STEP = StepProfile(Workload(steps=1.0), Workload())
+
+
+def _stage_map(model: nn.Module) -> dict[str, int]:
+    root = type(model).__name__
+    if isinstance(model, nn.Sequential):
+        return {f"{root}.{name}": i for i, (name, _) in enumerate(model.named_children())}
+    return {root: 0}
+
+
+def _ce(out: Any, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits_of(out), y)
+
+
+def _trace(work: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
+           loss_fn: Callable[[Any, torch.Tensor], torch.Tensor], n_stages: int) -> tuple[list[Workload], Workload, Workload]:
+    tracker = ModuleTracker()
+    with tracker, _KernelTrace(tracker, _stage_map(work)) as trace:
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(work(x), y)
         if loss.requires_grad:
             loss.backward()
+            trace.bucket = "optimizer"
             opt.step()
-    return trace.work + Workload(steps=1.0)
+    stage_work = [trace.work.get(i, Workload()) for i in range(n_stages)]
+    return stage_work, trace.work.get("rest", Workload()), trace.work.get("optimizer", Workload())
 
 
-def _ce(out: Any, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(_logits(out), y)
-
-
-def step_profile(
-    model: nn.Module, input_shape: tuple[int, ...], num_classes: int | None = None, momentum: float = 0.9,
+def step_parts(
+    model: nn.Module, input_shape: tuple[int, ...], momentum: float = 0.9,
     loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] = _ce,
-) -> StepProfile:
-    """The fixed and per-sample kernel counts of one SGD training step of ``model``.
+) -> StepParts:
+    """The fixed and per-sample kernel counts of one SGD training step of ``model``, by stage.
 
-    Work happens on a deep copy inside ``fork_rng``: the model, its statistics and the training
-    RNG stream are untouched. The first step of each trace is a warm-up (momentum buffers appear
-    on the first ``opt.step``), the second is the one counted."""
-    with torch.random.fork_rng(devices=_rng_devices(model)):
-        counts = []
+    Work happens on deep copies inside ``fork_rng``: the model, its statistics and the training
+    RNG stream are untouched. Each batch size runs a warm-up step first (momentum buffers appear
+    on the first ``opt.step``); the second step is the one counted."""
+    n_stages = len(model) if isinstance(model, nn.Sequential) else 1
+    traces = []
+    with torch.random.fork_rng(devices=rng_devices(model)):
         for b in _TRACE_BATCHES:
-            work = copy.deepcopy(model).train()
+            work = copy.deepcopy(model)
             params = [p for p in work.parameters() if p.requires_grad]
             opt = torch.optim.SGD(params or [torch.zeros(1, requires_grad=True)], lr=1e-6, momentum=momentum)
             g = torch.Generator().manual_seed(0)
-            x = torch.randn(b, *input_shape, generator=g).to(_device(model), _dtype(model))
+            x = torch.randn(b, *input_shape, generator=g).to(model_device(model), model_dtype(model))
             with torch.no_grad():
-                classes = num_classes or _logits(work.eval()(x[:1])).shape[-1]
+                classes = logits_of(work.eval()(x[:1])).shape[-1] if loss_fn is _ce else 1
             work.train()
             y = torch.randint(0, classes, (b,), generator=g).to(x.device)
-            _trace_step(work, x, y, opt, loss_fn)
-            counts.append(_trace_step(work, x, y, opt, loss_fn))
-    (b1, w1), (b2, w2) = zip(_TRACE_BATCHES, counts)
-    per_sample = (w2 - w1) * (1.0 / (b2 - b1))
-    fixed = w1 - per_sample * b1
-    return StepProfile(fixed=fixed.clip(), per_sample=per_sample.clip())
+            _trace(work, x, y, opt, loss_fn, n_stages)
+            traces.append(_trace(work, x, y, opt, loss_fn, n_stages))
+    (b1, (s1, l1, o1)), (b2, (s2, l2, o2)) = zip(_TRACE_BATCHES, traces)
+
+    def affine(w1: Workload, w2: Workload) -> StepProfile:
+        per_sample = (w2 - w1) * (1.0 / (b2 - b1))
+        return StepProfile(fixed=(w1 - per_sample * b1).clip(), per_sample=per_sample.clip())
+
+    return StepParts(tuple(affine(a, b) for a, b in zip(s1, s2)), affine(l1, l2), affine(o1, o2))
+
+
+def step_profile(model: nn.Module, input_shape: tuple[int, ...], momentum: float = 0.9,
+                 loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] = _ce) -> StepProfile:
+    """One whole SGD step of ``model`` (see ``step_parts``)."""
+    return step_parts(model, input_shape, momentum, loss_fn).whole

@@ -20,38 +20,15 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from flexray.models.blocks import stages
+from flexray.models.kernels import StepParts, conv_backward_flop, logits_of, model_device, model_dtype, rng_devices, step_parts
+from flexray.protocol import StepProfile, Workload
 
 _BATCH = 2  # > 1 so BatchNorm in train mode works; results are divided back to per sample
 _FLOAT32_BYTES = 4
 
 
-def _conv_backward_flop(
-    grad_out_shape: list[int],
-    x_shape: list[int],
-    w_shape: list[int],
-    _bias: Any,
-    _stride: Any,
-    _padding: Any,
-    _dilation: Any,
-    transposed: bool,
-    _output_padding: Any,
-    _groups: int,
-    output_mask: list[bool],
-    out_shape: Any = None,
-    **_: Any,
-) -> int:
-    """Each conv gradient (input, weight) costs the same multiply-adds as the forward conv.
-
-    torch's own formula (torch 2.15 and older) ignores ``groups`` for the weight gradient, so
-    it over-counts depthwise convs by their channel count (MobileNet train/forward ratios of
-    ~20 instead of ~3); pytorch/pytorch#183405 fixes that upstream.
-    """
-    fwd = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed=transposed)
-    return fwd * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
-
-
 def _counter() -> FlopCounterMode:
-    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop})
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flop})
 
 
 @dataclass(frozen=True)
@@ -72,6 +49,15 @@ class ModelProfile:
     param_bytes: int  # all parameters + buffers as shipped (state_dict bytes)
     input_bytes: int
     input_shape: tuple[int, ...] | None = None  # (C, H, W) it was profiled at; lets methods profile sub-models
+    parts: StepParts | None = None  # the kernels of one SGD step, by stage: what the latency model costs
+
+    @property
+    def step(self) -> StepProfile:
+        """One SGD step's kernel counts (a profile built without them: FLOPs only, the coarse form)."""
+        if self.parts is None:
+            from_flops = Workload.coarse(self.train_flops_per_sample)
+            return StepProfile(Workload(steps=1.0), from_flops)
+        return self.parts.whole
 
     @property
     def fwd_flops_per_sample(self) -> float:
@@ -93,22 +79,9 @@ def state_bytes(state: Mapping[str, Any]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
 
 
-def _device(model: nn.Module) -> torch.device:
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-def _dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
 def _sample_input(model: nn.Module, input_shape: tuple[int, int, int]) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
-    return torch.randn(_BATCH, *input_shape, generator=g).to(_device(model), _dtype(model))
+    return torch.randn(_BATCH, *input_shape, generator=g).to(model_device(model), model_dtype(model))
 
 
 def _numel(out: Any) -> int:
@@ -121,27 +94,11 @@ def _numel(out: Any) -> int:
     return 0
 
 
-def _logits(out: Any) -> torch.Tensor:
-    """The classification output, also for models returning (logits, aux...) tuples."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out:
-        return _logits(out[0])
-    if hasattr(out, "logits"):
-        return out.logits
-    raise TypeError(f"cannot find logits in model output of type {type(out).__name__}")
-
-
-def _rng_devices(model: nn.Module) -> list[int]:
-    dev = _device(model)
-    return [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
-
-
 def _train_flops(work: nn.Module, x: torch.Tensor) -> float:
     work.train()
     work.zero_grad(set_to_none=True)
     with _counter() as counter:
-        logits = _logits(work(x))
+        logits = logits_of(work(x))
         target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         loss = F.cross_entropy(logits, target)
         if loss.requires_grad:  # a fully frozen model has no backward pass to count
@@ -151,7 +108,7 @@ def _train_flops(work: nn.Module, x: torch.Tensor) -> float:
 
 def train_flops_per_sample(model: nn.Module, input_shape: tuple[int, int, int]) -> float:
     """Counted forward + loss + backward FLOPs per sample, in train mode."""
-    with torch.random.fork_rng(devices=_rng_devices(model)):
+    with torch.random.fork_rng(devices=rng_devices(model)):
         work = copy.deepcopy(model)
         return _train_flops(work, _sample_input(model, input_shape))
 
@@ -159,7 +116,7 @@ def train_flops_per_sample(model: nn.Module, input_shape: tuple[int, int, int]) 
 def profile_model(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelProfile:
     """Per-stage forward cost (eval mode) plus whole-model training cost, per sample."""
     input_shape = tuple(int(s) for s in input_shape)  # type: ignore[assignment]
-    with torch.random.fork_rng(devices=_rng_devices(model)):
+    with torch.random.fork_rng(devices=rng_devices(model)):
         work = copy.deepcopy(model)
         x = _sample_input(model, input_shape)
         work.eval()
@@ -181,12 +138,16 @@ def profile_model(model: nn.Module, input_shape: tuple[int, int, int]) -> ModelP
                     )
                 )
         train = _train_flops(work, x)
+    parts = step_parts(model, input_shape)
+    # The trace also counts what torch's counter has no formula for (CPU flash attention).
+    train = max(train, parts.whole.per_sample.counted)
     return ModelProfile(
         layers=tuple(layers),
         train_flops_per_sample=train,
         param_bytes=state_bytes(model.state_dict()),
         input_bytes=math.prod(input_shape) * _FLOAT32_BYTES,
         input_shape=input_shape,
+        parts=parts,
     )
 
 

@@ -2,10 +2,10 @@
 
 A cut ``l`` (1..L) gives the client stages ``[0, l)`` and the server stages ``[l, L)``; ``l = L``
 is no split at all (the device trains the whole model, plain FL). Numbers come from the per-stage
-profile so the scheduler, the throttle and ``flexray plan`` agree on them. The profile counts
-training FLOPs only for the whole model, so each stage's training cost is its counted forward
-FLOPs times the model's train/forward ratio (backward ~ 2x forward holds stage by stage for
-conv/linear nets; the whole-model total stays exact).
+profile so the scheduler, the throttle and ``flexray plan`` agree on them. Each part's latency
+model input is its stages' traced kernels (``ModelProfile.parts``): the client's step carries its
+share of the optimizer, the server's the loss and the rest. Counted FLOPs per stage are its
+forward FLOPs times the model's train/forward ratio (the whole-model total stays exact).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from flexray.models.profile import ModelProfile
+from flexray.protocol import StepProfile, Workload
 
 LABEL_BYTES = 8  # int64 class label sent with every smashed sample
 _FLOAT32_BYTES = 4
@@ -29,6 +30,8 @@ class SplitPoint:
     client_model_bytes: int  # client part's state (downloaded and uploaded once per round)
     server_model_bytes: int
     client_memory_bytes: float  # device memory to train its part at the job's batch size
+    client_step: StepProfile  # the client part's SGD step (the whole model's at cut = L)
+    server_step: StepProfile  # the server part's step per client batch (nothing at cut = L)
 
     @property
     def split(self) -> bool:
@@ -55,6 +58,7 @@ def split_points(profile: ModelProfile, batch_size: int) -> list[SplitPoint]:
         c_flops = ratio * sum(fwd[:cut])
         s_flops = profile.train_flops_per_sample - c_flops if cut < n else 0.0
         c_bytes = sum(layer.param_bytes for layer in client)
+        c_step, s_step = _part_steps(profile, cut, c_bytes, c_flops, max(0.0, s_flops))
         # Weights + grads + momentum, and every client stage's activations kept for backward.
         acts = profile.input_bytes + sum(layer.activation_bytes for layer in client)
         points.append(SplitPoint(
@@ -65,8 +69,24 @@ def split_points(profile: ModelProfile, batch_size: int) -> list[SplitPoint]:
             client_model_bytes=c_bytes,
             server_model_bytes=profile.param_bytes - c_bytes,
             client_memory_bytes=3.0 * c_bytes + batch_size * acts,
+            client_step=c_step,
+            server_step=s_step,
         ))
     return points
+
+
+def _part_steps(profile: ModelProfile, cut: int, client_bytes: int, c_flops: float, s_flops: float
+                ) -> tuple[StepProfile, StepProfile]:
+    """The client's and the server's step at ``cut``; the optimizer is shared by parameter bytes."""
+    n = len(profile.layers)
+    if profile.parts is None:  # a FLOPs-only profile: the coarse form
+        one = Workload(steps=1.0)
+        return StepProfile(one, Workload.coarse(c_flops)), StepProfile(one if cut < n else Workload(), Workload.coarse(s_flops))
+    if cut == n:
+        return profile.parts.whole, StepProfile(Workload(), Workload())
+    share = client_bytes / max(profile.param_bytes, 1)
+    return (profile.parts.part(0, cut, loss=False, optimizer_share=share),
+            profile.parts.part(cut, n, loss=True, optimizer_share=1.0 - share))
 
 
 def split_model(model: nn.Module, cut: int) -> tuple[nn.Sequential, nn.Sequential]:

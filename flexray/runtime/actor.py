@@ -30,7 +30,7 @@ from flexray.fleet.report import DeviceReport, RoundRequest
 from flexray.methods.base import DeviceContext
 from flexray.methods.capabilities import BatchesClients
 from flexray.models import state_bytes
-from flexray.protocol import DeviceView, State, Task, Update, energy_j, predict_times
+from flexray.protocol import DeviceView, State, Task, Update, Workload, cost_times, energy_j, predict_times
 from flexray.runtime.compute import clients_per_stack, compute_device, on_device
 from flexray.runtime.job import Job
 from flexray.runtime.split_server import make_port
@@ -142,10 +142,10 @@ class DeviceHost:
         view = DeviceView(dev.id, dev.profile, speed, len(self.data[task.device]), req.deadline_s)
         deadline = req.deadline_s if req.drop_stragglers else None
         cost = self.method.cost(task, view, self.model_profile)
-        predicted = sum(predict_times(dev.profile, speed, cost.flops, cost.bytes_down, cost.bytes_up)) + cost.server_s
+        predicted = sum(cost_times(dev.profile, speed, cost)) + cost.server_s
         if self.cfg.fleet.throttle == "virtual" and deadline is not None and predicted > deadline:
             # Virtual time is exact, so a sure straggler's training would be thrown away anyway.
-            dl, comp, ul = predict_times(dev.profile, speed, cost.flops, cost.bytes_down, cost.bytes_up)
+            dl, comp, ul = cost_times(dev.profile, speed, cost)
             rep = self._report(req, task, dev, speed, 0, cost.flops, 0.0, dl, comp, ul, cost.bytes_down, 0, {}, "straggler")
             rep.predicted_s = predicted
             return rep
@@ -157,13 +157,14 @@ class DeviceHost:
     ) -> tuple[DeviceReport, Update | None]:
         """Simulated time and energy of a trained task, its status, and the update if kept."""
         dev, speed, throttle = pre.dev, pre.view.speed, self.cfg.fleet.throttle
-        flops = update.flops if update.flops is not None else update.samples * self.model_profile.train_flops_per_sample
+        work = update.work if update.work is not None else self._steps(task.device, update.samples)
+        flops = work.counted
         bytes_down = update.bytes_down if update.bytes_down is not None else shipped
         bytes_up = state_bytes(update.tensors)
         server_s = 0.0
         if port is not None:  # smashed activations up, their gradients down, time served
             bytes_up, bytes_down, server_s = bytes_up + port.bytes_up, bytes_down + port.bytes_down, port.server_s
-        dl, comp, ul = predict_times(dev.profile, speed, flops, bytes_down, bytes_up)
+        dl, comp, ul = predict_times(dev.profile, speed, work, bytes_down, bytes_up, port.round_trips if port else 0.0)
         if throttle == "none":  # real hardware: measured, the server's round trips apart
             server_s = port.wall_s if port is not None else 0.0
             comp = max(0.0, wall - server_s)
@@ -185,6 +186,12 @@ class DeviceHost:
         )
         report.note, report.predicted_s = note, pre.predicted
         return report, (update if status in ("ok", "late") else None)
+
+    def _steps(self, device: int, samples: int) -> Workload:
+        """The model's SGD steps over ``samples``, in mini-batches of the device's data (the default
+        ``Update.work``: what ``Method.cost`` predicts for full local epochs)."""
+        n = len(self.data[device]) or 1
+        return self.model_profile.step.epochs(n, self.cfg.method.batch_size, samples / n)
 
     def _inject_faults(self, rnd: int, update: Update) -> None:
         """Corrupt an update on purpose (config ``faults``) to prove the server rejects it."""

@@ -29,7 +29,7 @@ from flexray.fleet.report import DeviceReport, RoundRequest
 from flexray.methods.base import Method
 from flexray.methods.policy import Arrivals, AsyncPolicy, HasPolicy
 from flexray.models.profile import ModelProfile
-from flexray.protocol import DeviceView, State, SubModel, Task, Update, predict_times
+from flexray.protocol import DeviceView, State, SubModel, Task, Update, cost_times
 from flexray.runtime.rounds import RoundOutcome, SyncRounds
 
 _GIVE_UP_S = 365 * 86400.0  # a simulated year with no device online is a config problem
@@ -121,7 +121,7 @@ class AsyncRounds(SyncRounds):
         task, view = self._plan(f.version, view, f.start_s, state)
         f.spec = task.spec
         cost = self.method.cost(task, view, self.profile)
-        predicted = sum(predict_times(dev.profile, view.speed, cost.flops, cost.bytes_down, cost.bytes_up))
+        predicted = sum(cost_times(dev.profile, view.speed, cost))
         f.end_s = f.start_s + predicted + cost.server_s
         if f.version not in self.refs:
             self.refs[f.version] = ray.put(state)  # once per version, shared by every flight on it

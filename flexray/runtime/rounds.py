@@ -19,7 +19,7 @@ from flexray.fleet.report import DeviceReport, RoundRequest
 from flexray.methods.base import Method
 from flexray.methods.policy import Arrivals, HasPolicy
 from flexray.models.profile import ModelProfile
-from flexray.protocol import DeviceProfile, DeviceView, State, SubModel, Update
+from flexray.protocol import DeviceProfile, DeviceView, State, SubModel, Update, Workload, compute_seconds
 from flexray.schedule.minmax import SubModelScheduler
 
 
@@ -302,7 +302,8 @@ class SyncRounds:
             clients_s = max((r.end_s - clock_s for r in reports if r.status not in ("surplus", "offline")), default=0.0)
         n_params = sum(v.numel() for v in state.values())
         kept = sum(r.status in ("ok", "late") for r in reports)
-        server_s = 2.0 * n_params * kept / self.server.flops  # one multiply-add per weight per update
+        # one multiply-add per weight per update: FLOPs only, so one coarse kernel on the server's model
+        server_s = compute_seconds(self.server, Workload.coarse(2.0 * n_params * kept))
         end = clock_s + clients_s
         for r in reports:  # participants idle (radio off) until the round closes
             if r.status == "offline":

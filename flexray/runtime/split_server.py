@@ -33,7 +33,7 @@ from flexray.methods.base import Method
 from flexray.methods.capabilities import NeedsSplitServer
 from flexray.models import build_model
 from flexray.models.split import keys_of_stages, split_model, stage_names
-from flexray.protocol import DeviceProfile, ServerSpec, State, Task, Update
+from flexray.protocol import DeviceProfile, ServerSpec, State, Task, Update, compute_seconds
 from flexray.runtime.compute import compute_device
 
 
@@ -131,7 +131,7 @@ class SplitServerHost:
             self.opts[key].step()
             grad = h.grad.detach().cpu()  # type: ignore[union-attr]
         n = len(labels)
-        sim = n * self.spec.server_flops[cut - 1] / (theta * self.server.flops)
+        sim = compute_seconds(self.server, self.spec.server_steps[cut - 1].step(n)) / theta
         wall = time.perf_counter() - t0
         if self.cfg.fleet.throttle == "sleep":
             time.sleep(max(0.0, sim * self.cfg.fleet.time_scale - wall))
@@ -179,6 +179,7 @@ class ServerPort:
         self.bytes_up = 0
         self.bytes_down = 0
         self.server_s = 0.0  # simulated
+        self.round_trips = 0  # one per batch
         self.wall_s = 0.0  # measured round trips (what ``throttle: none`` reports)
 
     def __call__(self, smashed: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -190,6 +191,7 @@ class ServerPort:
         self.bytes_up += smashed.numel() * smashed.element_size() + labels.numel() * labels.element_size()
         self.bytes_down += grad.numel() * grad.element_size()
         self.server_s += sim
+        self.round_trips += 1
         return grad, loss
 
     def _step(self, smashed: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float, float]:

@@ -163,7 +163,8 @@ class TiledRounds:
         reports = []
         for rank, (dev, cost, st) in enumerate(zip(self.engine.tile_devices, plan.devices, stats)):
             speed = dev.trace.speed(clock_s)
-            comp = st["compute_s"] if measured else steps * cost.flops / (dev.profile.flops * speed)
+            # the plan costed each step at the trace speed of t = 0; compute time scales with 1 / speed
+            comp = st["compute_s"] if measured else steps * cost.compute_s * dev.trace.speed(0.0) / speed
             dl = steps * 8.0 * cost.bytes_down / dev.profile.downlink_bps
             ul = steps * 8.0 * cost.bytes_up / dev.profile.uplink_bps
             idle = max(0.0, duration - comp - dl - ul)

@@ -249,14 +249,14 @@ def explore(model_fn: Callable[[], nn.Module], data: LocalData, cfg: DSEConfig, 
     return front
 
 
-def select(points: Sequence[tuple[float, float]], flops_per_s: float, budget_s: float | None, samples: int) -> int:
-    """Device-side choice: the best-converging point (lowest loss) whose local work of ``samples``
-    samples at ``flops`` each fits ``budget_s`` compute seconds; the cheapest when none fits.
+def select(points: Sequence[tuple[float, float]], budget_s: float | None) -> int:
+    """Device-side choice: the best-converging point (lowest loss) whose local work fits
+    ``budget_s`` compute seconds; the cheapest when none fits.
 
-    ``points``: (flops per sample, loss) per front point."""
+    ``points``: (predicted compute seconds of the device's local work, loss) per front point."""
     if budget_s is None:
         return min(range(len(points)), key=lambda i: (points[i][1], points[i][0]))
-    fits = [i for i, (f, _) in enumerate(points) if samples * f / flops_per_s <= budget_s]
+    fits = [i for i, (s, _) in enumerate(points) if s <= budget_s]
     if fits:
         return min(fits, key=lambda i: (points[i][1], points[i][0]))
     return min(range(len(points)), key=lambda i: points[i][0])

@@ -38,7 +38,7 @@ import numpy as np
 
 from flexray.config import ScheduleConfig
 from flexray.models.profile import ModelProfile
-from flexray.protocol import CostModel, DeviceView, SubModel, SubModelKnob, Task, predict_times
+from flexray.protocol import CostModel, DeviceView, SubModel, SubModelKnob, Task, cost_times
 
 
 def min_max_time(latency: np.ndarray, fits: np.ndarray) -> float:
@@ -108,7 +108,7 @@ class SubModelScheduler:
 
     def latency(self, view: DeviceView, spec: SubModel, rnd: int = 0) -> float:
         cost = self.method.cost(Task(view.id, rnd, spec), view, self.profile)
-        return sum(predict_times(view.profile, view.speed, cost.flops, cost.bytes_down, cost.bytes_up))
+        return sum(cost_times(view.profile, view.speed, cost))
 
     def table(self, views: Sequence[DeviceView]) -> tuple[np.ndarray, np.ndarray]:
         """Predicted latency and memory fit of every (device, option)."""

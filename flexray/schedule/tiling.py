@@ -29,12 +29,14 @@ from functools import lru_cache
 
 from flexray.errors import FlexrayError
 from flexray.models.tiling import LayerGeom, Pair, TileSpec, feature_sizes, plan_tiles
-from flexray.protocol import DeviceProfile
+from flexray.models.kernels import pad_lanes
+from flexray.protocol import DeviceProfile, Workload, compute_seconds
 
 BYTES = 4  # float32 activations and gradients
 BACKWARD = 2.0  # backward FLOPs per forward FLOP (input grad + weight grad)
 MAX_CUTS = 12  # beyond this many cut candidates, cut only at stage boundaries
-MESSAGE_S = 0.003  # default fixed cost per message: a Wi-Fi round trip / a Ray task hop
+MESSAGE_S = 0.003  # a Wi-Fi round trip / a Ray task hop: what a profile without ``rtt_s`` pays per message
+_KIND = {"conv": "conv", "maxpool": "pool", "avgpool": "pool", "bn": "norm"}  # geometry kind -> kernel kind
 STAT_BYTES = 8  # BatchNorm statistics travel as float64
 
 
@@ -95,7 +97,7 @@ class _Model:
     """Cached pieces of the cost model for one stack, fleet and batch."""
 
     def __init__(self, stack: FusedStack, devices: Sequence[tuple[DeviceProfile, float]], batch: int,
-                 message_s: float = MESSAGE_S) -> None:
+                 message_s: float | None = None) -> None:
         self.stack, self.devices, self.batch, self.message_s = stack, list(devices), batch, message_s
         self.sizes = stack.sizes
         self.tiles = lru_cache(maxsize=None)(self._tiles)
@@ -125,13 +127,28 @@ class _Model:
                 msgs[t] += 1
         return sent, recv, msgs
 
+    def work(self, a: int, tile: TileSpec, backward: bool = False) -> Workload:
+        """A tile's kernels for the latency model: per layer one forward kernel (or one backward,
+        ``BACKWARD`` x its FLOPs, reading and writing twice the bytes) on the tile's regions."""
+        st, out = self.stack, Workload()
+        for j, (f, r_in, r_out) in enumerate(zip(st.flops_px[a:], tile.regions[:-1], tile.regions[1:]), start=a):
+            geom, c_in, c_out = st.geoms[j], st.channels[j], st.channels[j + 1]
+            counted = self.batch * f * r_out.area
+            executed = counted * (pad_lanes(c_out) if geom.kind == "conv" else 1.0)
+            moved = self.batch * BYTES * (c_in * r_in.area + c_out * r_out.area)
+            k = BACKWARD if backward else 1.0
+            out = out + Workload.kernel(_KIND.get(geom.kind, "memory"), k * counted, k * executed,
+                                        (2.0 if backward else 1.0) * moved, self.batch * (c_in if backward else c_out))
+        return out
+
     def radio_s(self, dev: int, sent: float, recv: float, msgs: int) -> float:
         prof, _ = self.devices[dev]
-        return 8.0 * sent / prof.uplink_bps + 8.0 * recv / prof.downlink_bps + msgs * self.message_s
+        per_message = self.message_s if self.message_s is not None else (prof.rtt_s or MESSAGE_S)
+        return 8.0 * sent / prof.uplink_bps + 8.0 * recv / prof.downlink_bps + msgs * per_message
 
-    def compute_s(self, dev: int, flops: float) -> float:
+    def compute_s(self, dev: int, work: Workload) -> float:
         prof, speed = self.devices[dev]
-        return flops / (prof.flops * speed)
+        return compute_seconds(prof, work, speed)
 
     def evaluate(self, grid: Pair, groups: Sequence[Pair]) -> TilingPlan:
         st, n = self.stack, grid[0] * grid[1]
@@ -152,11 +169,11 @@ class _Model:
                 messages[d] += msgs[d]
             return max(times)
 
-        def phase_compute(work: Sequence[float]) -> float:
+        def phase_compute(work: Sequence[Workload]) -> float:
             times = [self.compute_s(d, work[d]) for d in range(n)]
             for d in range(n):
                 comp[d] += times[d]
-                flops[d] += work[d]
+                flops[d] += work[d].counted
             return max(times)
 
         in_bytes = [self.batch * BYTES * st.channels[0] * t.input.area for t in tiles[0]]
@@ -166,7 +183,8 @@ class _Model:
             if gi:
                 boundaries.append(self.exchange(tiles[gi - 1], ts, st.channels[a]))
                 step += 2 * phase_comm(*boundaries[-1])  # forward halos now, their gradients later
-            step += (1 + BACKWARD) * phase_compute([self.flops(a, t) for t in ts])
+            step += phase_compute([self.work(a, t) for t in ts])
+            step += phase_compute([self.work(a, t, backward=True) for t in ts])
             for j in syncs[gi] if n > 1 else ():  # BN statistics all-gathers: forward (3 C), backward (2 C)
                 for words in (3, 2):
                     b = words * STAT_BYTES * st.channels[j] * (n - 1)
@@ -177,15 +195,11 @@ class _Model:
         to_tail = [0] * n if n == 1 else [0, *out_bytes[1:]]
         to_tail_msgs = [n - 1] + [1] * (n - 1) if n > 1 else [0]
         step += 2 * phase_comm(to_tail, [sum(to_tail)] + [0] * (n - 1), to_tail_msgs)  # outputs in, gradients out
-        step += phase_compute([self.batch * st.tail_train_flops] + [0.0] * (n - 1))
+        # the tail is known by its FLOPs only (coarse); it is the small classifier end of the model
+        step += phase_compute([Workload.coarse(self.batch * st.tail_train_flops)] + [Workload()] * (n - 1))
         if n > 1:
             ring = int(2 * (n - 1) / n * st.param_bytes)
             step += phase_comm([ring] * n, [ring] * n, [2 * (n - 1)] * n)
-        # phase_compute counted forward only for the groups; add backward to the device totals
-        for d in range(n):
-            group_flops = sum(self.flops(a, t[d]) for (a, _), t in zip(groups, tiles))
-            flops[d] += BACKWARD * group_flops
-            comp[d] += self.compute_s(d, BACKWARD * group_flops)
         full = self.batch * sum(f * h * w for f, (h, w) in zip(st.flops_px, self.sizes[1:]))
         computed = sum(self.flops(a, t) for (a, _), ts in zip(groups, tiles) for t in ts)
         costs = tuple(DeviceCost(comp[d], comm[d], flops[d], down[d], up[d], act[d], messages[d]) for d in range(n))
@@ -215,11 +229,12 @@ def groupings(stack: FusedStack) -> list[tuple[Pair, ...]]:
 def choose_plan(
     stack: FusedStack, devices: Sequence[tuple[DeviceProfile, float]], batch: int,
     grid: Pair | None = None, groups: Sequence[Pair] | None = None, all_devices: bool = False,
-    message_s: float = MESSAGE_S,
+    message_s: float | None = None,
 ) -> TilingPlan:
     """The plan with the least predicted step time among those whose activations fit every
     device's memory (the least-memory one when none fits); fixed ``grid``/``groups`` are kept.
-    The planner may leave slow-radio devices out unless ``all_devices``."""
+    The planner may leave slow-radio devices out unless ``all_devices``; ``message_s`` overrides
+    the devices' own ``rtt_s`` per message."""
     model = _Model(stack, devices, batch, message_s)
     out = stack.sizes[-1]
     cands_grid = [grid] if grid else [g for g in grids(len(devices), out) if not all_devices or g[0] * g[1] == len(devices)]

@@ -5,17 +5,19 @@ Learning" (arXiv 2307.11532). A synchronous round lasts as long as its slowest c
 latency with cut ``l`` and server share ``theta`` is
 
     T_i(l, theta) = A_i(l) + B_i(l) / theta
-    A_i(l) = D_i (c_l / f_i + 8 up_l / R_up_i + 8 down_l / R_down_i) + 8 m_l (1 / R_down_i + 1 / R_up_i)
-    B_i(l) = D_i s_l / F_server
+    A_i(l) = C_i(l) + D_i (8 up_l / R_up_i + 8 down_l / R_down_i) + 8 m_l (1 / R_down_i + 1 / R_up_i) + rtt_i n_i(l)
+    B_i(l) = S_i(l)
 
-(D samples per round, c/s client/server training FLOPs per sample, up/down smashed bytes per
-sample, m client-model bytes, f device FLOP/s at its current trace speed). Cut ``L`` is plain FL:
+(D samples per round, up/down smashed bytes per sample, m client-model bytes, C and S the
+client's and the server's compute seconds for its round at cut l from the per-layer latency
+model -- the paper's D c_l / f_i and D s_l / F_server when a profile has only FLOP/s -- and
+n the messages: one round trip per step when split, the model's down- and upload). Cut ``L`` is plain FL:
 no server work, no smashed data, the whole model up and down. Minimise max_i T_i subject to
 sum(theta) <= 1 and each client's memory. As in the paper the cut is made continuous by a
 regression fitted to the per-cut profile, then the two blocks alternate -- shares given cuts
 (bisection on the target latency), cuts given shares -- and the cuts are rounded to integers with
-a neighbour check. Everything is numpy over all clients at once: 10,000 clients solve in well
-under a second.
+a neighbour check (here the regression runs through each client's latency terms, in log space).
+Everything is numpy over all clients at once: 10,000 clients solve in well under a second.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from scipy.interpolate import PchipInterpolator
 
 from flexray.errors import FlexrayError
 from flexray.models.split import LABEL_BYTES, SplitPoint
+from flexray.protocol import DeviceProfile, coefficients
 
 _STEPS = 2  # grid points per unit of cut in the continuous search
 
@@ -38,14 +41,32 @@ _STEPS = 2  # grid points per unit of cut in the continuous search
 class Clients:
     """Per-client arrays (length N) for one round: what the traces and profiles say now."""
 
-    flops: np.ndarray  # sustained FLOP/s x current trace speed
+    coef: np.ndarray  # (N, F): seconds per unit of Workload.features() at the current trace speed
     uplink_bps: np.ndarray
     downlink_bps: np.ndarray
     memory_bytes: np.ndarray
     samples: np.ndarray  # samples trained this round (local_epochs x shard)
+    steps: np.ndarray  # optimizer steps this round (local_epochs x batches of the shard)
+    rtt_s: np.ndarray | None = None  # round-trip time per message (None: 0)
 
     def __len__(self) -> int:
-        return len(self.flops)
+        return len(self.samples)
+
+    @classmethod
+    def of(cls, profiles: Sequence[DeviceProfile], speeds: Sequence[float], samples: Sequence[float],
+           steps: Sequence[float]) -> Clients:
+        return cls(
+            coef=np.array([coefficients(p) for p in profiles], dtype=float) / np.asarray(speeds, dtype=float)[:, None],
+            uplink_bps=np.array([p.uplink_bps for p in profiles], dtype=float),
+            downlink_bps=np.array([p.downlink_bps for p in profiles], dtype=float),
+            memory_bytes=np.array([p.memory_bytes for p in profiles], dtype=float),
+            samples=np.asarray(samples, dtype=float), steps=np.asarray(steps, dtype=float),
+            rtt_s=np.array([p.rtt_s for p in profiles], dtype=float),
+        )
+
+    def compute_s(self, fixed: np.ndarray, per_sample: np.ndarray) -> np.ndarray:
+        """(N, L) seconds of ``steps`` steps over ``samples`` for per-cut step features (F, L)."""
+        return (self.coef @ fixed) * self.steps[:, None] + (self.coef @ per_sample) * self.samples[:, None]
 
 
 @dataclass(frozen=True)
@@ -55,6 +76,7 @@ class Terms:
     A: np.ndarray
     B: np.ndarray
     feasible: np.ndarray  # memory fits
+    unmasked: np.ndarray  # A where memory does not fit too (what the cut regression runs through)
 
     def latency(self, cuts: np.ndarray, theta: np.ndarray) -> np.ndarray:
         rows = np.arange(len(cuts))
@@ -77,19 +99,28 @@ class Plan:
         return float(self.latency.max()) if len(self.latency) else 0.0
 
 
-def terms(clients: Clients, points: Sequence[SplitPoint], server_flops: float) -> Terms:
-    c = np.array([p.client_flops for p in points])
-    s = np.array([p.server_flops for p in points])
+def _features(steps: Sequence[object]) -> tuple[np.ndarray, np.ndarray]:
+    return (np.array([s.fixed.features() for s in steps], dtype=float).T,  # type: ignore[attr-defined]
+            np.array([s.per_sample.features() for s in steps], dtype=float).T)  # type: ignore[attr-defined]
+
+
+def terms(clients: Clients, points: Sequence[SplitPoint], server: DeviceProfile) -> Terms:
     up = np.array([p.uplink_bytes_per_sample for p in points], dtype=float)
     down = np.array([p.downlink_bytes_per_sample for p in points], dtype=float)
     m = np.array([p.client_model_bytes for p in points], dtype=float)
     mem = np.array([p.client_memory_bytes for p in points])
     d = clients.samples[:, None].astype(float)
     ul, dl = clients.uplink_bps[:, None], clients.downlink_bps[:, None]
-    A = d * (c / clients.flops[:, None] + 8 * up / ul + 8 * down / dl) + 8 * m * (1 / dl + 1 / ul)
-    B = d * s / server_flops
+    split = np.array([p.split for p in points], dtype=float)
+    rtt = clients.rtt_s[:, None] if clients.rtt_s is not None else np.zeros((len(clients), 1))
+    messages = 2.0 + split[None, :] * clients.steps[:, None]
+    C = clients.compute_s(*_features([p.client_step for p in points]))
+    s_fixed, s_per = _features([p.server_step for p in points])
+    sc = np.array(coefficients(server), dtype=float)  # the server at its whole capacity (theta = 1)
+    B = (clients.steps[:, None] * (sc @ s_fixed)[None, :] + clients.samples[:, None] * (sc @ s_per)[None, :]) * split[None, :]
+    A = C + d * (8 * up / ul + 8 * down / dl) + 8 * m * (1 / dl + 1 / ul) + rtt * messages
     feasible = mem[None, :] <= clients.memory_bytes[:, None]
-    return Terms(np.where(feasible, A, np.inf), np.broadcast_to(B, A.shape).copy(), feasible)
+    return Terms(np.where(feasible, A, np.inf), B, feasible, A)
 
 
 def required_share(a: np.ndarray, b: np.ndarray, target: float) -> np.ndarray:
@@ -183,26 +214,30 @@ def fit_cuts(points: Sequence[SplitPoint]) -> CutFit | None:
     return CutFit(curves, round(float(x.max())), err)
 
 
-def _continuous_terms(fit: CutFit, clients: Clients, server_flops: float, max_split: np.ndarray
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A and B on a fine grid of real cuts x in [1, L-1] from the fitted curves (inf past memory)."""
+def _continuous_terms(fit: CutFit, tm: Terms, max_split: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A and B on a fine grid of real cuts x in [1, L-1]: shape-preserving cubics through each
+    client's terms at the integer split cuts, in log space (inf past memory)."""
     xs = np.linspace(1.0, float(fit.max_cut), _STEPS * max(fit.max_cut - 1, 1) + 1)  # every integer is on it
-    c, s, up, down, m = fit.at(xs)
-    d = clients.samples[:, None].astype(float)
-    ul, dl = clients.uplink_bps[:, None], clients.downlink_bps[:, None]
-    a = d * (c / clients.flops[:, None] + 8 * up / ul + 8 * down / dl) + 8 * m * (1 / dl + 1 / ul)
-    a = np.where(xs[None, :] <= max_split[:, None] + 1e-9, a, np.inf)
-    return xs, a, d * s / server_flops
+    x = np.arange(1, fit.max_cut + 1, dtype=float)
+
+    def curve(v: np.ndarray) -> np.ndarray:
+        logs = np.log(np.maximum(v[:, : fit.max_cut], 1e-300))
+        if fit.max_cut == 1:
+            return np.repeat(np.exp(logs), len(xs), axis=1)
+        return np.exp(PchipInterpolator(x, logs, axis=1)(xs))
+
+    a = np.where(xs[None, :] <= max_split[:, None] + 1e-9, curve(tm.unmasked), np.inf)
+    return xs, a, curve(tm.B)
 
 
 # ---------------------------------------------------------------- the solver
 
 
-def tlmp(clients: Clients, points: Sequence[SplitPoint], server_flops: float, allow_fl: bool = True,
+def tlmp(clients: Clients, points: Sequence[SplitPoint], server: DeviceProfile, allow_fl: bool = True,
          max_iter: int = 20) -> Plan:
     """Alternating optimisation of cuts and shares, then integer rounding with a neighbour check."""
     t0 = time.perf_counter()
-    tm = terms(clients, points, server_flops)
+    tm = terms(clients, points, server)
     n, L = tm.A.shape
     feasible = tm.feasible.copy()
     if not allow_fl:
@@ -223,7 +258,7 @@ def tlmp(clients: Clients, points: Sequence[SplitPoint], server_flops: float, al
     theta = np.full(n, 1.0 / n)
     if fit is not None:
         # The continuous relaxation: every client on the fitted curves (or FL), shares by bisection.
-        xs, a_x, b_x = _continuous_terms(fit, clients, server_flops, max_split)
+        xs, a_x, b_x = _continuous_terms(fit, tm, max_split)
         _, pick, theta = min_target(np.column_stack([a_x, A[:, L - 1]]), np.column_stack([b_x, tm.B[:, L - 1]]))
         x_rel = np.append(xs, L)[pick]
         relaxed = np.stack([np.floor(x_rel), np.ceil(x_rel)], axis=1).astype(int)
@@ -265,12 +300,12 @@ def tlmp(clients: Clients, points: Sequence[SplitPoint], server_flops: float, al
     return Plan(cuts, theta, latency, fit.error if fit else 0.0, it, time.perf_counter() - t0)
 
 
-def exact_minmax(clients: Clients, points: Sequence[SplitPoint], server_flops: float, allow_fl: bool = True) -> Plan:
+def exact_minmax(clients: Clients, points: Sequence[SplitPoint], server: DeviceProfile, allow_fl: bool = True) -> Plan:
     """The exact optimum over integer cuts and continuous shares, without regression: bisect on
     the target T, every client taking the cut that needs the least share to meet it. O(N L log)
     like TLMP; a reference for TLMP at any fleet size (brute force stops at ~8 clients)."""
     t0 = time.perf_counter()
-    tm = terms(clients, points, server_flops)
+    tm = terms(clients, points, server)
     L = tm.A.shape[1]
     feasible = tm.feasible.copy()
     if not allow_fl:
@@ -305,10 +340,10 @@ def plan_for(tm: Terms, cuts: np.ndarray, theta: np.ndarray | None = None) -> tu
     return float(tm.latency(cuts, theta).max()), theta
 
 
-def baselines(clients: Clients, points: Sequence[SplitPoint], server_flops: float) -> dict[str, float]:
+def baselines(clients: Clients, points: Sequence[SplitPoint], server: DeviceProfile) -> dict[str, float]:
     """Max latency of: FL only (no split), the best single cut for all (optimal shares), and
     equal server shares (each client then picks its own best cut). inf = some client cannot run it."""
-    tm = terms(clients, points, server_flops)
+    tm = terms(clients, points, server)
     n, L = tm.A.shape
     fl = float(tm.A[:, L - 1].max())
     fixed = min(plan_for(tm, np.full(n, cut))[0] for cut in range(1, L + 1))
@@ -319,12 +354,12 @@ def baselines(clients: Clients, points: Sequence[SplitPoint], server_flops: floa
     return {"fl_only": fl, "fixed_cut": fixed, "equal_shares": equal}
 
 
-def brute_force(clients: Clients, points: Sequence[SplitPoint], server_flops: float, grid: int = 10_000,
+def brute_force(clients: Clients, points: Sequence[SplitPoint], server: DeviceProfile, grid: int = 10_000,
                 chunk: int = 200_000) -> tuple[float, np.ndarray]:
     """Reference optimum for small fleets: every combination of cuts x shares on a grid of
     1/``grid`` steps. For each combination the least target whose grid shares sum to <= 1 is
     found by bisection (feasibility is monotone in the target)."""
-    tm = terms(clients, points, server_flops)
+    tm = terms(clients, points, server)
     n = tm.A.shape[0]
     options = [np.flatnonzero(tm.feasible[i]) for i in range(n)]
     best, best_cuts = np.inf, np.zeros(n, dtype=int)
