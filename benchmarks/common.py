@@ -35,3 +35,16 @@ def time_to(history: list[dict[str, Any]], target: float, key: str = "accuracy")
 def mean(xs: list[float]) -> float:
     """Plain mean over seeds (what the multi-seed benchmarks report)."""
     return sum(xs) / len(xs)
+
+
+def epoch_seconds(profile: str, model: str, width: int, samples: int, batch_size: int = 32,
+                  input_shape: tuple[int, int, int] = (3, 32, 32), speed: float = 1.0) -> float:
+    """Predicted compute seconds of one local epoch of the full model on a catalog class: what a
+    benchmark's deadline is sized by (the per-layer clock, docs/latency.md)."""
+    from flexray.config import ModelConfig
+    from flexray.fleet.profiles import CATALOG
+    from flexray.models import build_model, profile_model
+    from flexray.protocol import compute_seconds
+
+    prof = profile_model(build_model(ModelConfig(name=model, width=width), input_shape, 10), input_shape)
+    return compute_seconds(CATALOG[profile], prof.step.epochs(samples, batch_size), speed)

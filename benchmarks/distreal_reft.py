@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import ray
-from common import job_tree, mean, time_to  # benchmarks/common.py
+from common import epoch_seconds, job_tree, mean, time_to  # benchmarks/common.py
 from mlflow.tracking import MlflowClient
 
 from flexray.config import ModelConfig
@@ -47,7 +47,7 @@ from flexray.runtime.driver import run_job
 
 REPO = Path(__file__).resolve().parents[1]
 FLEET = [("rpi4", 8), ("phone_mid", 6), ("jetson_nano", 4), ("laptop_cpu", 2)]
-SAMPLES, WIDTH, PHONE_FLOPS = 250, 16, 10e9
+SAMPLES, WIDTH = 250, 16
 # every device prunes at least 30%: REFT saves bandwidth too, not only compute
 CAP = [0.0, 0.25, 0.5]  # DISTREAL's per-layer grid (and the capped uniform baseline's rates)
 REFT = {"proxy_samples": 1000, "ratios": [0.3, 0.45, 0.6, 0.75, 0.85]}
@@ -145,7 +145,8 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     per_sample = profile_model(build_model(ModelConfig(name=args.model, width=args.width), (3, 32, 32), 10), (3, 32, 32))
     epoch_flops = args.samples * per_sample.train_flops_per_sample
-    deadline = round(epoch_flops / (1.2 * PHONE_FLOPS), 4)
+    # the mid phone's full-model epoch at speed 1.2 on the per-layer clock (was: FLOPs / 1.2 x 10 GFLOP/s)
+    deadline = round(epoch_seconds("phone_mid", args.model, args.width, args.samples, speed=1.2), 4)
     with tempfile.TemporaryDirectory() as tmp:
         chosen = {k: v for k, v in variants(epoch_flops, deadline, f"{tmp}/dse", args.dse_scale).items()
                   if not args.only or k in args.only.split(",")}

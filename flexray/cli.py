@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from mlflow.tracking import MlflowClient
 
 from flexray import phases
@@ -132,6 +133,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     cal_s = None if args.coarse else args.calibration_seconds
     if cal_s is not None and cal_s <= 0:
         raise FlexrayError("probe: --calibration-seconds must be > 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise FlexrayError("probe: --device cuda: no CUDA GPU on this machine; drop --device or run it on a GPU host")
     if args.address:
         probes = probe_nodes(args.address, model, width, data, batch, args.seconds, args.threads, cal_s)
         named = [(f"{args.name or p.host}_{i}" if len(probes) > 1 and args.name else args.name or p.host, p)
@@ -139,7 +142,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     else:
         probe = probe_host(model, width, data, batch, args.seconds, args.threads, None)
         if cal_s is not None:  # the bar on stderr; the profile stays pasteable from stdout
-            probe = dataclasses.replace(probe, calibration=calibrate(seconds=cal_s, threads=args.threads, progress=True))
+            probe = dataclasses.replace(probe, calibration=calibrate(seconds=cal_s, threads=args.threads, progress=True,
+                                                                     device=args.device))
         named = [(args.name or probe.host, probe)]
     for name, probe in named:
         like = CATALOG[args.like] if args.like else CATALOG.get(name) or nearest_class(probe.result.flops)
@@ -150,9 +154,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    rows = [(p.name, p.flops / 1e9, p.memory_bytes / 2**30, p.uplink_bps / 1e6, p.downlink_bps / 1e6,
+    rows = [(p.name, p.flops / 1e9, p.memory_bytes / 2**30, p.uplink_bps / 1e6, p.downlink_bps / 1e6, p.rtt_s * 1e3,
              p.power_active_w, p.power_idle_w, p.power_radio_w) for p in CATALOG.values()]
-    print(_table(["class", "GFLOP/s", "mem_GiB", "up_Mbit/s", "down_Mbit/s", "active_W", "idle_W", "radio_W"], rows))
+    print(_table(["class", "GFLOP/s", "mem_GiB", "up_Mbit/s", "down_Mbit/s", "rtt_ms", "active_W", "idle_W", "radio_W"], rows))
+    print("\n(GFLOP/s: dense conv; every class also has a per-layer latency model, docs/latency.md)")
     return 0
 
 
@@ -189,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "prints a fleet.profiles line")
     pp.add_argument("--address", metavar="HOST:PORT", help="a running Ray cluster: probe every node on its own actor")
     pp.add_argument("--coarse", action="store_true", help="FLOP/s only, no per-layer calibration")
+    pp.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="calibrate on the CPU (default) or the GPU")
     pp.add_argument("--calibration-seconds", type=float, default=0.3,
                     help="seconds each calibration case is timed (default 0.3: about a minute in all)")
     pp.add_argument("--name", help="profile name to print (default: the host name)")

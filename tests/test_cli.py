@@ -115,6 +115,7 @@ def test_devices_lists_the_catalog(capsys: pytest.CaptureFixture[str]) -> None:
     rpi4 = next(r for r in rows if r["class"] == "rpi4")
     assert float(rpi4["GFLOP/s"]) == pytest.approx(CATALOG["rpi4"].flops / 1e9, rel=1e-3)
     assert float(rpi4["active_W"]) == pytest.approx(CATALOG["rpi4"].power_active_w, rel=1e-3)
+    assert float(rpi4["rtt_ms"]) == pytest.approx(CATALOG["rpi4"].rtt_s * 1e3, rel=1e-3)
     assert all(float(r["GFLOP/s"]) > 0 and float(r["mem_GiB"]) > 0 for r in rows)
 
 

@@ -120,10 +120,13 @@ def suite() -> list[Case]:
 
 
 def time_step(net: nn.Module, shape: tuple[int, ...], batch_size: int, seconds: float = 0.3, classes: int = 10,
-              min_steps: int = 3) -> float:
-    """Median wall seconds of one real SGD step (forward, loss, backward, optimizer) after a warm-up."""
+              min_steps: int = 3, device: str = "cpu") -> float:
+    """Median wall seconds of one real SGD step (forward, loss, backward, optimizer) after a warm-up;
+    on a GPU each step is synchronised, so its kernels' time is counted, not their launch."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(batch_size, *shape, generator=g), torch.randint(0, classes, (batch_size,), generator=g)
+    net, x, y = net.to(device), x.to(device), y.to(device)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
     net.train()
 
@@ -132,6 +135,7 @@ def time_step(net: nn.Module, shape: tuple[int, ...], batch_size: int, seconds: 
         out = net(x)
         F.cross_entropy(out[0] if isinstance(out, tuple) else out, y).backward()
         opt.step()
+        sync()
 
     for _ in range(2):
         step()
@@ -144,14 +148,14 @@ def time_step(net: nn.Module, shape: tuple[int, ...], batch_size: int, seconds: 
     return statistics.median(times)
 
 
-def measurements(cases: list[Case], batches: tuple[int, ...] = BATCHES, seconds: float = 0.3
+def measurements(cases: list[Case], batches: tuple[int, ...] = BATCHES, seconds: float = 0.3, device: str = "cpu"
                  ) -> Iterator[tuple[str, StepProfile, int, float]]:
     for case in cases:
         torch.manual_seed(0)
         net, shape = case.build()
-        prof = step_profile(net, shape, 10)
+        prof = step_profile(net.to(device), shape)
         for b in batches:
-            yield case.name, prof, b, time_step(net, shape, b, seconds)
+            yield case.name, prof, b, time_step(net, shape, b, seconds, device=device)
 
 
 def _fitted() -> np.ndarray:
@@ -182,15 +186,15 @@ def fit(rows: list[tuple[StepProfile, int, float]]) -> tuple[LatencyParams, np.n
 
 
 def calibrate(seconds: float = 0.3, batches: tuple[int, ...] = BATCHES, threads: int | None = None,
-              progress: bool = False) -> Calibration:
-    """Time the suite on this machine and fit its ``LatencyParams`` (about a minute on 2 cores;
-    ``progress``: a bar on stderr)."""
+              progress: bool = False, device: str = "cpu") -> Calibration:
+    """Time the suite on this machine (``device``: "cuda" for its GPU) and fit its ``LatencyParams``
+    (about a minute on 2 cores; ``progress``: a bar on stderr)."""
     if threads:
         torch.set_num_threads(threads)
     t0, rows = time.perf_counter(), []
     cases = suite()
     bar = tqdm(total=len(cases) * len(batches), desc="calibrating", unit="case", disable=not progress, file=sys.stderr)
-    for _, prof, b, t in measurements(cases, batches, seconds):
+    for _, prof, b, t in measurements(cases, batches, seconds, device):
         rows.append((prof, b, t))
         bar.update()
     bar.close()
