@@ -71,9 +71,9 @@ def drop_deadline(args: argparse.Namespace) -> float:
     """Just above the second-slowest class's full-model round time: the rpi4 class always misses it."""
     model = build_model(ModelConfig(name=args.model, width=16), (3, 32, 32), 10)
     prof = profile_model(model, (3, 32, 32))
-    flops = args.samples * prof.train_flops_per_sample
+    work = prof.step.epochs(args.samples, 32)  # one local epoch at the benchmarks' batch 32
     second = CATALOG[FLEET[1][0]]
-    return 1.05 * sum(predict_times(second, 1.0, flops, prof.param_bytes, prof.param_bytes))
+    return 1.05 * sum(predict_times(second, 1.0, work, prof.param_bytes, prof.param_bytes))
 
 
 def variants(deadline: float) -> dict[str, tuple[dict, str, float | None]]:

@@ -71,9 +71,9 @@ def main() -> None:
             gaps, tl_s, bf_s = [], [], []
             for _ in range(args.fleets):
                 clients = random_clients(n, rng, points)
-                plan = tlmp(clients, points, SERVER.flops)
+                plan = tlmp(clients, points, SERVER)
                 t0 = time.perf_counter()
-                best, _ = brute_force(clients, points, SERVER.flops, grid=10_000)
+                best, _ = brute_force(clients, points, SERVER, grid=10_000)
                 bf_s.append(time.perf_counter() - t0)
                 tl_s.append(plan.solve_s)
                 gaps.append(plan.max_latency / best - 1.0)
@@ -87,11 +87,11 @@ def main() -> None:
             clients = random_clients(n, rng, points, tight_share=0.0)  # every baseline (FL only too) can run the fleet
             times, plan = [], None
             for _ in range(3):
-                plan = tlmp(clients, points, SERVER.flops)
+                plan = tlmp(clients, points, SERVER)
                 times.append(plan.solve_s)
             assert plan is not None
-            exact = exact_minmax(clients, points, SERVER.flops)  # bisection over every integer cut
-            base = baselines(clients, points, SERVER.flops)
+            exact = exact_minmax(clients, points, SERVER)  # bisection over every integer cut
+            base = baselines(clients, points, SERVER)
             ours = plan.max_latency
             print(json.dumps({
                 "bench": "tlmp_scale", "model": key, "cuts": len(points), "clients": n,
@@ -121,11 +121,11 @@ def robustness(key: str, points: list[SplitPoint], coarse: list[SplitPoint]) -> 
     for n in [10, 30, 100, 300, 1000] * 4:
         for tight in (0.0, 0.3):
             clients = random_clients(n, rng, points, tight)
-            ours = tlmp(clients, points, SERVER.flops).max_latency
-            exact = exact_minmax(clients, points, SERVER.flops).max_latency
+            ours = tlmp(clients, points, SERVER).max_latency
+            exact = exact_minmax(clients, points, SERVER).max_latency
             gaps.append(ours / exact - 1.0)
-            gains.append(1.0 - exact / exact_minmax(clients, coarse, SERVER.flops).max_latency)
-            worse += ours > min(baselines(clients, points, SERVER.flops).values()) * (1 + 1e-9)
+            gains.append(1.0 - exact / exact_minmax(clients, coarse, SERVER).max_latency)
+            worse += ours > min(baselines(clients, points, SERVER).values()) * (1 + 1e-9)
     print(json.dumps({
         "bench": "tlmp_vs_exact", "model": key, "fleets": len(gaps), "within_1pct": sum(g <= 0.01 for g in gaps),
         "worst_gap_pct": round(100 * max(gaps), 4), "mean_gap_pct": round(100 * float(np.mean(gaps)), 5),
