@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from flexray.config import ModelConfig
 from flexray.fleet.calibrate import Calibration, calibrate
-from flexray.fleet.profiles import CATALOG, _yaml_float, latency_yaml
+from flexray.fleet.profiles import CATALOG, latency_yaml, yaml_float
 from flexray.models import build_model, train_flops_per_sample
 from flexray.protocol import DeviceProfile
 
@@ -124,7 +124,7 @@ def profile_line(name: str, probe: HostProbe, like: DeviceProfile) -> str:
         "downlink_bps": like.downlink_bps, "power_active_w": like.power_active_w, "power_idle_w": like.power_idle_w,
         "power_radio_w": like.power_radio_w, "rtt_s": probe.rtt_s if probe.rtt_s is not None else like.rtt_s,
     }
-    body = ", ".join(f"{k}: {v if isinstance(v, int) else _yaml_float(v)}" for k, v in fields.items())
+    body = ", ".join(f"{k}: {v if isinstance(v, int) else yaml_float(v)}" for k, v in fields.items())
     if probe.calibration is not None:
         body += f", latency: {latency_yaml(probe.calibration.params)}"
     return f"{name}: {{{body}}}"
@@ -136,7 +136,7 @@ def describe(probe: HostProbe, like: DeviceProfile, model: str, width: int, data
     lines = [f"# flexray probe on {probe.host}: {res.flops:.4g} FLOP/s sustained training ({model} width {width} on "
              f"{data}-shaped input, batch {batch}, {res.threads} threads, {res.steps} steps in {res.seconds:.1f} s)"]
     if cal is not None:
-        lines.append(f"# latency model: {cal.cases} calibration steps in {cal.seconds:.0f} s, {cal.threads} threads; "
+        lines.append(f"# latency model: {cal.cases} calibration cases timed in {cal.seconds:.0f} s, {cal.threads} threads; "
                      f"the fit is within {cal.median_factor:.2f}x of them (median), {cal.worst_factor:.2f}x (worst); "
                      "docs/latency.md")
     else:

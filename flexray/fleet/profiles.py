@@ -24,7 +24,7 @@ from flexray.config import LatencyConfig, ProfileConfig
 from flexray.errors import FlexrayError
 from flexray.protocol import KINDS, DeviceProfile, KindRates, LatencyParams
 
-__all__ = ["CATALOG", "X86_REFERENCE", "DeviceProfile", "GFLOP", "GiB", "MBIT", "latency_params", "resolve_profile"]
+__all__ = ["CATALOG", "X86_REFERENCE", "DeviceProfile", "GFLOP", "GiB", "MBIT", "latency_params", "latency_yaml", "resolve_profile", "yaml_float"]
 
 GiB = 1024**3
 MBIT = 1e6
@@ -297,7 +297,7 @@ def latency_params(cfg: LatencyConfig) -> LatencyParams:
 def latency_yaml(params: LatencyParams) -> str:
     """The flow-style YAML block ``flexray probe`` prints (``.inf``: a rate that does not limit)."""
     def num(v: float) -> str:
-        return ".inf" if math.isinf(v) else _yaml_float(v)
+        return ".inf" if math.isinf(v) else yaml_float(v)
 
     kinds = ", ".join(
         f"{kind}: {{{', '.join(f'{f.name}: {num(getattr(r, f.name))}' for f in dataclasses.fields(r))}}}"
@@ -305,7 +305,7 @@ def latency_yaml(params: LatencyParams) -> str:
     return f"{{step_s: {num(params.step_s)}, {kinds}}}"
 
 
-def _yaml_float(v: float) -> str:
+def yaml_float(v: float) -> str:
     """4 significant digits; PyYAML reads 1e+08 as a string, so write 1.0e+08."""
     text = f"{float(v):.4g}"
     mantissa, e, exp = text.partition("e")
