@@ -132,10 +132,12 @@ def epoch_seconds(net: nn.Module, shape: tuple[int, ...], batch: int, samples: i
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
     net.train()
 
-    def epoch() -> float:
+    def epoch() -> float:  # shuffled mini-batches gathered by index, as flexray's trainer does
         t0 = time.perf_counter()
+        order = torch.randperm(samples, generator=g)
         for i in range(0, samples, batch):
-            step(net, opt, x[i:i + batch], y[i:i + batch])
+            idx = order[i:i + batch]
+            step(net, opt, x[idx], y[idx])
         return time.perf_counter() - t0
 
     epoch()  # warm-up: allocator, oneDNN primitives, momentum buffers
@@ -176,7 +178,7 @@ def run(threads: int, samples: int) -> list[dict]:
         print(json.dumps(row), flush=True)
     for model in ("resnet20", "cnn"):  # what a width sub-model saves over the full model
         full = next(r for r in rows if r["case"] == f"{model} p=1")
-        for r in (r for r in rows if r["case"].startswith(f"{model} p=") and r is not full):
+        for r in [r for r in rows if r.get("case", "").startswith(f"{model} p=") and r is not full]:
             line = {"benchmark": "latency_fidelity", "speedup": r["case"], "threads": threads,
                     "measured": round(full["measured_s"] / r["measured_s"], 2),
                     "predicted": round(full["predicted_s"] / r["predicted_s"], 2),

@@ -156,13 +156,18 @@ def _tensor_bytes(values: Any) -> float:
     return float(sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor)))
 
 
-def _rows(out: Any) -> float:
-    """Planes (N x C of an image tensor) or rows (all but the last dim) of a kernel's first output."""
+def _rows(out: Any, kind: str) -> float:
+    """What a kernel loops over outside its vectorised dim, from its first output: a dense conv's
+    output positions (N x H x W), an image tensor's planes (N x C), else rows (all but the last dim)."""
     flat, _ = tree_flatten(out)
     t = next((t for t in flat if isinstance(t, torch.Tensor)), None)
     if t is None or t.dim() == 0:
         return 1.0
-    return float(math.prod(int(d) for d in (t.shape[:2] if t.dim() == 4 else t.shape[:-1])))
+    if t.dim() == 4:
+        dims = (t.shape[0], t.shape[2], t.shape[3]) if kind == "conv" else t.shape[:2]
+    else:
+        dims = t.shape[:-1]
+    return float(math.prod(int(d) for d in dims))
 
 
 class _KernelTrace(TorchDispatchMode):
@@ -188,7 +193,8 @@ class _KernelTrace(TorchDispatchMode):
         packet = func.overloadpacket
         flops = _flops(packet, args, kwargs, out)
         moved = _tensor_bytes(args) + _tensor_bytes(kwargs) + _tensor_bytes(out)
-        one = Workload.kernel(_kind(packet, args, flops), flops, flops * _lane_factor(packet, args), moved, _rows(out))
+        kind = _kind(packet, args, flops)
+        one = Workload.kernel(kind, flops, flops * _lane_factor(packet, args), moved, _rows(out, kind))
         key = self._where()
         self.work[key] = self.work.get(key, Workload()) + one
         return out
