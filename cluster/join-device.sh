@@ -9,7 +9,7 @@
 #
 #   CLASS      device class, e.g. rpi4 (a catalog name from `flexray devices` or your own profile name)
 #   --num-cpus CPUs Ray may use here (default: all cores); one device actor uses fleet.num_cpus_per_actor
-#   --probe    first measure this board's training FLOP/s and print a fleet.profiles line to paste
+#   --probe    first calibrate this board's latency model and print a fleet.profiles line to paste
 #   --dry-run  print the ray start command instead of running it
 #   -- ...     passed on to `ray start` (e.g. --block, --temp-dir=/tmp/ray, --node-ip-address=IP)
 #
