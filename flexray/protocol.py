@@ -169,6 +169,11 @@ class StepProfile:
         steps = -(-int(samples) // max(int(batch_size), 1))
         return (self.fixed * steps + self.per_sample * samples) * epochs
 
+    def trained(self, num_samples: int, batch_size: int, samples: float) -> Workload:
+        """What training ``samples`` on a shard of ``num_samples`` costs: as many passes over it
+        (``epochs``) as that makes, a partial pass counted pro rata (an ``Update``'s work)."""
+        return self.epochs(num_samples, batch_size, samples / max(num_samples, 1))
+
     def samples(self, samples: float, batch_size: int) -> Workload:
         """``samples`` seen in full batches of ``batch_size`` (what a step budget trains)."""
         return self.fixed * (samples / max(batch_size, 1)) + self.per_sample * samples

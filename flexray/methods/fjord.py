@@ -144,21 +144,16 @@ class FjORD(WidthMethod):
         rates = self.allowed(rate)
         step = sum((self.sub_profile(p, input_shape).step for p in rates[1:]), self.sub_profile(rates[0], input_shape).step)
         if self.cfg.distill:  # steps that ran a narrower width
-            step = step + self.teacher_step(rate, input_shape) * sum(p < rate for p in rates)
+            step = step + self.sub_profile(rate, input_shape).forward_step * sum(p < rate for p in rates)
         return step * (1.0 / len(rates))
-
-    def teacher_step(self, rate: float, input_shape: tuple[int, ...]) -> StepProfile:
-        """The width-``rate`` forward a distilling step adds: its step's kernels scaled by the
-        counted forward / training FLOPs (no trace of a forward alone)."""
-        prof = self.sub_profile(rate, input_shape)
-        return prof.step * (prof.fwd_flops_per_sample / max(prof.train_flops_per_sample, 1.0))
 
     def ordered_dropout(self, p_max: float, shape: tuple[int, ...], ctx: DeviceContext) -> OrderedDropout:
         base = ctx.model(f"{self.name}:{p_max}", lambda: self.build(p_max))
         rates = self.allowed(p_max)
         skeletons = {p: ctx.model(f"{self.name}:{p}", lambda p=p: self.build(p)) for p in rates if p < p_max}
         steps = {p: self.sub_profile(p, shape).step for p in rates}
-        return OrderedDropout(base, skeletons, rates, ctx.generator, steps, self.teacher_step(p_max, shape), self.cfg.distill)
+        return OrderedDropout(base, skeletons, rates, ctx.generator, steps, self.sub_profile(p_max, shape).forward_step,
+                              self.cfg.distill)
 
     def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
         cfg = self.cfg

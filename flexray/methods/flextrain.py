@@ -198,11 +198,6 @@ class FlexTrain(Method):
             step = step + (prof.parts.passes if prof.parts is not None else prof.step)
         return step
 
-    def forward_step(self, k: int, input_shape: tuple[int, ...]) -> StepProfile:
-        """A teacher's forward: the prefix's step scaled by its counted forward / training FLOPs."""
-        prof = self.prefix_profile(k, input_shape)
-        return prof.step * (prof.fwd_flops_per_sample / max(prof.train_flops_per_sample, 1.0))
-
     def _probe_shape(self) -> tuple[int, ...]:
         conv = next((m for m in self.full.modules() if isinstance(m, nn.Conv2d)), None)
         if conv is None:
@@ -376,7 +371,7 @@ class FlexTrain(Method):
         step = self.step_of(k, tuple(data.x.shape[1:]), labels)
         n = len(data)
         return Update(
-            tensors, weight=1.0, samples=samples, work=step.epochs(n, self.cfg.batch_size, samples / max(n, 1)),
+            tensors, weight=1.0, samples=samples, work=step.trained(n, self.cfg.batch_size, samples),
             bytes_down=state_bytes(tensors),
             metrics={"train_loss": loss, "k": float(k)}, trained=SubModel(k=k, mode=task.spec.mode),
         )
@@ -412,7 +407,7 @@ class FlexTrain(Method):
         """A centralised step at k: train f_k, forward the teacher f_{k+1}."""
         step = self.prefix_profile(k, input_shape).step
         if k < self.max_k and self.fcfg.beta > 0:
-            step = step + self.forward_step(k + 1, input_shape)
+            step = step + self.prefix_profile(k + 1, input_shape).forward_step
         return step
 
     def _centralised_update(self, state: State, data: LocalData, ctx: DeviceContext) -> Update:

@@ -238,7 +238,7 @@ class Reft(Method):
         samples, loss = sgd_train(model, data, self.cfg, ctx.generator)
         step = self.profile(ratio, tuple(data.x.shape[1:])).step
         return Update(copy_state(model), weight=len(data), samples=samples,
-                      work=step.epochs(len(data), self.cfg.batch_size, samples / max(len(data), 1)),
+                      work=step.trained(len(data), self.cfg.batch_size, samples),
                       bytes_down=state_bytes(sub_state), metrics={"train_loss": loss, "ratio": ratio},
                       trained=SubModel(ratio=ratio))
 

@@ -187,7 +187,7 @@ class SplitFed(Method):
         if not p.split:  # the last stage: the device trains the whole model (plain FL)
             samples, loss = sgd_train(model, data, self.cfg, ctx.generator)
             return Update(copy_state(model), weight=len(data), samples=samples,
-                          work=p.client_step.epochs(len(data), self.cfg.batch_size, samples / max(len(data), 1)),
+                          work=p.client_step.trained(len(data), self.cfg.batch_size, samples),
                           metrics={"train_loss": loss})
         if ctx.server is None:
             raise RuntimeError("splitfed: a split task ran without a server port (the runtime provides ctx.server)")
@@ -197,7 +197,7 @@ class SplitFed(Method):
         sd = model.state_dict()
         tensors = {k: sd[k].detach().to("cpu", copy=True) for k in keys_of_stages(list(sd), names)}  # the object store's side
         return Update(tensors, weight=len(data), samples=samples,
-                      work=p.client_step.epochs(len(data), self.cfg.batch_size, samples / max(len(data), 1)),
+                      work=p.client_step.trained(len(data), self.cfg.batch_size, samples),
                       bytes_down=p.client_model_bytes, metrics={"train_loss": loss})
 
 

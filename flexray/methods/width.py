@@ -262,7 +262,7 @@ class WidthMethod(Method):
         with elastic.mask_logits(model, labels):
             samples, loss = sgd_train(model, data, self.cfg, ctx.generator)
         step = self.sub_profile(rate, tuple(data.x.shape[1:])).step
-        work = step.epochs(len(data), self.cfg.batch_size, samples / max(len(data), 1))
+        work = step.trained(len(data), self.cfg.batch_size, samples)
         return self.finish(copy_state(model), labels, rate, len(data), samples, work, state_bytes(sub), loss)
 
     def sub_model(self, rate: float, rnd: int, ctx: DeviceContext) -> nn.Module:
@@ -290,7 +290,7 @@ class WidthMethod(Method):
         results = batched_sgd_train(model, datas, self.cfg, generators, self.step_loss(model, rate, shape, ctx), masks=masks)
         step = self.sub_profile(rate, shape).step
         return [self.finish(r.state, m, rate, len(d), r.samples,
-                            r.work or step.epochs(len(d), self.cfg.batch_size, r.samples / max(len(d), 1)), state_bytes(sub), r.loss)
+                            r.work or step.trained(len(d), self.cfg.batch_size, r.samples), state_bytes(sub), r.loss)
                 for r, m, d in zip(results, labels, datas)]
 
     def step_loss(self, model: nn.Module, rate: float, shape: tuple[int, ...], ctx: DeviceContext) -> StepLoss:

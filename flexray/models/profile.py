@@ -60,6 +60,12 @@ class ModelProfile:
         return self.parts.whole
 
     @property
+    def forward_step(self) -> StepProfile:
+        """A forward pass alone (a distillation teacher's): the step's kernels scaled by counted
+        forward / training FLOPs, for lack of a trace of the forward alone."""
+        return self.step * (self.fwd_flops_per_sample / max(self.train_flops_per_sample, 1.0))
+
+    @property
     def fwd_flops_per_sample(self) -> float:
         return sum(layer.fwd_flops for layer in self.layers)
 

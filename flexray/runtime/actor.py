@@ -190,8 +190,7 @@ class DeviceHost:
     def _steps(self, device: int, samples: int) -> Workload:
         """The model's SGD steps over ``samples``, in mini-batches of the device's data (the default
         ``Update.work``: what ``Method.cost`` predicts for full local epochs)."""
-        n = len(self.data[device]) or 1
-        return self.model_profile.step.epochs(n, self.cfg.method.batch_size, samples / n)
+        return self.model_profile.step.trained(len(self.data[device]), self.cfg.method.batch_size, samples)
 
     def _inject_faults(self, rnd: int, update: Update) -> None:
         """Corrupt an update on purpose (config ``faults``) to prove the server rejects it."""
