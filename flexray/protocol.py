@@ -174,10 +174,6 @@ class StepProfile:
         (``epochs``) as that makes, a partial pass counted pro rata (an ``Update``'s work)."""
         return self.epochs(num_samples, batch_size, samples / max(num_samples, 1))
 
-    def samples(self, samples: float, batch_size: int) -> Workload:
-        """``samples`` seen in full batches of ``batch_size`` (what a step budget trains)."""
-        return self.fixed * (samples / max(batch_size, 1)) + self.per_sample * samples
-
 
 @dataclass(frozen=True)
 class DesignPoint:

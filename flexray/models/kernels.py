@@ -96,8 +96,6 @@ def pad_lanes(n: int, to: int = LANES) -> float:
     return float(-(-n // to) * to) / max(n, 1)
 
 
-_pad = pad_lanes
-
 
 def _flops(packet: Any, args: tuple, kwargs: dict, out: Any) -> float:
     if packet is _aten.convolution_backward:
@@ -120,15 +118,15 @@ def _lane_factor(packet: Any, args: tuple) -> float:
         if len(args) > i and int(args[i]) > 1:
             return 1.0
         if packet is not _aten.convolution_backward:
-            return _pad(int(args[1].shape[0]))
+            return pad_lanes(int(args[1].shape[0]))
         w, mask = args[2], args[10]
-        parts = [_pad(int(w.shape[1])) if mask[0] else 0.0, _pad(int(w.shape[0])) if mask[1] else 0.0]
+        parts = [pad_lanes(int(w.shape[1])) if mask[0] else 0.0, pad_lanes(int(w.shape[0])) if mask[1] else 0.0]
         return sum(parts) / max(int(bool(mask[0])) + int(bool(mask[1])), 1)
     if packet in _ATTENTION and len(args) > 1 and isinstance(args[1], torch.Tensor):
         q = args[1] if packet is _CPU_ATTENTION[1] else args[0]
-        return _pad(int(q.shape[-1])) * _pad(int(q.shape[-2]), QUERY_TILE)
+        return pad_lanes(int(q.shape[-1])) * pad_lanes(int(q.shape[-2]), QUERY_TILE)
     if packet in (_aten.mm, _aten.bmm, _aten.addmm, _aten.baddbmm):
-        return _pad(int(args[-1].shape[-1]))
+        return pad_lanes(int(args[-1].shape[-1]))
     return 1.0
 
 
