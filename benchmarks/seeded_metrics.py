@@ -1,10 +1,10 @@
 """Behaviour kept: the final metrics of three seeded sync jobs, to compare across a redesign.
 
-Runs the quickstart, a scaled FlexTrain job and a scaled SplitFed/TLMP job (all seed 0, sync) and
+Runs the quickstart, a scaled FlexTrain job, a scaled SplitFed/TLMP job and a scaled tiled job (all seed 0, sync) and
 prints one JSON line per job with its final metrics and the commit it ran on. Two runs on
 different commits that print the same metrics show the redesign kept the behaviour.
 
-    FLEXRAY_DATA_ROOT=../shared/data python benchmarks/seeded_metrics.py [quickstart,flextrain,splitfed]
+    FLEXRAY_DATA_ROOT=../shared/data python benchmarks/seeded_metrics.py [quickstart,flextrain,splitfed,tiled]
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ JOBS = {
     # its scaled-down size, and a diverging run is not reproducible to the last bit, so it cannot show "unchanged".
     "splitfed": ("jobs/quickstart.yaml", ["method.name=splitfed", "fleet.actors=1", "rounds.num=5",
                                           "method.server_cpus=0.5"]),
+    "tiled": ("jobs/tiled_cnn.yaml", ["data.samples_per_device=100", "data.test_samples=300", "rounds.num=2",
+                                      "method.steps_per_round=4"]),
 }
 KEYS = ("accuracy", "loss", "sim_time_s", "energy_j", "bytes_up", "bytes_down", "train_loss", "mean_device_acc")
 
