@@ -33,7 +33,7 @@ from mlflow.tracking import MlflowClient
 from common import epoch_seconds, job_tree, mean, time_to  # benchmarks/common.py
 
 from flexray.runtime.assembly import parse_config
-from flexray.runtime.driver import run_job
+from flexray.runtime.session import run_job
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICES = 20
@@ -116,9 +116,9 @@ def main() -> None:
                 for name, (method, model, mode, _) in variants.items():
                     t0 = time.perf_counter()
                     res = run_job(parse_config(job(args, uri, name, method, model, mode, seed)))
-                    runs[name, seed] = (res.history, time.perf_counter() - t0)
+                    runs[name, seed] = ([m.row() for m in res.history], time.perf_counter() - t0)
                     print(json.dumps({"run": name, "seed": seed, "wall_s": round(runs[name, seed][1], 1),
-                                      "final": res.final}), file=sys.stderr, flush=True)
+                                      "final": res.metrics.as_dict() if res.metrics else {}}), file=sys.stderr, flush=True)
     finally:
         ray.shutdown()
     report(args, variants, seeds, runs)

@@ -43,7 +43,7 @@ from mlflow.tracking import MlflowClient
 from flexray.config import ModelConfig
 from flexray.models import build_model, profile_model
 from flexray.runtime.assembly import parse_config
-from flexray.runtime.driver import run_job
+from flexray.runtime.session import run_job
 
 REPO = Path(__file__).resolve().parents[1]
 FLEET = [("rpi4", 8), ("phone_mid", 6), ("jetson_nano", 4), ("laptop_cpu", 2)]
@@ -169,7 +169,7 @@ def main() -> None:
                     if name == "distreal" and name not in fronts:
                         with open(client.download_artifacts(res.run_id, "method/distreal_front.json", tmp)) as f:
                             fronts[name] = json.load(f)
-                    results[name].append(Run(res.history, wall, events))
+                    results[name].append(Run([m.row() for m in res.history], wall, events))
         finally:
             ray.shutdown()
     target = args.target or 0.95 * min(mean([r.history[-1]["accuracy"] for r in runs]) for runs in results.values())

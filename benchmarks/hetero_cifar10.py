@@ -47,7 +47,7 @@ from flexray.fleet.profiles import CATALOG
 from flexray.models import build_model, profile_model
 from flexray.protocol import predict_times
 from flexray.runtime.assembly import parse_config
-from flexray.runtime.driver import run_job
+from flexray.runtime.session import run_job
 
 REPO = Path(__file__).resolve().parents[1]
 DEPTH = ("flextrain", "fedclass")  # the depth-prefix methods (FedSmall is flextrain at k = 1)
@@ -198,7 +198,7 @@ def main() -> None:
                     t0 = time.perf_counter()
                     run = name if len(seeds) == 1 else f"{name}@seed{seed}"
                     res = run_job(parse_config(job(args, uri, run, method, schedule, dl, seed)))
-                    results.setdefault(name, []).append((res.history, time.perf_counter() - t0))
+                    results.setdefault(name, []).append(([m.row() for m in res.history], time.perf_counter() - t0))
     finally:
         ray.shutdown()
     report(results, args.rounds, args.target, args.model)

@@ -26,7 +26,7 @@ from flexray.methods import _PATHS
 from flexray.methods.fedbuff import FedBuffConfig
 from flexray.runtime.actor import warm_actors
 from flexray.runtime.assembly import load_config
-from flexray.runtime.driver import run_job
+from flexray.runtime.session import run_job
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "jobs" / "quickstart.yaml"
@@ -50,7 +50,7 @@ def overrides(method: str, mode: str, uri: str) -> list[str]:
 
 def run(method: str, mode: str, uri: str) -> dict:
     cfg = load_config(QUICKSTART, overrides(method, mode, uri))
-    final = run_job(cfg).final
+    final = run_job(cfg).metrics.as_dict()  # as MLflow logs it
     return {"method": method, "mode": mode, "model": cfg.model.name,
             "accuracy": round(final.get("accuracy", 0.0), 4),
             "mean_device_acc": round(final.get("mean_device_acc", final.get("accuracy", 0.0)), 4),

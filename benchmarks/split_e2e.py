@@ -34,7 +34,7 @@ from common import job_tree  # benchmarks/common.py
 from mlflow.tracking import MlflowClient
 
 from flexray.runtime.assembly import parse_config
-from flexray.runtime.driver import run_job
+from flexray.runtime.session import run_job
 
 REPO = Path(__file__).resolve().parents[1]
 FLEET = [("rpi3", 2), ("rpi4", 2), ("phone_mid", 2), ("laptop_cpu", 2)]  # 1, 3, 10, 100 GFLOP/s
@@ -106,8 +106,8 @@ def main() -> None:
                     "benchmark": "split_e2e", "run": name, "method": method, "rounds": args.rounds,
                     "samples_per_round": int(sum(r["samples"] for r in rows) / args.rounds),
                     "final_accuracy": round(hist[-1]["accuracy"], 4),
-                    "mean_round_sim_s": round(float(np.mean([h["round_sim_s"] for h in hist])), 3),
-                    "mean_round_predicted_s": round(float(np.mean([h["round_predicted_s"] for h in hist])), 3),
+                    "mean_round_sim_s": round(float(np.mean([h.round_sim_s for h in hist])), 3),
+                    "mean_round_predicted_s": round(float(np.mean([h.round_predicted_s for h in hist])), 3),
                     "max_abs_pred_err_s": round(max(abs(r["end_s"] - r["start_s"] - r["predicted_s"]) for r in rows), 9),
                     "split_clients_per_round": round(n_split / args.rounds, 2), "wall_s": round(wall, 1),
                     "load_avg_1m": round(os.getloadavg()[0], 2),

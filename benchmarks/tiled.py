@@ -57,7 +57,7 @@ from flexray.models.blocks import Head, stages
 from flexray.models.tiling import tileable_prefix
 from flexray.models.zoo import build_model
 from flexray.protocol import DeviceProfile
-from flexray.runtime.tiled import TileActor, TileHost, TiledStep, fused_stack
+from flexray.tiled.actor import TileActor, TileHost, TiledStep, fused_stack
 from flexray.schedule.tiling import TilingPlan, choose_plan
 
 OPT = {"lr": 0.01, "momentum": 0.9, "weight_decay": 0.0}

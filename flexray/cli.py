@@ -17,19 +17,14 @@ from mlflow.tracking import MlflowClient
 
 from flexray import phases
 from flexray.errors import FlexrayError
-from flexray.fleet.latency import predict, round_time
-from flexray.fleet.placement import check_local_gpus, connected_placement
 from flexray.fleet.calibrate import calibrate
 from flexray.fleet.probe import describe, nearest_class, probe_host, profile_line
 from flexray.fleet.profiles import CATALOG
-from flexray.protocol import DeviceView, PlanNotes, SubModel
+from flexray.protocol import SubModel
 from flexray.runtime.assembly import load_config
-from flexray.runtime.driver import run_job, use_ray_auth_mode
-from flexray.runtime.engines import engine_for
-from flexray.runtime.job import Job, local_gpus
+from flexray.runtime.driver import use_ray_auth_mode
 from flexray.runtime.probe_nodes import probe_nodes
-from flexray.runtime.split_server import server_actor
-from flexray.schedule.minmax import SubModelScheduler
+from flexray.runtime.session import Session
 from flexray.tracking.mlflow_logger import check_access, resolve_uri
 
 
@@ -45,11 +40,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     phases.mark("config")
     check_access(resolve_uri(cfg.tracking.uri), cfg.tracking.experiment)  # bad credentials fail before Ray starts
     use_ray_auth_mode(cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
-    result = run_job(cfg, resume=args.resume)
-    final = result.final
-    acc = f"{final['accuracy']:.4f}" if "accuracy" in final else "n/a"
+    result = Session(cfg).fit(resume=args.resume)
+    last = result.metrics
+    acc = f"{last.accuracy:.4f}" if last is not None and last.accuracy is not None else "n/a"
     print(f"run {result.run_id} finished: rounds={len(result.history)} accuracy={acc} "
-          f"sim_time_s={final.get('sim_time_s', 0):.1f} energy_j={final.get('energy_j', 0):.1f}")
+          f"sim_time_s={last.sim_time_s if last else 0:.1f} energy_j={last.energy_j if last else 0:.1f}")
     print(f"tracked in {result.tracking_uri} (view: mlflow ui --backend-store-uri {result.tracking_uri})")
     phases.mark("result")
     phases.dump()
@@ -58,61 +53,39 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    job = Job.assemble(cfg)  # the run's own assembly: what refuses the run refuses the plan
-    devices = job.devices
-    engine = engine_for(job)
-    method = job.method()
-    specs = engine.specs()  # device or tile actors
-    server = server_actor(cfg, method, len(specs))  # the split server, if the method needs one
-    everyone = [*specs, *([server] if server else [])]
-    placement = None
-    if args.address:
-        placement = connected_placement(args.address, everyone)
-    else:  # the local Ray `flexray run` would start gets this machine's GPUs
-        check_local_gpus(everyone, local_gpus())
-    if hasattr(engine, "describe"):  # an engine with its own planner (e.g. tiled) prints its plan
-        print(engine.describe())
+    plan = Session(cfg).plan(args.address)  # the run's own assembly: what refuses the run refuses the plan
+    if plan.engine:  # an engine with its own planner (e.g. tiled) prints its plan
+        print(plan.engine)
         return 0
-    actor_of = {d: s.label for s in specs for d in s.devices}
-    gpu_of = {d: f"{s.num_gpus:g}" for s in specs for d in s.devices if s.num_gpus}  # each actor's GPU share
-    node_of = {d: placement.describe(s.index) for s in specs for d in s.devices} if placement else {}
-
-    mprof = job.model_profile
-    avail = [d for d in devices if d.trace.available(0.0)]
-    with tempfile.TemporaryDirectory() as tmp:  # e.g. DISTREAL's design-space search (cached on disk)
-        job.prepare(method, Path(tmp))
-    deadline = cfg.rounds.deadline_s
-    views = [DeviceView(d.id, d.profile, d.trace.speed(0.0), len(d.indices), deadline) for d in avail]
-    plan = SubModelScheduler(cfg.schedule, method, mprof, cfg.method.batch_size, deadline).assign(views)
-    tasks = method.plan(0, plan.views, method.init(job.model()))
-    preds = predict(method, tasks, {d.id: d for d in devices}, 0.0, mprof, cfg.method.batch_size, deadline)
-    knobs = {t.device: _knobs(t.spec) for t in tasks}  # what the method chose per device (cut, share, k, p, ...)
+    where = plan.placement
+    hosts = [s for s in plan.actors if not s.service]
+    actor_of = {d: s.label for s in hosts for d in s.devices}
+    gpu_of = {d: f"{s.num_gpus:g}" for s in hosts for d in s.devices if s.num_gpus}  # each actor's GPU share
+    node_of = {d: where.describe(s.index) for s in hosts for d in s.devices} if where else {}
+    knobs = {t.device: _knobs(t.spec) for t in plan.tasks}  # what the method chose per device (cut, share, k, p, ...)
     rows = [(p.name, actor_of[p.device], *([gpu_of[p.device]] if gpu_of else []), *([node_of[p.device]] if node_of else []),
              knobs[p.device], p.samples, p.flops,
              p.download_s, p.compute_s, p.server_s, p.upload_s, p.total_s, p.energy_j, "yes" if p.fits_memory else "NO")
-            for p in preds]
+            for p in plan.predictions]
     print(_table(["device", "actor", *(["gpu"] if gpu_of else []), *(["node"] if node_of else []), "plan", "samples", "flops", "down_s", "compute_s",
                   "server_s", "up_s", "total_s", "energy_j", "fits_mem"], rows))
-    left_out = sorted({v.id for v in views} - {v.id for v in plan.views})
-    if left_out:
-        names = ", ".join(d.name for d in devices if d.id in left_out)
-        print(f"\nno sub-model fits the memory of: {names} (they get no task)")
-    drop = cfg.rounds.stragglers == "drop"
+    if plan.left_out:
+        print(f"\nno sub-model fits the memory of: {', '.join(plan.left_out)} (they get no task)")
+    mprof = plan.model
     print(f"\nmodel {cfg.model.name}: {mprof.param_bytes / 1e6:.3f} MB, {mprof.train_flops_per_sample / 1e6:.3f} MFLOP/sample (train)")
-    print(f"predicted round time: {round_time(preds, cfg.rounds.deadline_s, drop):.4g} s simulated "
-          f"({len(preds)} of {len(devices)} devices available at t=0)")
-    if plan.predicted_s:  # a method with sub-models: which rule chose them, and for what round time
+    print(f"predicted round time: {plan.round_s:.4g} s simulated "
+          f"({len(plan.predictions)} of {plan.devices} devices available at t=0)")
+    if plan.target_s is not None:  # a method with sub-models: which rule chose them, and for what round time
         print(f"sub-models chosen by schedule.mode={cfg.schedule.mode} for a round of {plan.target_s:.4g} s")
-    n_train = len(job.dataset.y_train)
-    if held := cfg.method.held_out(n_train):
-        print(f"held out for the server: {held} of {n_train} training samples (the method's proxy_samples); "
-              f"the devices share the other {n_train - held}")
-    if server is not None:
-        where = f" on {placement.describe(server.index)}" if placement else ""
-        print(f"split server: {server.num_cpus:g} CPU, {server.num_gpus:g} GPU{where}")
-    if isinstance(method, PlanNotes):  # e.g. SplitFed's server shares
-        for line in method.plan_notes(tasks):
-            print(line)
+    if plan.held_out:
+        n_train = plan.train_samples
+        print(f"held out for the server: {plan.held_out} of {n_train} training samples (the method's proxy_samples); "
+              f"the devices share the other {n_train - plan.held_out}")
+    for s in (s for s in plan.actors if s.service):  # the round service's actors (SplitFed: its split server)
+        at = f" on {where.describe(s.index)}" if where else ""
+        print(f"{s.role}: {s.num_cpus:g} CPU, {s.num_gpus:g} GPU{at}")
+    for line in plan.notes:
+        print(line)
     return 0
 
 

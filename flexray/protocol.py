@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -175,45 +175,43 @@ class StepProfile:
         return self.epochs(num_samples, batch_size, samples / max(num_samples, 1))
 
 
-@dataclass(frozen=True)
-class DesignPoint:
-    """One point of a dropout design front (DISTREAL): a rate per droppable layer, the training
-    FLOPs per sample it costs and the error it is predicted to reach."""
+class Knob:
+    """A method's own setting of what one device trains -- a width rate, a depth, a pruning ratio,
+    a cut and server share, a dropout front. Subclass it as a frozen dataclass in the method's
+    file; only that method reads it. ``log()`` is its form in the event log's ``spec`` column."""
 
-    rates: tuple[float, ...]
-    flops: float
-    error: float
+    def log(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if value is not None and value != ():
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+K = TypeVar("K", bound=Knob)
 
 
 @dataclass(frozen=True)
 class SubModel:
-    """What one device trains: the one typed description every method's knob fits in.
+    """What one device trains, as the runtime and the scheduler see it: a predicted cost, a
+    memory need and a label for the event log. What the method itself needs to build it is its
+    ``knob``, a typed record only that method reads (``None``: the whole model)."""
 
-    Schedulers choose sub-models, methods extract and aggregate them, the runtime only carries
-    them; a field a method does not use stays at its default. The event log's ``spec`` column
-    holds ``log()``.
-    """
-
-    rate: float | None = None  # width fraction p (HeteroFL, FjORD, FedRolex)
-    offset: int | None = None  # FedRolex: where the rolling width window starts
-    k: int | None = None  # depth prefix, in blocks (FlexTrain, FedClass)
-    mode: str | None = None  # FlexTrain: "centralised" trains the whole elastic model data-parallel
-    ratio: float | None = None  # structured pruning ratio (REFT)
-    cut: int | None = None  # SplitFed: stages the client trains (the last stage: no split)
-    theta: float | None = None  # SplitFed: the client's share of the split server
-    layers: tuple[str, ...] = ()  # DISTREAL: the droppable layers, in ``DesignPoint.rates`` order
-    points: tuple[DesignPoint, ...] = ()  # DISTREAL: the front a device picks its dropout from
+    knob: Knob | None = None
     memory_bytes: float | None = None  # training memory, when the method predicts it per task
     predicted_s: float | None = None  # the method's own latency prediction
 
+    def of(self, kind: type[K]) -> K | None:
+        """The knob as the method's own type (None when absent or another method's)."""
+        return self.knob if isinstance(self.knob, kind) else None
+
     def log(self) -> dict[str, Any]:
-        """The fields in use, as JSON-ready values (the front by its size)."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None or value == ():
-                continue
-            out[f.name] = len(value) if f.name == "points" else list(value) if isinstance(value, tuple) else value
+        """The knob's fields in use, then the cost figures, as JSON-ready values."""
+        out = self.knob.log() if self.knob is not None else {}
+        for name in ("memory_bytes", "predicted_s"):
+            if (value := getattr(self, name)) is not None:
+                out[name] = value
         return out
 
 
@@ -255,20 +253,6 @@ class Cost:
         return self.work.counted
 
 
-@dataclass(frozen=True)
-class ServerSpec:
-    """A split-learning server a method needs the runtime to host (``flexray/runtime/split_server.py``)."""
-
-    shared: bool  # one server model for all clients (SplitFed-V2) or a copy per client (V1)
-    server_steps: tuple[StepProfile, ...]  # the server part's SGD step per client batch, indexed by cut - 1
-    lr: float
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    num_cpus: float = 1.0
-    max_clients: int = 64  # clients served concurrently
-    num_gpus: float | None = None  # its GPU share (Ray's num_gpus); None: the fleet's fleet.num_gpus_per_actor
-
-
 @dataclass
 class Update:
     """What a device sends back. ``weight`` is its aggregation weight (usually samples)."""
@@ -282,8 +266,8 @@ class Update:
     device: int = -1  # set by the actor; -1 for an actor's pre-summed update
     staleness: int = 0  # set by the async driver: server versions since the device's copy
     trained: SubModel | None = None
-    """The sub-model these tensors were trained on (width rate, depth k, pruning ratio, the dropout
-    point picked): what the server's ``validate`` and ``aggregate`` read. ``metrics`` only logs."""
+    """The sub-model these tensors were trained on (its knob: the width rate, depth, pruning ratio,
+    dropout point picked): what the server's ``validate`` and ``aggregate`` read. ``metrics`` only logs."""
 
     @property
     def flops(self) -> float | None:

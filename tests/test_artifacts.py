@@ -19,7 +19,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from flexray.runtime.assembly import parse_config
-from flexray.runtime.driver import run_job
+from flexray.runtime.session import run_job
 from flexray.tracking.mlflow_logger import resolve_uri, sqlite_artifact_root
 
 from .conftest import REPO, job_tree

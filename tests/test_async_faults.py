@@ -26,16 +26,16 @@ def test_fedbuff_virtual_async_is_deterministic_and_favours_fast_devices(ray_clu
     a = _run(ray_cluster, mlflow_uri, **ASYNC)
     b = _run(ray_cluster, mlflow_uri, fleet__actors=1, **ASYNC)
     _same(a, b)  # event order is simulated time, not host speed or actor count
-    sims = [h["sim_time_s"] for h in a.history]
+    sims = [h.sim_time_s for h in a.history]
     assert all(y > x for x, y in zip(sims, sims[1:]))
-    assert all(h["participants"] == 2 for h in a.history)  # one server step per K=2 arrivals
+    assert all(h.participants == 2 for h in a.history)  # one server step per K=2 arrivals
     ev = events(mlflow_uri, a.run_id, tmp_path)
     per = {p: sum(e["profile"] == p for e in ev) for p in ("rpi3", "laptop_cpu")}
     assert per["laptop_cpu"] > 3 * per["rpi3"]  # fast devices never wait for slow ones
     # A sync round waits for the rpi3s, so sync needs far more simulated time per update.
     sync = _run(ray_cluster, mlflow_uri, rounds__num=3)
-    per_update_sync = sync.history[-1]["sim_time_s"] / (3 * 4)
-    per_update_async = a.history[-1]["sim_time_s"] / (6 * 2)
+    per_update_sync = sync.history[-1].sim_time_s / (3 * 4)
+    per_update_async = a.history[-1].sim_time_s / (6 * 2)
     assert per_update_async < per_update_sync
 
 
@@ -43,7 +43,7 @@ def test_real_time_async_takes_updates_as_actors_finish(ray_cluster, mlflow_uri,
     """``sleep`` throttle: arrivals come from ray.wait, in the order the actors really finish."""
     res = _run(ray_cluster, mlflow_uri, fleet__throttle="sleep", fleet__time_scale=5.0,
                fleet__num_cpus_per_actor=0.5, **ASYNC)
-    assert len(res.history) == 6 and all(h["participants"] == 2 for h in res.history)
+    assert len(res.history) == 6 and all(h.participants == 2 for h in res.history)
     ev = events(mlflow_uri, res.run_id, tmp_path)
     per = {p: sum(e["profile"] == p for e in ev) for p in ("rpi3", "laptop_cpu")}
     assert per["laptop_cpu"] > per["rpi3"]  # the laptops really do finish first
@@ -51,7 +51,7 @@ def test_real_time_async_takes_updates_as_actors_finish(ray_cluster, mlflow_uri,
 
 def test_fedasync_weights_stale_updates_less(ray_cluster, mlflow_uri, tmp_path):
     res = _run(ray_cluster, mlflow_uri, rounds__mode="async", rounds__num=12, method__name="fedasync")
-    assert res.history[-1]["accuracy"] > res.history[0]["accuracy"]
+    assert res.history[-1].accuracy > res.history[0].accuracy
     import json
 
     stale = [json.loads(e["metrics"])["staleness"] for e in events(mlflow_uri, res.run_id, tmp_path)]
@@ -65,13 +65,13 @@ def test_fedasync_weights_stale_updates_less(ray_cluster, mlflow_uri, tmp_path):
 def test_nan_and_wrong_shape_updates_are_rejected(ray_cluster, mlflow_uri, tmp_path):
     res = _run(ray_cluster, mlflow_uri, faults__nan_updates=[[0, 1]], faults__bad_shape_updates=[[1, 2]])
     h = res.history
-    assert [x["rejected"] for x in h] == [1, 1, 0]
-    assert [x["participants"] for x in h] == [3, 3, 4]  # the others on the same actor still count
+    assert [x.rejected for x in h] == [1, 1, 0]
+    assert [x.participants for x in h] == [3, 3, 4]  # the others on the same actor still count
     ev = events(mlflow_uri, res.run_id, tmp_path)
     bad = {(e["round"], e["device"]): e["note"] for e in ev if e["status"] == "rejected"}
     assert set(bad) == {(0, 1), (1, 2)}
     assert "NaN" in bad[(0, 1)] and "shape" in bad[(1, 2)]
-    assert all(x["loss"] == x["loss"] and x["loss"] < 10 for x in h)  # the model never saw a NaN
+    assert all(x.loss == x.loss and x.loss < 10 for x in h)  # the model never saw a NaN
 
 
 def test_device_going_offline_mid_task_loses_it(ray_cluster, mlflow_uri, tmp_path):
@@ -79,7 +79,7 @@ def test_device_going_offline_mid_task_loses_it(ray_cluster, mlflow_uri, tmp_pat
     flaky = {"kind": "periodic", "period_s": 0.06, "duty": 0.5}
     groups = [{"profile": "rpi3", "count": 2, "trace": flaky}, {"profile": "laptop_cpu", "count": 2}]
     res = _run(ray_cluster, mlflow_uri, fleet__groups=groups, rounds__num=2)
-    assert res.history[0]["lost"] == 2 and res.history[0]["participants"] == 2
+    assert res.history[0].lost == 2 and res.history[0].participants == 2
     ev = events(mlflow_uri, res.run_id, tmp_path)
     assert {e["device"] for e in ev if e["status"] == "lost"} == {0, 1}
     assert all(e["bytes_up"] == 0 for e in ev if e["status"] == "lost")
@@ -90,11 +90,11 @@ def test_overcommit_keeps_the_first_to_finish(ray_cluster, mlflow_uri, tmp_path)
     ev = events(mlflow_uri, res.run_id, tmp_path)
     assert {e["profile"] for e in ev if e["status"] == "surplus"} == {"rpi3"}
     for rnd, x in enumerate(res.history):
-        assert x["participants"] == 2
+        assert x.participants == 2
         kept = [e["end_s"] - e["start_s"] for e in ev if e["round"] == rnd and e["status"] == "ok"]
         surplus = [e["end_s"] - e["start_s"] for e in ev if e["round"] == rnd and e["status"] == "surplus"]
         # closed when the laptops were done, not the rpi3s
-        assert max(kept) <= x["round_sim_s"] * (1 + 1e-9) and x["round_sim_s"] < min(surplus)
+        assert max(kept) <= x.round_sim_s * (1 + 1e-9) and x.round_sim_s < min(surplus)
 
 
 def test_killed_device_actor_loses_its_round_then_restarts(ray_cluster, mlflow_uri, tmp_path):
@@ -129,7 +129,7 @@ def test_killed_device_actor_loses_its_round_then_restarts(ray_cluster, mlflow_u
                fleet__num_cpus_per_actor=0.5, tracking__experiment="faults")
     t.join(timeout=5)
     assert killed, "the test never found an actor to kill"
-    failed = [x["failed"] for x in res.history]
+    failed = [x.failed for x in res.history]
     assert sum(failed) == 1  # exactly one device lost exactly one round
     ev = events(mlflow_uri, res.run_id, tmp_path)
     (dead,) = [e for e in ev if e["status"] == "failed"]
@@ -185,7 +185,7 @@ def test_killed_driver_resumes_to_bit_identical_metrics(ray_cluster, mlflow_uri,
     resumed = client.get_run(run_id)
     assert resumed.info.status == "FINISHED"
     final = {k: v for k, v in resumed.data.metrics.items() if k != "wall_time_s"}
-    expect = {k: v for k, v in full.final.items() if k in final}
+    expect = {k: v for k, v in full.metrics.as_dict().items() if k in final}
     assert final == expect  # bit for bit
 
 

@@ -20,6 +20,7 @@ from flexray.methods.policy import Arrivals, AsyncPolicy
 from flexray.protocol import SubModel
 from flexray.models import build_model
 from flexray.models import elastic
+from flexray.methods.width import Width
 from tests.test_driver import _run, _same
 
 
@@ -32,7 +33,7 @@ def _slice_update(method: HeteroFL, base: dict[str, torch.Tensor], rate: float, 
     """A device's trained sub-model: its slice of ``base`` moved by ``plus``."""
     sub = elastic.extract(base, method.index(rate, 0))
     tensors = {k: v + plus if v.is_floating_point() else v + 1 for k, v in sub.items()}
-    return Update(tensors, weight=10, samples=10, metrics={"rate": rate}, trained=SubModel(rate=rate))
+    return Update(tensors, weight=10, samples=10, metrics={"rate": rate}, trained=SubModel(Width(rate)))
 
 
 def _inside(method: HeteroFL, state: dict[str, torch.Tensor], rate: float) -> dict[str, torch.Tensor]:
@@ -114,7 +115,7 @@ def test_heterofl_async_picks_widths_at_launch_and_is_deterministic(ray_cluster,
     rates = {p: {json.loads(e["spec"])["rate"] for e in ev if e["profile"] == p} for p in ("rpi3", "laptop_cpu")}
     assert max(rates["rpi3"]) < max(rates["laptop_cpu"])  # the min-max scheduler narrows the slow devices
     assert any(json.loads(e["metrics"])["staleness"] > 0 for e in ev)
-    assert a.history[-1]["accuracy"] > 0.2
+    assert a.history[-1].accuracy > 0.2
 
 
 @pytest.mark.ray
@@ -125,10 +126,10 @@ def test_splitfed_clients_run_async_against_the_split_server(ray_cluster, mlflow
                method__cut=1, rounds__mode="async", rounds__num=6, rounds__async_policy="fedbuff",
                rounds__buffer_size=2)
     ev = _events(mlflow_uri, res.run_id, tmp_path)
-    assert len(res.history) == 6 and all(h["participants"] == 2 for h in res.history)
+    assert len(res.history) == 6 and all(h.participants == 2 for h in res.history)
     assert all(json.loads(e["spec"])["cut"] == 1 for e in ev)
     assert all(e["server_s"] > 0 for e in ev if e["status"] == "ok")  # every client was served
-    assert res.history[-1]["accuracy"] > res.history[0]["accuracy"] or res.history[-1]["accuracy"] > 0.3
+    assert res.history[-1].accuracy > res.history[0].accuracy or res.history[-1].accuracy > 0.3
 
 
 # ---------------------------------------------------------------- methods from outside flexray
@@ -147,4 +148,4 @@ def test_a_method_named_by_import_path_is_refused_in_one_line_when_wrong() -> No
 def test_a_users_own_method_runs_sync_and_async(ray_cluster, mlflow_uri, mode) -> None:
     res = _run(ray_cluster, mlflow_uri, method__name="tests.plugin_method:HalfStepAvg", rounds__mode=mode,
                rounds__num=3)
-    assert len(res.history) == 3 and res.history[-1]["accuracy"] > 0.1
+    assert len(res.history) == 3 and res.history[-1].accuracy > 0.1

@@ -11,7 +11,7 @@ from flexray.config import MethodConfig, ModelConfig
 from flexray.methods.base import LocalData, sgd_train
 from flexray.methods.batched import batched_sgd_train, why_not_batched
 from flexray.models import build_model
-from flexray.runtime.compute import clients_per_stack
+from flexray.compute import clients_per_stack
 from tests.conftest import host_round
 
 SIZES = (37, 20, 64, 9)  # unequal: different step counts and short last batches

@@ -7,29 +7,33 @@ import inspect
 from dataclasses import replace
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from flexray.errors import FlexrayError
 from flexray.methods import _PATHS, method_class
 from flexray.methods.base import Method
 from flexray.methods.capabilities import (
-    Attaches, BatchesClients, Deploys, HasPolicy, NeedsSplitServer, PlanNotes, Prepares,
+    Attaches, BatchesClients, Deploys, HasPolicy, PlanNotes, Prepares,
 )
 from flexray.protocol import SubModel, SubModelKnob
 from flexray.runtime.assembly import parse_config
-from flexray.runtime.driver import run_job
+from flexray.runtime.session import run_job
 from flexray.runtime.job import Job
-from flexray.tracking.callbacks import Callback, FitEnd, RoundEnd
+from flexray.runtime.session import Session
+from flexray.tracking.callbacks import Callback, FitEnd, FitFailure, FitStart, RoundEnd
+from flexray.methods.service import RoundService
+from flexray.methods.width import Width
 from tests.conftest import job_tree
 from tests.test_async_policy import _heterofl, _slice_update
 
-CAPABILITIES = {"knob": SubModelKnob, "attaches": Attaches, "prepares": Prepares, "split_server": NeedsSplitServer,
-                "deploys": Deploys, "policy": HasPolicy, "plan_notes": PlanNotes, "batches": BatchesClients}
+CAPABILITIES = {"knob": SubModelKnob, "attaches": Attaches, "prepares": Prepares, "deploys": Deploys, "policy": HasPolicy, "plan_notes": PlanNotes, "batches": BatchesClients}
 
 
 def _caps(name: str, model: str = "cnn") -> set[str]:
     job = Job.assemble(parse_config(job_tree(method__name=name, model__name=model)))
     method = job.method()
-    return {cap for cap, proto in CAPABILITIES.items() if isinstance(method, proto)}
+    caps = {cap for cap, proto in CAPABILITIES.items() if isinstance(method, proto)}
+    return caps | ({"service"} if type(method.round_service()) is not RoundService else set())
 
 
 def test_the_core_has_no_optional_hook() -> None:
@@ -50,7 +54,7 @@ def test_the_core_has_no_optional_hook() -> None:
     ("flextrain", {"knob", "deploys", "batches"}),
     ("distreal", {"prepares"}),
     ("reft", {"prepares"}),
-    ("splitfed", {"attaches", "split_server", "plan_notes"}),
+    ("splitfed", {"attaches", "plan_notes", "service"}),
 ])
 def test_each_method_shows_the_capabilities_it_has(name: str, expected: set[str]) -> None:
     assert _caps(name, "resnet8" if name == "flextrain" else "cnn") == expected
@@ -77,11 +81,22 @@ class Recorder(Callback):
         self.rounds: list[int] = []
         self.lasts: list[bool] = []
         self.fit: FitEnd | None = None
+        self.started: FitStart | None = None
+        self.failure: FitFailure | None = None
+        self.fail_at: int | None = None  # raise in this round's hook: the run fails there
+
+    def on_fit_start(self, start: FitStart) -> None:
+        self.started = start
+
+    def on_exception(self, failure: FitFailure) -> None:
+        self.failure = failure
 
     def on_round_end(self, end: RoundEnd) -> None:
         self.rounds.append(end.round)
         self.lasts.append(end.last)
         assert end.snapshot().round == end.round
+        if end.round == self.fail_at:
+            raise RuntimeError("stop here")
 
     def on_fit_end(self, end: FitEnd) -> None:
         self.fit = end
@@ -92,16 +107,29 @@ def test_a_users_callback_sees_every_round_and_the_end(ray_cluster, mlflow_uri) 
     rec = Recorder()
     res = run_job(parse_config(job_tree(tracking__uri=mlflow_uri, rounds__num=3)), callbacks=[rec])
     assert rec.rounds == [1, 2, 3] and rec.lasts == [False, False, True]
-    assert rec.fit is not None and rec.fit.history == res.history and len(rec.fit.events) == 3 * 4
+    assert rec.fit is not None and tuple(rec.fit.history) == res.history and len(rec.fit.events) == 3 * 4
+    assert rec.started is not None and not rec.started.resumed and rec.failure is None
+    assert res.metrics is res.history[-1] and res.metrics.round == 3 and res.metrics.accuracy is not None
+    assert res.checkpoint is not None and res.checkpoint.endswith("checkpoints/checkpoint.pt") and res.error is None
+
+    # A failure reaches every callback (the last finished round with it) and the run is FAILED, not RUNNING.
+    failing = Recorder()
+    failing.fail_at = 2
+    cfg = parse_config(job_tree(tracking__uri=mlflow_uri, rounds__num=3, tracking__checkpoint_every=0))
+    res = Session(cfg).fit(callbacks=[failing], raise_on_error=False)
+    assert isinstance(res.error, RuntimeError) and failing.failure is not None and failing.failure.error is res.error
+    assert failing.failure.last is not None and failing.failure.last.round == 2 and [m.round for m in res.history] == [1, 2]
+    assert res.checkpoint is None and failing.fit is None
+    assert MlflowClient(mlflow_uri).get_run(res.run_id).info.status == "FAILED"
 
 
 def test_the_server_reads_what_an_update_trained_from_its_typed_record_not_its_metrics() -> None:
     method = _heterofl()
     state = method.init(method.full)
     up = _slice_update(method, state, 0.5, 0.1)
-    assert up.trained == SubModel(rate=0.5) and up.metrics["rate"] == 0.5
+    assert up.trained == SubModel(Width(0.5)) and up.metrics["rate"] == 0.5
     assert "no allowed width rate" in (method.validate(replace(up, trained=None), state) or "")  # metrics alone: refused
-    wider = replace(up, trained=SubModel(rate=1.0))  # the record, not the metrics, says which slice it is
+    wider = replace(up, trained=SubModel(Width(1.0)))  # the record, not the metrics, says which slice it is
     assert "rate 1.0" in (method.validate(wider, state) or "")
 
 
@@ -113,5 +141,5 @@ def test_the_plan_check_needs_no_memory_of_the_plan() -> None:
     driver_side.plan(0, [], state)
     up = _slice_update(driver_side, state, 0.5, 0.1)
     for method in (driver_side, actor_side):
-        assert "trained rate 0.5, planned 1.0" in (method.validate(up, state, SubModel(rate=1.0)) or "")
-        assert method.validate(up, state, SubModel(rate=0.5)) == method.validate(up, state, None)
+        assert "trained rate 0.5, planned 1.0" in (method.validate(up, state, SubModel(Width(1.0))) or "")
+        assert method.validate(up, state, SubModel(Width(0.5))) == method.validate(up, state, None)

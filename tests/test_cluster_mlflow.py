@@ -74,7 +74,7 @@ def test_job_logs_to_the_server_with_the_right_credentials(ray_cluster, mlflow_s
     from mlflow.tracking import MlflowClient
 
     from flexray.runtime.assembly import parse_config
-    from flexray.runtime.driver import run_job
+    from flexray.runtime.session import run_job
 
     _login(monkeypatch, mlflow_server.admin, mlflow_server.password)
     result = run_job(parse_config(_tree(mlflow_server.uri)))

@@ -202,7 +202,7 @@ def test_unplaceable_fleets_fail_fast_with_one_line(ray_cluster, node_b, tmp_pat
 
 def test_job_pins_devices_by_node_label(ray_cluster, node_b, head_id, tmp_path):
     from flexray.runtime.assembly import parse_config
-    from flexray.runtime.driver import run_job
+    from flexray.runtime.session import run_job
 
     groups = [{"profile": "rpi3", "count": 1, "node_labels": {"flexray.io/device": "b"}},
               {"profile": "rpi4", "count": 1, "node_labels": {"flexray.io/device": "!b"}}]

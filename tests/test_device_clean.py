@@ -23,12 +23,14 @@ import torch
 from flexray.data import load_dataset
 from flexray.fleet.fleet import assign_actors, build_fleet
 from flexray.fleet.report import DeviceReport, RoundRequest
-from flexray.methods.capabilities import NeedsSplitServer
+from flexray.methods import split_server
+from flexray.methods.split_server import ServerClient, SplitServer
 from flexray.protocol import DeviceView, State, Update
-from flexray.runtime import actor, job as job_module, split_server, tiled
+from flexray.runtime import actor, job as job_module
+from flexray.tiled import actor as tiled
 from flexray.runtime.assembly import load_config
 from flexray.runtime.job import Job
-from flexray.runtime.tiled import TiledStep, TileHost, fused_stack
+from flexray.tiled.actor import TiledStep, TileHost, fused_stack
 from flexray.schedule.tiling import choose_plan
 from flexray.fleet.profiles import CATALOG
 from tests.conftest import REPO
@@ -73,10 +75,11 @@ def one_round(method_name: str, overrides: list[str], workdir: Path) -> Round:
     tasks = method.plan(0, [DeviceView(d.id, d.profile, 1.0, len(d.indices)) for d in devices], state)
     host = actor.DeviceHost(cfg, assign_actors(cfg, devices)[0], devices, ds)
     server = None
-    if isinstance(method, NeedsSplitServer) and (spec := method.server_spec()) is not None:
-        server = split_server.SplitServerHost(cfg, spec, ds.input_shape, ds.num_classes, job.server_profile)
+    if isinstance(service := method.round_service(), SplitServer):
+        server = split_server.SplitServerHost(cfg, service.spec, ds.input_shape, ds.num_classes, job.server_profile)
         server.begin_round(0, state, tasks)
-    reports, updates = host.run_round(RoundRequest(0, 0.0, None, False, tuple(tasks), False, 0, server), state)
+    client = ServerClient(server) if server is not None else None
+    reports, updates = host.run_round(RoundRequest(0, 0.0, None, False, tuple(tasks), False, 0, client), state)
     if server is not None:
         updates = [*updates, *server.end_round([t.device for t in tasks])]
     new = method.aggregate(0, state, updates)

@@ -12,13 +12,13 @@ from mlflow.tracking import MlflowClient
 from flexray.data.datasets import to_tensor
 from flexray.fleet.profiles import CATALOG
 from flexray.methods.base import DeviceContext
-from flexray.methods.distreal import Distreal, DistrealConfig, front_spec
+from flexray.methods.distreal import Distreal, DistrealConfig, front_of, front_spec
 from flexray.models import elastic, filters
 from flexray.models.profile import profile_model, state_bytes
 from flexray.models.zoo import cnn, lenet
 from flexray.protocol import DeviceView, LocalData, Task, Update, Workload, compute_seconds, predict_times
 from flexray.runtime.assembly import parse_config
-from flexray.runtime.driver import run_job
+from flexray.runtime.session import run_job
 from flexray.schedule import dse
 from tests.conftest import job_tree
 
@@ -135,18 +135,18 @@ def test_device_whose_budget_drops_picks_a_cheaper_point():
     spec = front_spec(["conv1.0", "conv2.0"], points)
     rpi3 = CATALOG["rpi3"]
     # each point is costed from the slim model it trains, on the device's per-layer clock
-    secs = [compute_seconds(rpi3, method.point_work(spec, i, 100)) for i in range(3)]
+    secs = [compute_seconds(rpi3, method.point_work(front_of(spec), i, 100)) for i in range(3)]
     assert secs[0] < secs[1] < secs[2]
     dl, _, ul = predict_times(rpi3, 1.0, Workload(), method.model_bytes(), method.model_bytes())
     deadline = dl + ul + 1.01 * secs[2]  # the full model just fits at speed 1
     speeds = (1.0, secs[1] / secs[2], 0.5 * secs[0] / secs[2])
     fast, slow, crawl = (DeviceView(0, rpi3, s, 100, deadline_s=deadline) for s in speeds)
-    picks = [method.choose(spec, v, 100) for v in (fast, slow, crawl)]
+    picks = [method.choose(front_of(spec), v, 100) for v in (fast, slow, crawl)]
     assert picks == [2, 1, 0]  # full model, then cheaper, then the cheapest
-    assert method.choose(spec, DeviceView(0, rpi3, 0.01, 100), 100) == 2  # no deadline: best convergence
+    assert method.choose(front_of(spec), DeviceView(0, rpi3, 0.01, 100), 100) == 2  # no deadline: best convergence
     # the predicted cost follows the same choice the device makes
     task = Task(0, 0, spec)
-    assert method.cost(task, slow, None).work == method.point_work(spec, 1, 100)  # type: ignore[arg-type]
+    assert method.cost(task, slow, None).work == method.point_work(front_of(spec), 1, 100)  # type: ignore[arg-type]
 
 
 def test_local_update_uses_its_pick_and_aggregation_ignores_dropped_entries():
@@ -160,8 +160,8 @@ def test_local_update_uses_its_pick_and_aggregation_ignores_dropped_entries():
     ctx.device = DeviceView(0, CATALOG["rpi3"], 0.1, 8, deadline_s=0.002)
     up = method.local_update(Task(0, 0, spec), state, data, ctx)
     assert up.metrics["point"] == 0 and up.metrics["drop.conv2.0"] == 0.75
-    assert up.work == method.point_work(spec, 0, 8)  # the slim model's kernels, one epoch of one batch
-    assert up.work.counted < method.point_work(spec, 1, 8).counted
+    assert up.work == method.point_work(front_of(spec), 0, 8)  # the slim model's kernels, one epoch of one batch
+    assert up.work.counted < method.point_work(front_of(spec), 1, 8).counted
     trained = (up.tensors["conv2.0.weight"] != state["conv2.0.weight"]).any(dim=(1, 2, 3))
     assert int(trained.sum()) == 4  # ceil(0.25 * 16) filters of conv2 in the single mini-batch
 
@@ -208,5 +208,5 @@ def test_distreal_job_logs_front_and_choices_follow_the_traces(ray_cluster, mlfl
         assert e["status"] == "ok", e
     by_speed = sorted((e["speed"], json.loads(e["metrics"])["point"]) for e in rpi)
     assert by_speed[0][1] <= by_speed[-1][1]  # slowest moment: no costlier point than the fastest
-    accs = [h["accuracy"] for h in res.history]
+    accs = [h.accuracy for h in res.history]
     assert accs[-1] > max(0.2, accs[0])  # it learns (chance is 0.1)

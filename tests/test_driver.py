@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from flexray.runtime.assembly import parse_config
 from flexray.runtime.actor import warm_actors
-from flexray.runtime.driver import run_job
+from flexray.runtime.session import run_job
 from tests.conftest import job_tree
 
 pytestmark = pytest.mark.ray
@@ -36,7 +36,7 @@ def _same(a, b):
 
 def test_fedavg_learns_and_logs_everything(ray_cluster, mlflow_uri, tmp_path):
     res = _run(ray_cluster, mlflow_uri, rounds__num=4, tracking__plots=True, tracking__log_model=True)
-    accs = [h["accuracy"] for h in res.history]
+    accs = [h.accuracy for h in res.history]
     assert accs[-1] > 0.8 and accs[-1] > accs[0]
 
     client = MlflowClient(mlflow_uri)
@@ -84,7 +84,7 @@ def test_same_seed_same_metrics_whatever_the_actor_count(ray_cluster, mlflow_uri
     two = _run(ray_cluster, mlflow_uri, fleet__actors=2)
     _same(one, two)
     other = _run(ray_cluster, mlflow_uri, seed=1)
-    assert [h["loss"] for h in other.history] != [h["loss"] for h in one.history]
+    assert [h.loss for h in other.history] != [h.loss for h in one.history]
 
 
 def test_deadline_drops_or_waits_for_stragglers(ray_cluster, mlflow_uri):
@@ -92,13 +92,13 @@ def test_deadline_drops_or_waits_for_stragglers(ray_cluster, mlflow_uri):
     drop = _run(ray_cluster, mlflow_uri, rounds__deadline_s=0.02, rounds__stragglers="drop")
     wait = _run(ray_cluster, mlflow_uri, rounds__deadline_s=0.02, rounds__stragglers="wait")
     for h in drop.history:
-        assert h["participants"] == 2 and h["stragglers"] == 2
-        assert h["round_sim_s"] == pytest.approx(0.02, rel=1e-3)  # closed at the deadline (+ tiny server time)
+        assert h.participants == 2 and h.stragglers == 2
+        assert h.round_sim_s == pytest.approx(0.02, rel=1e-3)  # closed at the deadline (+ tiny server time)
     for h in wait.history:
-        assert h["participants"] == 4 and h["stragglers"] == 2
-        assert h["round_sim_s"] > 0.04
-    assert drop.history[-1]["bytes_up"] < wait.history[-1]["bytes_up"]
-    assert drop.history[-1]["energy_j"] < wait.history[-1]["energy_j"]
+        assert h.participants == 4 and h.stragglers == 2
+        assert h.round_sim_s > 0.04
+    assert drop.history[-1].bytes_up < wait.history[-1].bytes_up
+    assert drop.history[-1].energy_j < wait.history[-1].energy_j
 
 
 def test_resume_continues_the_same_run_with_identical_metrics(ray_cluster, mlflow_uri):
@@ -132,14 +132,14 @@ def test_unplaceable_fleet_fails_fast(ray_cluster, mlflow_uri):
 
 def test_client_sampling_is_seeded(ray_cluster, mlflow_uri, tmp_path):
     res = _run(ray_cluster, mlflow_uri, rounds__clients_per_round=2, rounds__num=3)
-    assert all(h["participants"] == 2 for h in res.history)
+    assert all(h.participants == 2 for h in res.history)
     client = MlflowClient(mlflow_uri)
     events = pq.read_table(client.download_artifacts(res.run_id, "events.parquet", str(tmp_path))).to_pylist()
     picked = [tuple(sorted(e["device"] for e in events if e["round"] == r)) for r in range(3)]
     assert len(set(picked)) > 1  # different devices in different rounds
     again = _run(ray_cluster, mlflow_uri, rounds__clients_per_round=2, rounds__num=3)
     _same(res, again)
-    assert np.isfinite([h["loss"] for h in res.history]).all()
+    assert np.isfinite([h.loss for h in res.history]).all()
 
 
 def test_warm_actors_serve_the_next_job_and_change_nothing(ray_cluster, mlflow_uri):

@@ -22,6 +22,7 @@ from flexray.models import build_model, elastic, profile_model, slices, state_by
 from flexray.models.channels import channel_groups
 from flexray.protocol import DeviceView, LocalData, SubModel, Task, Update
 from flexray.runtime.assembly import parse_config
+from flexray.methods.width import Width, rate_of
 from tests.conftest import host_round
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,7 +211,7 @@ def test_method_round_validates_and_aggregates(name: str, model: str, digits) ->
     method, state, model_fn = make(name, model, shape, **extra)
     devices = [view(0, "rpi3"), view(1, "laptop_cpu"), view(2, "phone_mid")]
     tasks = method.plan(3, devices, state)
-    assert [t.spec.rate for t in tasks] == [0.0625, 1.0, 0.25]
+    assert [rate_of(t.spec) for t in tasks] == [0.0625, 1.0, 0.25]
     json.dumps([t.spec.log() for t in tasks])  # lands in the event log
     prof = profile_model(model_fn(), shape)
     costs = [method.cost(t, d, prof) for t, d in zip(tasks, devices)]
@@ -241,7 +242,7 @@ def assert_rejects_bad(method: WidthMethod, good: Update, state: dict, planned: 
         (good.tensors[key], {**good.metrics, "rate": 1.0}, 99, "shape"),  # unplanned: shapes give it away
     ]:
         bad = Update({**good.tensors, key: value}, good.weight, good.samples, metrics=metrics, device=device,
-                     trained=SubModel(rate=metrics["rate"]))
+                     trained=SubModel(Width(metrics["rate"])))
         assert why in (method.validate(bad, state, planned if device == good.device else None) or ""), why
 
 
@@ -278,7 +279,7 @@ def test_static_bn_ships_no_running_stats_and_masked_classifier(digits) -> None:
 def test_fedrolex_window_moves_each_round(digits) -> None:  # noqa: ANN001
     local, _, shape = digits
     method, state, model_fn = make("fedrolex", "cnn", shape, rate=0.25)
-    assert method.plan(5, [view(0, "rpi4")], state)[0].spec == SubModel(rate=0.25, offset=5)
+    assert method.plan(5, [view(0, "rpi4")], state)[0].spec == SubModel(Width(0.25, 5))
     i5, i6 = method.index(0.25, 5), method.index(0.25, 6)
     assert i5["conv1.0.weight"][0].tolist() == [5, 6, 7, 8] and i6["conv1.0.weight"][0].tolist() == [6, 7, 8, 9]
     task = method.plan(15, [view(0, "rpi4")], state)[0]
@@ -291,7 +292,7 @@ def test_fjord_samples_nested_widths_and_updates_only_its_prefix(digits) -> None
     local, _, shape = digits
     method, state, model_fn = make("fjord", "cnn", shape)  # the paper's uniform-5 widths 0.2 ... 1
     task = method.plan(0, [view(0, "jetson_nano")], state)[0]
-    assert task.spec.rate == 0.4  # p_max: 0.4^2 <= 35/100 GFLOP/s < 0.6^2
+    assert rate_of(task.spec) == 0.4  # p_max: 0.4^2 <= 35/100 GFLOP/s < 0.6^2
     u = train(method, task, state, local, model_fn)
     per = {p: method.sub_profile(p, shape).train_flops_per_sample for p in (0.2, 0.4)}
     assert min(per.values()) * u.samples < u.flops < max(per.values()) * u.samples  # mixed widths ran
@@ -343,7 +344,7 @@ def test_round_through_the_device_host_in_process(name: str) -> None:
     """The actor's own path (cost, local_update, byte counts, validate) without starting Ray."""
     method, state, tasks, reports, updates = host_round([f"method.name={name}"])
     assert [r.status for r in reports] == ["ok"] * 4 and len(updates) == 4  # never pre-summed
-    assert [r.spec["rate"] for r in reports] == [t.spec.rate for t in tasks]
+    assert [r.spec["rate"] for r in reports] == [rate_of(t.spec) for t in tasks]
     assert all(method.validate(u, state) is None for u in updates)
     new = method.aggregate(0, state, updates)
     assert all(torch.isfinite(v.float()).all() and v.shape == state[k].shape for k, v in new.items())

@@ -22,7 +22,8 @@ from flexray.models import build_model, depth
 from flexray.models.resnet_cifar import ShortcutA
 from flexray.protocol import DeviceView, LocalData, SubModel, Task, Update
 from flexray.runtime.assembly import parse_config
-from flexray.runtime.driver import run_job
+from flexray.runtime.session import run_job
+from flexray.methods.flextrain import Depth
 from tests.conftest import job_tree
 from tests.test_cli import parse_table, run_main
 
@@ -105,7 +106,7 @@ def _example(method: FlexTrain, state: dict) -> list[Update]:
     ups = []
     for k, value in [(1, 1.0), (1, 1.0), (3, 5.0)]:
         tensors = {key: torch.full_like(state[key], value) for key in method.keys(k)}
-        ups.append(Update(tensors, 1.0, 10, metrics={"k": float(k)}, trained=SubModel(k=k)))
+        ups.append(Update(tensors, 1.0, 10, metrics={"k": float(k)}, trained=SubModel(Depth(k))))
     return ups
 
 
@@ -149,12 +150,12 @@ def test_the_weakest_tier_trains_on_labels_only_and_the_anchor_stays_an_option()
     method, state, model_fn = make(depths={"rpi3": 2, "laptop_cpu": 3})
     views = [DeviceView(0, CATALOG["rpi3"], 1.0, 64), DeviceView(1, CATALOG["laptop_cpu"], 1.0, 64)]
     tasks = method.plan(0, views, state)
-    assert [t.spec for t in tasks] == [SubModel(k=2, mode=flextrain.LABELS), SubModel(k=3)]
+    assert [t.spec for t in tasks] == [SubModel(Depth(2, flextrain.LABELS)), SubModel(Depth(3))]
     local = data()
     plain, _, _ = make(beta=0.0)
     weakest = train(method, tasks[0], state, local, model_fn)
-    same = train(plain, Task(0, 0, SubModel(k=2)), state, local, model_fn)
-    distilled = train(method, Task(0, 0, SubModel(k=2)), state, local, model_fn)
+    same = train(plain, Task(0, 0, SubModel(Depth(2))), state, local, model_fn)
+    distilled = train(method, Task(0, 0, SubModel(Depth(2))), state, local, model_fn)
     assert all(torch.equal(weakest.tensors[q], same.tensors[q]) for q in same.tensors)  # CE only
     assert any(not torch.equal(weakest.tensors[q], distilled.tensors[q]) for q in same.tensors)
     assert weakest.flops == same.flops < distilled.flops and method.validate(weakest, state) is None
@@ -213,4 +214,4 @@ def test_one_round_of_flextrain_on_a_vit_through_ray(ray_cluster, mlflow_uri) ->
     cfg = parse_config({**tree, "tracking": {**tree["tracking"], "uri": mlflow_uri}})
     res = run_job(cfg)
     last = res.history[-1]
-    assert {"acc_k1", "acc_k2", "acc_k3", "mean_device_acc"} <= set(last) and last["acc_k3"] == last["accuracy"]
+    assert {"acc_k1", "acc_k2", "acc_k3", "mean_device_acc"} <= set(last.as_dict()) and last.extra["acc_k3"] == last.accuracy

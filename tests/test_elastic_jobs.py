@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flexray.runtime.assembly import parse_config
-from flexray.runtime.driver import run_job
+from flexray.runtime.session import run_job
 from tests.conftest import job_tree
 
 pytestmark = pytest.mark.ray
@@ -34,8 +34,8 @@ def test_flextrain_minmax_end_to_end(ray_cluster, mlflow_uri, tmp_path) -> None:
     ))
     res = run_job(cfg)
     last = res.history[-1]
-    assert {"acc_k1", "acc_k2", "acc_k3", "mean_device_acc"} <= set(last)
-    assert last["acc_k3"] == last["accuracy"] and last["acc_k3"] > 0.3
+    assert {"acc_k1", "acc_k2", "acc_k3", "mean_device_acc"} <= set(last.as_dict())
+    assert last.extra["acc_k3"] == last.accuracy and last.extra["acc_k3"] > 0.3
     events = _events(mlflow_uri, res.run_id, tmp_path)
     assert len(events) == 3 * 4 and all(e["status"] == "ok" for e in events)
     k = {e["profile"]: e["spec"]["k"] for e in events}
@@ -63,8 +63,8 @@ def test_heterofl_static_tiers_and_fedclass_through_ray(ray_cluster, mlflow_uri,
     res = run_job(cfg)
     events = _events(mlflow_uri, res.run_id, tmp_path)
     assert {(e["profile"], e["spec"]["rate"]) for e in events} == set(tiers.items())
-    assert res.history[-1]["mean_device_acc"] == pytest.approx(
-        (res.history[-1]["acc_p0.25"] + res.history[-1]["acc_p1"]) / 2
+    assert res.history[-1].mean_device_acc == pytest.approx(
+        (res.history[-1].extra["acc_p0.25"] + res.history[-1].extra["acc_p1"]) / 2
     )
 
     cfg = parse_config(job_tree(
@@ -73,8 +73,8 @@ def test_heterofl_static_tiers_and_fedclass_through_ray(ray_cluster, mlflow_uri,
     ))
     res = run_job(cfg)
     last = res.history[-1]
-    assert last["mean_device_acc"] == pytest.approx(
-        sum(last[f"acc_k{e['spec']['k']}"] for e in _events(mlflow_uri, res.run_id, tmp_path / "fc")
+    assert last.mean_device_acc == pytest.approx(
+        sum(last.extra[f"acc_k{e['spec']['k']}"] for e in _events(mlflow_uri, res.run_id, tmp_path / "fc")
             if e["round"] == 1) / 4
     )
     import mlflow.pytorch

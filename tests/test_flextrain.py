@@ -20,6 +20,7 @@ from flexray.methods.flextrain import FlexTrain
 from flexray.models import build_model, depth, profile_model, state_bytes
 from flexray.protocol import DeviceView, LocalData, SubModel, Task, Update, compute_seconds
 from flexray.runtime.assembly import parse_config
+from flexray.methods.flextrain import Depth, depth_of
 from tests.conftest import host_round
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +88,7 @@ def test_plan_gives_faster_devices_deeper_prefixes(digits) -> None:
     method, state, _ = make(shape, "resnet20")  # K = 9
     names = ["rpi3", "rpi4", "phone_mid", "jetson_nano", "laptop_cpu", "cloud_gpu"]
     tasks = method.plan(2, [view(i, n) for i, n in enumerate(names)], state)
-    ks = [t.spec.k for t in tasks]
+    ks = [depth_of(t.spec) for t in tasks]
     json.dumps([t.spec.log() for t in tasks])  # lands in the event log
     assert set(tasks[0].spec.log()) == {"k"} and all(isinstance(k, int) for k in ks)
     assert ks == sorted(ks) and ks[0] == 1 and ks[-1] == method.max_k == 9 and len(set(ks)) >= 3
@@ -103,7 +104,7 @@ def test_plan_gives_faster_devices_deeper_prefixes(digits) -> None:
         if k > 1:
             assert took[k] <= budget * (1 + 1e-9)
     pinned, _, _ = make(shape, "resnet20", depths={"rpi3": 7})
-    assert pinned.plan(0, [view(0, "rpi3")], state)[0].spec == SubModel(k=7, mode=flextrain.LABELS)  # weakest tier
+    assert pinned.plan(0, [view(0, "rpi3")], state)[0].spec == SubModel(Depth(7, flextrain.LABELS))  # weakest tier
     too_deep, _, _ = make(shape, "resnet20", depths={"rpi3": 10})
     with pytest.raises(FlexrayError, match="depths"):
         too_deep.plan(0, [view(0, "rpi3")], state)
@@ -114,12 +115,12 @@ def test_cost_grows_with_k(digits) -> None:
     method, _, model_fn = make(shape)
     prof = profile_model(model_fn(), shape)
     dev = view(0, "rpi4")
-    costs = [method.cost(Task(0, 0, SubModel(k=k)), dev, prof) for k in method.configs]
+    costs = [method.cost(Task(0, 0, SubModel(Depth(k))), dev, prof) for k in method.configs]
     assert all(a.flops < b.flops and a.bytes_down < b.bytes_down for a, b in pairwise(costs))
     assert costs[-1].bytes_up == costs[-1].bytes_down == prof.param_bytes
     no_distill, _, _ = make(shape, beta=0.0)
     last = method.configs[-1]
-    assert no_distill.cost(Task(0, 0, SubModel(k=last)), dev, prof).flops == pytest.approx(
+    assert no_distill.cost(Task(0, 0, SubModel(Depth(last))), dev, prof).flops == pytest.approx(
         method.cfg.local_epochs * dev.num_samples * prof.train_flops_per_sample
     )  # the full prefix alone is the full model
 
@@ -129,7 +130,7 @@ def test_local_update_returns_the_prefix_and_validates(k: int, digits) -> None:
     local, _, shape = digits
     method, state, model_fn = make(shape)
     dev = view(0, "rpi4", n=len(local))
-    task = Task(0, 0, SubModel(k=k))
+    task = Task(0, 0, SubModel(Depth(k)))
     u = train(method, task, state, local, model_fn)
     assert list(u.tensors) == depth.prefix_keys(model_fn(), k)
     assert u.metrics["k"] == k and u.weight == 1.0 and u.samples == len(local)
@@ -144,8 +145,8 @@ def test_distillation_only_above_the_smallest_configuration(digits) -> None:
     plain, state, model_fn = make(shape, beta=0.0)
     distil, _, _ = make(shape)  # beta = 0.2
     for k, differs in [(1, False), (2, True), (3, True)]:
-        a = train(plain, Task(0, 0, SubModel(k=k)), state, local, model_fn)
-        b = train(distil, Task(0, 0, SubModel(k=k)), state, local, model_fn)
+        a = train(plain, Task(0, 0, SubModel(Depth(k))), state, local, model_fn)
+        b = train(distil, Task(0, 0, SubModel(Depth(k))), state, local, model_fn)
         same = all(torch.equal(a.tensors[key], b.tensors[key]) for key in a.tensors)
         assert same is not differs, k
         assert (a.metrics["train_loss"] != b.metrics["train_loss"]) is differs, k
@@ -169,15 +170,15 @@ def test_stage_heads_give_each_stage_its_own_classifier(digits) -> None:
                      2: {"head.exits.32.weight", "head.exits.32.bias"}, 3: {"head.2.weight", "head.2.bias"}}
 
     # k = 2 distils into k = 1, whose head is stage 1's: the device trains and returns it too
-    u2 = train(method, Task(1, 0, SubModel(k=2)), state, local, model_fn)
+    u2 = train(method, Task(1, 0, SubModel(Depth(2))), state, local, model_fn)
     assert set(u2.tensors) == set(method.keys(2)) | heads[1] and method.validate(u2, state) is None
     assert not torch.equal(u2.tensors["head.exits.16.weight"], state["head.exits.16.weight"])
-    assert method.cost(Task(1, 0, SubModel(k=2)), view(1, "rpi4", len(local)), profile_model(model_fn(), shape)).bytes_up \
+    assert method.cost(Task(1, 0, SubModel(Depth(2))), view(1, "rpi4", len(local)), profile_model(model_fn(), shape)).bytes_up \
         == state_bytes(u2.tensors)
     nodistil, _, _ = make(shape, stage_heads=True, beta=0.0)
-    assert set(train(nodistil, Task(1, 0, SubModel(k=2)), state, local, model_fn).tensors) == set(nodistil.keys(2))
+    assert set(train(nodistil, Task(1, 0, SubModel(Depth(2))), state, local, model_fn).tensors) == set(nodistil.keys(2))
 
-    u1 = train(method, Task(0, 0, SubModel(k=1)), state, local, model_fn)
+    u1 = train(method, Task(0, 0, SubModel(Depth(1))), state, local, model_fn)
     merged = method.aggregate(0, state, [u1, u2])
     key = "head.exits.16.weight"
     assert torch.allclose(merged[key], (u1.tensors[key] + u2.tensors[key]) / 2)
@@ -191,8 +192,8 @@ def test_anchor_adds_ce_at_k1_on_deeper_devices_only(digits) -> None:
         paper, state, model_fn = make(shape, stage_heads=stage_heads)
         anchored, _, _ = make(shape, stage_heads=stage_heads, anchor=0.5)
         for k in (1, 2, 3):
-            a = train(paper, Task(0, 0, SubModel(k=k)), state, local, model_fn)
-            b = train(anchored, Task(0, 0, SubModel(k=k)), state, local, model_fn)
+            a = train(paper, Task(0, 0, SubModel(Depth(k))), state, local, model_fn)
+            b = train(anchored, Task(0, 0, SubModel(Depth(k))), state, local, model_fn)
             same = set(a.tensors) <= set(b.tensors) and all(torch.equal(a.tensors[q], b.tensors[q]) for q in a.tensors)
             assert same is (k == 1), (stage_heads, k)  # k = 1 is its own anchor
             assert anchored.validate(b, state) is None
@@ -211,7 +212,7 @@ def test_stage_heads_only_for_resnets() -> None:
 def test_validate_rejects_nan_and_wrong_keys(digits) -> None:
     local, _, shape = digits
     method, state, model_fn = make(shape)
-    good = train(method, Task(0, 0, SubModel(k=2)), state, local, model_fn)
+    good = train(method, Task(0, 0, SubModel(Depth(2))), state, local, model_fn)
     key = next(k for k, v in good.tensors.items() if v.dim() > 1)
     extra = next(k for k in state if k not in good.tensors)
     cases = [
@@ -226,7 +227,7 @@ def test_validate_rejects_nan_and_wrong_keys(digits) -> None:
     ]
     for tensors, metrics, why in cases:
         bad = Update(tensors, good.weight, good.samples, metrics=metrics, device=0,
-                     trained=SubModel(k=metrics["k"]) if "k" in metrics else None)
+                     trained=SubModel(Depth(metrics["k"])) if "k" in metrics else None)
         assert why in (method.validate(bad, state) or ""), why
 
 
@@ -241,7 +242,7 @@ def test_aggregate_is_an_exact_uniform_mean_and_keeps_untouched(digits) -> None:
     b = {key: v for key, v in random_state(state, 2).items() if key in k2}
 
     def upd(t: dict, k: int, samples: int) -> Update:
-        return Update(t, 1.0, samples, metrics={"k": float(k)}, trained=SubModel(k=k))
+        return Update(t, 1.0, samples, metrics={"k": float(k)}, trained=SubModel(Depth(k)))
 
     same = method.aggregate(0, state, [upd(a, 1, 10), upd(a, 1, 500)])
     for key, v in state.items():
@@ -283,8 +284,8 @@ def test_round_through_the_device_host_in_process() -> None:
     """The actor's own path (cost, local_update, byte counts, validate) without starting Ray."""
     method, state, tasks, reports, updates = host_round(["method.name=flextrain", "model.name=resnet8"])
     assert [r.status for r in reports] == ["ok"] * 4 and len(updates) == 4  # never pre-summed
-    assert [r.spec["k"] for r in reports] == [t.spec.k for t in tasks]
-    assert [int(u.metrics["k"]) for u in updates] == [t.spec.k for t in tasks]
+    assert [r.spec["k"] for r in reports] == [depth_of(t.spec) for t in tasks]
+    assert [int(u.metrics["k"]) for u in updates] == [depth_of(t.spec) for t in tasks]
     assert all(method.validate(u, state) is None for u in updates)
     new = method.aggregate(0, state, updates)
     assert all(torch.isfinite(v.float()).all() and v.shape == state[k].shape for k, v in new.items())
@@ -325,15 +326,15 @@ def test_centralised_pi_must_match_the_model(digits) -> None:
 def test_scheduler_choice_overrides_the_tier_and_feeds_mean_device_acc(digits) -> None:
     train_data, test_data, shape = digits
     method, state, model_fn = make(shape)
-    views = [replace_choice(view(0, "rpi3"), SubModel(k=3)), replace_choice(view(1, "laptop_cpu"), SubModel(k=1))]
+    views = [replace_choice(view(0, "rpi3"), SubModel(Depth(3))), replace_choice(view(1, "laptop_cpu"), SubModel(Depth(1)))]
     tasks = method.plan(0, views, state)
-    assert [t.spec.k for t in tasks] == [3, 1]
+    assert [depth_of(t.spec) for t in tasks] == [3, 1]
     metrics = method.evaluate(state, model_fn(), test_data)
     assert metrics["mean_device_acc"] == pytest.approx((metrics["acc_k3"] + metrics["acc_k1"]) / 2)
-    deployed = method.device_model(state, model_fn(), SubModel(k=1))
+    deployed = method.device_model(state, model_fn(), SubModel(Depth(1)))
     assert set(deployed.state_dict()) == set(depth.prefix_keys(method.full, 1))
     forced, _, _ = make(shape, k=1)
-    assert forced.options() == [SubModel(k=1)] and forced.tier_depth(CATALOG["laptop_cpu"]) == 1
+    assert forced.options() == [SubModel(Depth(1))] and forced.tier_depth(CATALOG["laptop_cpu"]) == 1
 
 
 def replace_choice(v: DeviceView, choice: SubModel) -> DeviceView:
@@ -354,7 +355,7 @@ def test_fedclass_keeps_one_model_per_class(digits) -> None:
     method = FedClass(cfg, model_fn)
     state = method.init(model_fn())
     assert set(state) == {f"k{k}/{key}" for k in (1, 2, 3) for key in depth.prefix_keys(method.full, k)}
-    tasks = method.plan(0, [replace_choice(view(0, "rpi3"), SubModel(k=1)), replace_choice(view(1, "rpi3"), SubModel(k=1))], state)
+    tasks = method.plan(0, [replace_choice(view(0, "rpi3"), SubModel(Depth(1))), replace_choice(view(1, "rpi3"), SubModel(Depth(1)))], state)
     ups = [train(method, t, state, d, model_fn) for t, d in zip(tasks, (train_data, test_data))]
     assert all(method.validate(u, state) is None for u in ups)
     merged = method.aggregate(0, state, ups)
@@ -367,7 +368,7 @@ def test_fedclass_keeps_one_model_per_class(digits) -> None:
     metrics = method.evaluate(merged, model_fn(), test_data)
     assert metrics["accuracy"] == metrics["acc_k1"] == metrics["mean_device_acc"]
     bad = Update({"stem.0.weight": ups[0].tensors["stem.0.weight"] if "stem.0.weight" in ups[0].tensors else torch.ones(1)},
-                 1.0, 1, metrics={"k": 1.0}, trained=SubModel(k=1))
+                 1.0, 1, metrics={"k": 1.0}, trained=SubModel(Depth(1)))
     assert method.validate(bad, state) is not None
 
 

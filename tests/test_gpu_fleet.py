@@ -21,10 +21,11 @@ from flexray.errors import FlexrayError
 from flexray.fleet.fleet import build_fleet
 from flexray.fleet.placement import ActorSpec, Node, check_placement
 from flexray.runtime.assembly import parse_config
-from flexray.runtime.driver import run_job
+from flexray.runtime.session import run_job
 from flexray.runtime.job import Job
-from flexray.runtime.split_server import start_split_server
-from flexray.runtime.tiled_rounds import TiledEngine
+from flexray.runtime.session import Session
+from flexray.tiled.engine import TiledEngine
+from flexray.tiled.method import Tiled
 from tests.conftest import job_tree
 from tests.test_tiled_ray import tiled_tree
 from tests.test_cluster_multinode import WorkerNode, _events, join_node, leave
@@ -62,7 +63,7 @@ def test_plan_shows_the_gpu_share_and_node_of_every_actor(ray_cluster, gpu_node,
 
 def test_fractional_gpu_actors_train_on_the_gpu_node(ray_cluster, gpu_node, tmp_path):
     result = run_job(parse_config(_tree(tmp_path, 2, 0.5)))
-    assert len(result.history) == 1 and result.final["participants"] == 4
+    assert len(result.history) == 1 and result.metrics.participants == 4
     _, rows = _events(f"sqlite:///{tmp_path}/mlflow.db", "gpu")
     assert {r["node"] for r in rows} == {gpu_node.node_id}
     asked = [a.required_resources for a in list_actors(address=ray_cluster.dashboard, detail=True, limit=10000,
@@ -97,7 +98,7 @@ def test_tile_actors_and_the_split_server_ask_ray_for_their_gpu_share(ray_cluste
     (a logical GPU) they compute on the CPU (``auto``)."""
     cfg = parse_config(tiled_tree(method__grid=[2, 1], fleet__num_gpus_per_actor=0.25, fleet__num_cpus_per_actor=0.5))
     ds = load_dataset(cfg.data)
-    engine = TiledEngine(cfg, build_fleet(cfg, ds.y_train), ds)
+    engine = TiledEngine(cfg, build_fleet(cfg, ds.y_train), ds, Tiled(cfg.method, lambda: None))
     assert [s.num_gpus for s in engine.specs()] == [0.25, 0.25]
     actors, _ = engine.start()
     try:
@@ -109,15 +110,14 @@ def test_tile_actors_and_the_split_server_ask_ray_for_their_gpu_share(ray_cluste
         for _, h in actors:
             ray.kill(h)
 
-    job = Job.assemble(parse_config(_splitfed_tree(tmp_path, 0.25, server_gpus=0.5)))
-    spec = job.method().server_spec()
-    handle = start_split_server(job.cfg, spec, ds.input_shape, ds.num_classes, job.server_profile)
+    session = Session(parse_config(_splitfed_tree(tmp_path, 0.25, server_gpus=0.5)))
+    session.service.start(session.service_env())  # the split server, as the session starts it for a run
     try:
-        assert ray.get(handle.info.remote(), timeout=120)["device"] == "cpu"
+        assert ray.get(session.service.handle.info.remote(), timeout=120)["device"] == "cpu"
         (server,) = _alive(ray_cluster, "SplitServerHost")
         assert server.required_resources.get("GPU") == 0.5 and server.node_id == gpu_node.node_id
     finally:
-        ray.kill(handle)
+        session.service.stop()
 
 
 def test_plan_shows_the_split_servers_share_and_node(ray_cluster, gpu_node, tmp_path, capsys):

@@ -22,7 +22,8 @@ from flexray.methods import _PATHS
 from flexray.methods.fedbuff import FedBuffConfig
 from flexray.runtime.actor import warm_actors
 from flexray.runtime.assembly import load_config
-from flexray.runtime.driver import run_job
+from flexray.runtime.session import run_job
+from flexray.tracking.metrics import RoundMetrics
 
 pytestmark = pytest.mark.ray
 
@@ -54,9 +55,9 @@ def overrides(method: str, mode: str, uri: str) -> list[str]:
     return sets
 
 
-def final(method: str, mode: str, uri: str) -> dict[str, float]:
+def final(method: str, mode: str, uri: str) -> RoundMetrics:
     if (method, mode) not in FINAL:
-        FINAL[method, mode] = run_job(load_config(QUICKSTART, overrides(method, mode, uri))).final
+        FINAL[method, mode] = run_job(load_config(QUICKSTART, overrides(method, mode, uri))).metrics
     return FINAL[method, mode]
 
 
@@ -70,19 +71,19 @@ def _warm(ray_cluster) -> Iterator[None]:  # noqa: ANN001
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_fedavg_learns(mode: str, mlflow_uri: str) -> None:
     """The yardstick itself learns (96.7% sync, 93.9% async on this seed when this was written)."""
-    assert final("fedavg", mode, mlflow_uri)["accuracy"] >= 0.9
+    assert final("fedavg", mode, mlflow_uri).accuracy >= 0.9
 
 
 @pytest.mark.parametrize(("method", "mode"), CELLS, ids=[f"{m}-{mode}" for m, mode in CELLS])
 def test_method_learns_like_fedavg(method: str, mode: str, mlflow_uri: str) -> None:
-    base = final("fedavg", mode, mlflow_uri)["accuracy"]
+    base = final("fedavg", mode, mlflow_uri).accuracy
     got = final(method, mode, mlflow_uri)
-    assert got["accuracy"] >= RATIO * base, (
-        f"{method} ({mode}) reached {got['accuracy']:.3f}, below {RATIO} x FedAvg's {base:.3f}")
+    assert got.accuracy >= RATIO * base, (
+        f"{method} ({mode}) reached {got.accuracy:.3f}, below {RATIO} x FedAvg's {base:.3f}")
 
 
 def test_runs_are_seeded(mlflow_uri: str) -> None:
     """The same job twice gives the same model: a width method (sub-model plan, rolled RNGs) in sync."""
     first = final("heterofl", "sync", mlflow_uri)
-    again = run_job(load_config(QUICKSTART, overrides("heterofl", "sync", mlflow_uri))).final
-    assert again["accuracy"] == first["accuracy"] and again["loss"] == first["loss"]
+    again = run_job(load_config(QUICKSTART, overrides("heterofl", "sync", mlflow_uri))).metrics
+    assert again.accuracy == first.accuracy and again.loss == first.loss

@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from flexray import cli
 from flexray.runtime.assembly import load_config
 from flexray.methods import _PATHS
-from flexray.runtime import driver
+from flexray.runtime import session
 from flexray.runtime.actor import warm_actors
 
 pytestmark = pytest.mark.ray
@@ -201,13 +201,14 @@ def test_cell(method: str, model: str, mode: str, ray_cluster, mlflow_uri: str, 
     assert "Traceback" not in out + err, err
     expect_as_the_page_says(method, model, mode, "run")
 
-    result = driver.run_job(load_config(path))
+    result = session.run_job(load_config(path))
     assert len(result.history) == 1, result.history
-    final = result.final
+    final = result.metrics
+    assert final is not None
     bad = {k: v for k, v in final.items() if isinstance(v, float) and not math.isfinite(v)}
     assert not bad, f"non-finite metrics: {bad}"
-    assert 0.0 <= final["accuracy"] <= 1.0 and final["loss"] >= 0.0 and final["sim_time_s"] > 0.0, final
-    assert final["participants"] >= 1, final
+    assert 0.0 <= final.accuracy <= 1.0 and final.loss >= 0.0 and final.sim_time_s > 0.0, final
+    assert final.participants >= 1, final
     run = MlflowClient(mlflow_uri).get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["method.name"] == method and run.data.params["model.name"] == model

@@ -18,6 +18,7 @@ from flexray.methods.heterofl import HeteroFL
 from flexray.models import build_model, profile_model
 from flexray.protocol import DeviceView, SubModel
 from flexray.schedule.minmax import SubModelScheduler, capacity_choice, minmax_choice, static_choice
+from flexray.methods.width import Width, rate_of
 
 SHAPE = (3, 32, 32)
 
@@ -97,7 +98,7 @@ def test_capacity_trains_the_full_model_where_strict_minmax_starves_it() -> None
     plan = sched.assign(views)
     full = sched.options[0]
     assert full not in [v.choice for v in strict.views]
-    rate = {v.id: v.choice.rate for v in plan.views}
+    rate = {v.id: rate_of(v.choice) for v in plan.views}
     assert rate[2] == rate[3] == 1.0 and rate[0] < 1.0
     assert plan.target_s == pytest.approx(max(sched.latency(views[2], full), strict.target_s))
     for v in plan.views:  # the largest option within the round time, or the fastest when none is
@@ -127,13 +128,13 @@ def test_capacity_round_time_uses_the_largest_dataset_and_the_users_deadline() -
     views[1] = replace(views[1], num_samples=400)  # same class, 4x the data
     sched = SubModelScheduler(ScheduleConfig(mode="capacity"), method, profile, batch_size=32)
     plan = sched.assign(views)
-    assert [v.choice.rate for v in plan.views] == [1.0, 1.0]  # a device of the fastest class: full model
+    assert [rate_of(v.choice) for v in plan.views] == [1.0, 1.0]  # a device of the fastest class: full model
     assert plan.target_s == pytest.approx(sched.latency(views[1], sched.options[0]))
     tight = SubModelScheduler(ScheduleConfig(mode="capacity"), method, profile, batch_size=32,
                               deadline_s=plan.target_s / 20)
     small = tight.assign(views)
     assert small.target_s == pytest.approx(plan.target_s / 20)
-    assert all(v.choice.rate < 1.0 for v in small.views)  # the user's deadline overrides
+    assert all(rate_of(v.choice) < 1.0 for v in small.views)  # the user's deadline overrides
 
 
 def test_slack_trades_latency_for_larger_submodels() -> None:
@@ -198,8 +199,8 @@ def test_minmax_follows_the_traces() -> None:
     slow = [replace(views[0], speed=0.05), *views[1:]]  # the rpi4 throttles hard
     after = sched.assign(slow)
     assert after.target_s > before.target_s
-    rate = {v.id: v.choice.rate for v in before.views}
-    rate_after = {v.id: v.choice.rate for v in after.views}
+    rate = {v.id: rate_of(v.choice) for v in before.views}
+    rate_after = {v.id: rate_of(v.choice) for v in after.views}
     assert rate_after[1] >= rate[1] and rate_after[2] >= rate[2]
     assert rate_after != rate  # someone got a larger sub-model once the pace slowed
 
@@ -208,10 +209,10 @@ def test_static_mode_uses_the_methods_tiers() -> None:
     method, profile = _method(HeteroFL, tiers={"rpi3": 0.125, "laptop_cpu": 1.0})
     sched = SubModelScheduler(ScheduleConfig(mode="static"), method, profile, batch_size=32)
     plan = sched.assign(_views("rpi3", "laptop_cpu"))
-    assert [v.choice for v in plan.views] == [SubModel(rate=0.125), SubModel(rate=1.0)]
+    assert [v.choice for v in plan.views] == [SubModel(Width(0.125)), SubModel(Width(1.0))]
     tasks = method.plan(0, plan.views, method.init(method.full))
-    assert [t.spec.rate for t in tasks] == [0.125, 1.0]
-    assert plan.predicted_s[0] == pytest.approx(sched.latency(plan.views[0], SubModel(rate=0.125)))
+    assert [rate_of(t.spec) for t in tasks] == [0.125, 1.0]
+    assert plan.predicted_s[0] == pytest.approx(sched.latency(plan.views[0], SubModel(Width(0.125))))
 
 
 def test_methods_without_a_knob_pass_through() -> None:

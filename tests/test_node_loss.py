@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from flexray.errors import FlexrayError
 from flexray.runtime.assembly import parse_config
-from flexray.runtime.driver import run_job
+from flexray.runtime.session import run_job
 from flexray.tracking.callbacks import Callback, RoundEnd
 from tests.conftest import job_tree
 from tests.test_cluster_multinode import WorkerNode, _alive_node_with, join_node, leave
@@ -52,7 +52,7 @@ class NodeSwitch(Callback):
         self.nodes: list[WorkerNode] = [node]
 
     def on_round_end(self, end: RoundEnd) -> None:
-        if self.rejoin_after is not None and end.round > self.rejoin_after and end.metrics["offline"]:
+        if self.rejoin_after is not None and end.round > self.rejoin_after and end.metrics.offline:
             time.sleep(self.pace_s)  # async versions take milliseconds; give restarted actors wall time to load
         if end.round == self.stop_after:
             leave(self.nodes[-1], "c")
@@ -82,7 +82,7 @@ def test_devices_of_a_lost_node_go_offline_and_come_back_when_it_rejoins(ray_clu
         switch.stop()
     history = result.history
     assert len(history) == 9  # every round ran
-    assert sum(h["nodes_lost"] for h in history) == 1 and history[2]["nodes_lost"] == 1  # seen in round 3
+    assert sum(h.nodes_lost for h in history) == 1 and history[2]["nodes_lost"] == 1  # seen in round 3
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     rows = _events(uri, result.run_id, tmp_path)
     on_c = {r["device"] for r in rows if r["profile"] == "phone_mid"}
@@ -94,8 +94,8 @@ def test_devices_of_a_lost_node_go_offline_and_come_back_when_it_rejoins(ray_clu
     new_node = switch.nodes[-1].node_id
     assert {r["node"] for r in rows if r["round"] == back[0] and r["device"] in on_c} == {new_node}
     for h in history:  # the surviving rounds trained on the head's devices and logged clean metrics
-        assert h["participants"] >= 2 and 0.0 <= h["accuracy"] <= 1.0
-    assert [h["offline"] for h in history[2:4]] == [2.0, 2.0]
+        assert h.participants >= 2 and 0.0 <= h.accuracy <= 1.0
+    assert [h.offline for h in history[2:4]] == [2.0, 2.0]
     assert MlflowClient(uri).get_run(result.run_id).info.status == "FINISHED"
 
 
@@ -119,7 +119,7 @@ def test_with_every_node_gone_the_run_stops_in_one_line_and_resumes(ray_cluster,
         resumed = run_job(cfg, resume=run_id)
     finally:
         leave(again, "c")
-    assert [h["round"] for h in resumed.history] == [1, 2, 3]
+    assert [h.round for h in resumed.history] == [1, 2, 3]
     assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
 
 
@@ -137,7 +137,7 @@ def test_async_rounds_report_a_lost_node_offline_and_take_its_devices_back(ray_c
     finally:
         switch.stop()
     history = result.history
-    assert len(history) == 60 and sum(h["nodes_lost"] for h in history) == 1
+    assert len(history) == 60 and sum(h.nodes_lost for h in history) == 1
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     rows = _events(uri, result.run_id, tmp_path)
     on_c = {2, 3}  # the second group's devices
@@ -148,7 +148,7 @@ def test_async_rounds_report_a_lost_node_offline_and_take_its_devices_back(ray_c
     assert back is not None, f"no device of node c trained on the new node: {sorted(status.items())}"
     assert all(status[(rnd, d)][0] == "offline" for rnd in range(2, 6) for d in on_c)  # lost, not waited for
     assert not any(st == "ok" and d in on_c for (rnd, d), (st, _) in status.items() if 2 <= rnd < back)
-    assert all(0.0 <= h["accuracy"] <= 1.0 for h in history)
+    assert all(0.0 <= h.accuracy <= 1.0 for h in history)
     assert MlflowClient(uri).get_run(result.run_id).info.status == "FINISHED"
     offline = [rnd for (rnd, d), (st, _) in sorted(status.items()) if d == 2 and st == "offline"]
     print(f"async node loss: versions {len(history)}, device 2 offline in versions {offline[0]}..{offline[-1]}, back in "

@@ -16,14 +16,15 @@ from flexray.errors import FlexrayError
 from flexray.fleet.profiles import CATALOG
 from flexray.methods.base import DeviceContext, ServerData
 from flexray.methods.reft import Reft, ReftConfig
-from flexray.methods.distreal import front_spec
+from flexray.methods.distreal import front_of, front_spec
 from flexray.methods.uniform_dropout import UniformDropout, UniformDropoutConfig
 from flexray.models import elastic, filters
 from flexray.models.profile import state_bytes
 from flexray.models.zoo import cnn
 from flexray.protocol import DeviceView, LocalData, SubModel, Task, Workload, compute_seconds, predict_times
 from flexray.runtime.assembly import parse_config
-from flexray.runtime.driver import run_job
+from flexray.runtime.session import run_job
+from flexray.methods.reft import Pruned, ratio_of
 from tests.conftest import job_tree
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -75,7 +76,7 @@ def test_pruning_ratio_follows_capability_and_fits_the_deadline(digits):
 
     deadline = 1.01 * total(0.0, 3.0)  # the full model just fits at 3x speed
     views = [DeviceView(i, rpi3, s, 100, deadline_s=deadline) for i, s in enumerate([3.0, 2.6, 2.2, 0.01])]
-    ratios = [t.spec.ratio for t in m.plan(0, views, state)]
+    ratios = [ratio_of(t.spec) for t in m.plan(0, views, state)]
     assert ratios == sorted(ratios) and ratios[0] < ratios[-1]  # slower device, more pruning
     assert ratios[-1] == max(m.rcfg.ratios)  # nothing fits: the smallest model
     for v, r in zip(views[:-1], ratios[:-1]):
@@ -91,7 +92,7 @@ def test_ensemble_distillation_pulls_the_global_model_to_the_teachers(digits):
     tasks = m.plan(0, [DeviceView(i, CATALOG["laptop_cpu"], 1.0, 100) for i in range(3)], state)
     ups = []
     for t, ratio in zip(tasks, (0.0, 0.4, 0.6)):
-        t = type(t)(t.device, 0, SubModel(ratio=ratio))
+        t = type(t)(t.device, 0, SubModel(Pruned(ratio)))
         ctx = DeviceContext(lambda: cnn(digits.input_shape, 10, 8))
         ctx.seed(t.device)
         up = m.local_update(t, state, _shard(digits, t.device), ctx)
@@ -157,7 +158,7 @@ def test_filters_no_device_trained_feed_nothing_forward(digits):
 
 
 def _task(device, ratio):
-    return Task(device=device, round=0, spec=SubModel(ratio=ratio))
+    return Task(device=device, round=0, spec=SubModel(Pruned(ratio)))
 
 
 def test_uniform_dropout_picks_the_smallest_rate_that_fits(digits):
@@ -169,8 +170,8 @@ def test_uniform_dropout_picks_the_smallest_rate_that_fits(digits):
     rpi3 = CATALOG["rpi3"]
     full = next(i for i, p in enumerate(m.points) if p[0] == 0.0)
     dl, _, ul = predict_times(rpi3, 1.0, Workload(), m.model_bytes(), m.model_bytes())
-    deadline = dl + ul + 1.01 * compute_seconds(rpi3, m.point_work(spec, full, 100), 3.0)  # no dropout just fits at 3x
-    picks = [m.points[m.choose(spec, DeviceView(0, rpi3, s, 100, deadline), 100)][0] for s in (3.0, 1.0, 0.5, 0.01)]
+    deadline = dl + ul + 1.01 * compute_seconds(rpi3, m.point_work(front_of(spec), full, 100), 3.0)  # no dropout just fits at 3x
+    picks = [m.points[m.choose(front_of(spec), DeviceView(0, rpi3, s, 100, deadline), 100)][0] for s in (3.0, 1.0, 0.5, 0.01)]
     assert picks == sorted(picks) and picks[0] == 0.0 and picks[-1] == 0.75
 
 
@@ -191,5 +192,5 @@ def test_reft_job_uploads_fewer_bytes_and_learns(ray_cluster, mlflow_uri, tmp_pa
     laptop = [r for r in rows if r["profile"] == "laptop_cpu"]
     assert all(r["status"] == "ok" for r in rows)  # pruned to fit: no stragglers
     assert all(r["bytes_up"] < 0.6 * full for r in rpi) and all(r["bytes_up"] == full for r in laptop)
-    accs = [h["accuracy"] for h in res.history]
+    accs = [h.accuracy for h in res.history]
     assert accs[-1] > max(0.3, accs[0])

@@ -12,9 +12,9 @@ from flexray.fleet.profiles import CATALOG
 from flexray.fleet.synthetic import random_clients
 from flexray.models import build_model, profile_model
 from flexray.models.split import split_model, split_points, stage_names
-from flexray.protocol import DeviceProfile, ServerSpec, StepProfile, SubModel, Task, Workload
-from flexray.runtime.split_server import LocalPort, SplitServerHost
+from flexray.protocol import DeviceProfile, StepProfile, SubModel, Task, Workload
 from flexray.schedule.tlmp import Clients, baselines, brute_force, exact_minmax, fit_cuts, min_target, terms, tlmp
+from flexray.methods.split_server import LocalPort, ServerSpec, Split, SplitServerHost
 
 SERVER = CATALOG["edge_gpu_server"]
 MODELS = [("cnn", (1, 8, 8)), ("resnet8", (3, 16, 16)), ("torchvision:mobilenet_v2", (3, 32, 32))]
@@ -94,7 +94,7 @@ def test_split_training_gives_the_whole_models_gradients(one_torch_thread, name,
     for cut in cuts:
         spec = ServerSpec(shared=False, server_steps=(StepProfile(Workload(steps=1.0), Workload()),) * L, lr=0.1)
         host = SplitServerHost(cfg, spec, shape, 10, SERVER)
-        host.begin_round(0, state, [Task(0, 0, SubModel(cut=cut, theta=1.0))])
+        host.begin_round(0, state, [Task(0, 0, SubModel(Split(cut, 1.0)))])
         model = build_model(ModelConfig(name=name, width=8), shape, 10)
         model.load_state_dict(state)
         model.train()

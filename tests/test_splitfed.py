@@ -12,6 +12,8 @@ from mlflow.tracking import MlflowClient
 from flexray.errors import FlexrayError
 from flexray.fleet.report import RoundRequest
 from flexray.runtime.assembly import load_config, parse_config
+from flexray.methods.split_server import Split
+from flexray.methods.splitfed import cut_of
 from tests.conftest import REPO, job_tree
 
 # Two devices so slow that splitting pays (2 MFLOP/s), beside ordinary ones that train whole.
@@ -28,7 +30,7 @@ def _split_round(overrides: list[str], rnd: int = 0):
     from flexray.methods import method_class
     from flexray.protocol import DeviceView
     from flexray.runtime.actor import DeviceHost
-    from flexray.runtime.split_server import SplitServerHost
+    from flexray.methods.split_server import ServerClient, SplitServerHost
 
     cfg = load_config(REPO / "jobs" / "quickstart.yaml", ["method.name=splitfed", "fleet.actors=1", *overrides])
     ds = load_dataset(cfg.data)
@@ -42,7 +44,7 @@ def _split_round(overrides: list[str], rnd: int = 0):
     tasks = method.plan(rnd, [DeviceView(d.id, d.profile, d.trace.speed(0.0), len(d.indices)) for d in devices], state)
     split = SplitServerHost(cfg, method.server_spec(), ds.input_shape, ds.num_classes, server)
     split.begin_round(rnd, state, tasks)
-    reports, updates = host.run_round(RoundRequest(rnd, 0.0, None, False, tuple(tasks), False, server=split), state)
+    reports, updates = host.run_round(RoundRequest(rnd, 0.0, None, False, tuple(tasks), False, service=ServerClient(split)), state)
     server_updates = split.end_round([r.device for r in reports if r.status == "ok"])
     return method, state, tasks, reports, updates, server_updates
 
@@ -50,10 +52,10 @@ def _split_round(overrides: list[str], rnd: int = 0):
 @pytest.mark.parametrize("variant", ["v1", "v2"])
 def test_hybrid_round_mixes_fl_and_split_devices_into_one_model(one_torch_thread, variant):
     method, state, tasks, reports, updates, server_updates = _split_round([*SLOW, f"method.variant={variant}"])
-    cuts = {t.device: t.spec.cut for t in tasks}
+    cuts = {t.device: cut_of(t.spec) for t in tasks}
     L = len(method.points)
     assert {cuts[0], cuts[1]} != {L} and L in cuts.values()  # slow devices split, others train whole
-    assert sum(t.spec.theta for t in tasks) <= 1 + 1e-9
+    assert sum(t.spec.of(Split).theta for t in tasks) <= 1 + 1e-9
     names = ["conv1", "conv2", "head"]  # flexray plan names the stage each cut follows
     cut_note = next(n for n in method.plan_notes(tasks) if n.startswith("cuts (of 3 stages): "))
     assert all(f"{c} after {names[c - 1]}" in cut_note for c in cuts.values() if c < L) and f"{L} no split" in cut_note
@@ -97,14 +99,14 @@ def test_split_config_errors_are_one_line():
 
 @pytest.mark.ray
 def test_splitfed_job_on_ray_logs_predicted_and_simulated_latency(ray_cluster, mlflow_uri, one_torch_thread):
-    from flexray.runtime.driver import run_job
+    from flexray.runtime.session import run_job
 
     slow = {"slow": {"flops": 2.0e6, "memory_bytes": 1.0e9, "uplink_bps": 1.0e8, "downlink_bps": 1.0e8,
                      "power_active_w": 3, "power_idle_w": 1, "power_radio_w": 0.5}}
     tree = job_tree(tracking__uri=mlflow_uri, method__name="splitfed", fleet__actors=1, rounds__num=3,
                     fleet__profiles=slow, fleet__groups=[{"profile": "slow", "count": 2}, {"profile": "laptop_cpu", "count": 2}])
     res = run_job(parse_config(tree))
-    accs = [h["accuracy"] for h in res.history]
+    accs = [h.accuracy for h in res.history]
     assert accs[-1] > 0.6 and accs[-1] > accs[0]
     run = MlflowClient(mlflow_uri).get_run(res.run_id)
     assert run.info.status == "FINISHED" and run.data.params["method.name"] == "splitfed"
@@ -116,14 +118,14 @@ def test_splitfed_job_on_ray_logs_predicted_and_simulated_latency(ray_cluster, m
     for r in rows:  # predicted vs simulated latency, side by side in the event log
         assert r["end_s"] - r["start_s"] == pytest.approx(r["predicted_s"], rel=1e-6)
     for h in res.history:
-        assert h["round_predicted_s"] <= h["round_sim_s"]
+        assert h.round_predicted_s <= h.round_sim_s
 
 
 @pytest.mark.ray
 def test_splitfed_round_on_ray_cuts_mobilenet_v2_between_blocks(ray_cluster, mlflow_uri, one_torch_thread):
     """One tiny round of a torchvision model (a stage per inverted-residual block) through Ray:
     the slow device splits, the split server trains the rest, predicted = simulated time."""
-    from flexray.runtime.driver import run_job
+    from flexray.runtime.session import run_job
 
     slow = {"slow": {"flops": 2.0e6, "memory_bytes": 1.0e9, "uplink_bps": 1.0e8, "downlink_bps": 1.0e8,
                      "power_active_w": 3, "power_idle_w": 1, "power_radio_w": 0.5}}
@@ -131,7 +133,7 @@ def test_splitfed_round_on_ray_cuts_mobilenet_v2_between_blocks(ray_cluster, mlf
                     model__name="torchvision:mobilenet_v2", data__samples_per_device=32, data__test_samples=64,
                     fleet__profiles=slow, fleet__groups=[{"profile": "slow", "count": 1}, {"profile": "laptop_cpu", "count": 1}])
     res = run_job(parse_config(tree))
-    assert len(res.history) == 1 and 0.0 <= res.history[0]["accuracy"] <= 1.0
+    assert len(res.history) == 1 and 0.0 <= res.history[0].accuracy <= 1.0
     path = MlflowClient(mlflow_uri).download_artifacts(res.run_id, "events.parquet")
     rows = pq.read_table(path).to_pylist()
     cuts = [json.loads(r["spec"])["cut"] for r in rows]

@@ -18,8 +18,9 @@ from flexray.methods.base import DeviceContext
 from flexray.models import build_model, profile_model
 from flexray.protocol import LocalData, Task
 from flexray.runtime.assembly import parse_config
-from flexray.runtime.driver import run_job
-from flexray.runtime.tiled_rounds import TiledEngine
+from flexray.runtime.session import run_job
+from flexray.tiled.engine import TiledEngine
+from flexray.tiled.method import Tiled
 from tests.conftest import job_tree
 
 pytestmark = pytest.mark.ray
@@ -36,7 +37,7 @@ def tiled_round_and_one_device(cfg):  # noqa: ANN001, ANN201
     """One round on tile actors and the same steps trained by one device (``local_update``):
     (engine, state before, tiled weights after, the round's outcome, the one-device update)."""
     ds = load_dataset(cfg.data)
-    engine = TiledEngine(cfg, build_fleet(cfg, ds.y_train), ds)
+    engine = TiledEngine(cfg, build_fleet(cfg, ds.y_train), ds, Tiled(cfg.method, lambda: None))
     actors, _ = engine.start()
     try:
         torch.manual_seed(cfg.seed)
@@ -96,7 +97,7 @@ def test_tiled_job_logs_to_mlflow_and_is_reproducible(ray_cluster, mlflow_uri, t
     assert run.info.status == "FINISHED" and run.data.params["method.name"] == "tiled"
     sim = [m.value for m in client.get_metric_history(a.run_id, "sim_time_s")]
     assert len(sim) == 2 and 0 < sim[0] < sim[1]
-    assert a.history[-1]["energy_j"] > 0 and a.history[-1]["participants"] >= 1
+    assert a.history[-1].energy_j > 0 and a.history[-1].participants >= 1
     events = pq.read_table(client.download_artifacts(a.run_id, "events.parquet", str(tmp_path))).to_pylist()
     assert {e["status"] for e in events} <= {"ok", "idle"} and len(events) == 2 * 3
     assert all(e["compute_s"] > 0 for e in events if e["status"] == "ok")
@@ -110,11 +111,11 @@ def test_bad_tiled_config_is_one_line():
     cfg = parse_config(tiled_tree(model__name="vit", model__width=8))
     ds = load_dataset(cfg.data)
     with pytest.raises(FlexrayError, match="config error: model.name.*tileable.*; use .*darknet19") as err:
-        TiledEngine(cfg, build_fleet(cfg, ds.y_train), ds)
+        TiledEngine(cfg, build_fleet(cfg, ds.y_train), ds, Tiled(cfg.method, lambda: None))
     assert "\n" not in str(err.value)
     cfg = parse_config(tiled_tree(method__grid=[2, 2]))
     with pytest.raises(FlexrayError, match="method.grid: 2x2 tiles need"):
-        TiledEngine(cfg, build_fleet(cfg, ds.y_train), ds)
+        TiledEngine(cfg, build_fleet(cfg, ds.y_train), ds, Tiled(cfg.method, lambda: None))
 
 
 def test_flexray_plan_prints_the_tiled_plan(tmp_path, capsys):

@@ -16,7 +16,7 @@ from flexray.models import build_model
 from flexray.models.blocks import Head
 from flexray.models.tile_norm import dropout_mask
 from flexray.models.tiling import LayerGeom, Region, feature_sizes, layer_geom, plan_tiles, run_tile, split
-from flexray.runtime.tiled import TiledStep, TileHost, fused_stack, split_model
+from flexray.tiled.actor import TiledStep, TileHost, fused_stack, split_model
 from flexray.schedule.tiling import choose_plan, groupings
 
 OPT = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}

@@ -33,12 +33,18 @@ class ActorSpec:
     resources: dict[str, float]
     labels: dict[str, str] = field(default_factory=dict)  # node label selector (see check_selector)
     num_gpus: float = 0.0  # a share of one GPU (or whole GPUs), as Ray's num_gpus
-    role: str = "device"  # device | tile | split server: what the actor computes
+    role: str = "device"  # device, tile, or the role a method's round service names (e.g. split server)
+    gpu_field: str = "fleet.num_gpus_per_actor"  # the config field that sets num_gpus (named in errors)
 
     @property
     def label(self) -> str:
         pinned = ",".join([*self.resources, *(f"{k}={v}" for k, v in self.labels.items())]) or "sim"
-        return f"split-server[{pinned}]" if self.role == "split server" else f"actor{self.index}[{pinned}]"
+        return f"actor{self.index}[{pinned}]" if not self.service else f"{self.role.replace(' ', '-')}[{pinned}]"
+
+    @property
+    def service(self) -> bool:
+        """An actor of the method's round service (not one hosting devices or tiles)."""
+        return self.role not in ("device", "tile")
 
     @property
     def pinned(self) -> bool:
@@ -134,17 +140,17 @@ def live_nodes() -> list[Node]:
 
 def check_local_gpus(specs: Sequence[ActorSpec], gpus: int) -> None:
     """Before a local Ray starts (it gets this machine's ``gpus``): a fleet (device or tile actors,
-    and the split server) asking for more fails with one line instead of waiting forever for a GPU."""
+    and a round service's actors) asking for more fails with one line instead of waiting forever for a GPU."""
     need = sum(s.num_gpus for s in specs)
     if need > gpus + _EPS:
-        actors = [s for s in specs if s.role != "split server"]
-        server = sum(s.num_gpus for s in specs if s.role == "split server")
+        actors = [s for s in specs if not s.service]
+        services = [s for s in specs if s.service and s.num_gpus]
         asked = [f"{len(actors)} actors x {actors[0].num_gpus:g} GPU"] if actors and actors[0].num_gpus else []
-        asked += [f"the split server's {server:g} GPU"] if server else []
+        asked += [f"the {s.role}'s {s.num_gpus:g} GPU" for s in services]
         if actors and actors[0].num_gpus:
             field, fix = "fleet.num_gpus_per_actor", "use 0 (CPU actors), fewer fleet.actors"
         else:
-            field, fix = "method.server_gpus", "use 0 (a CPU split server)"
+            field, fix = services[0].gpu_field, f"use 0 (a CPU {services[0].role})"
         raise FlexrayError(f"config error: {field}: {' and '.join(asked)} need {need:g} GPUs but this machine has {gpus}; "
                            f"{fix}, or a cluster with GPUs (cluster.address)")
 

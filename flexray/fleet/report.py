@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from flexray.methods.service import ServiceClient
+from flexray.protocol import Task, Update
 
 
 @dataclass(frozen=True)
@@ -14,10 +18,10 @@ class RoundRequest:
     start_s: float  # simulated time the round starts
     deadline_s: float | None  # relative to start_s
     drop_stragglers: bool
-    tasks: tuple[Any, ...]  # methods.base.Task
+    tasks: tuple[Task, ...]
     presum: bool = True  # False when the driver must pick updates per device (over-commit, async)
     draw: int = 0  # async: the dispatch number, so one device's repeated tasks differ in randomness
-    server: Any = None  # split methods: the split server (actor handle or in-process host) this round
+    service: ServiceClient | None = None  # the method's round service: each task gets its link
 
 
 @dataclass
@@ -47,7 +51,7 @@ class DeviceReport:
     metrics: dict[str, float] = field(default_factory=dict)
     spec: dict[str, Any] = field(default_factory=dict)
     note: str = ""
-    server_s: float = 0.0  # simulated time waiting on a split server (inside start_s..end_s)
+    server_s: float = 0.0  # simulated time waiting on the method's round service (inside start_s..end_s)
     predicted_s: float = float("nan")  # the method's predicted latency (download + compute + server + upload)
 
     @property
@@ -60,11 +64,24 @@ class DeviceReport:
 
     def row(self) -> dict[str, Any]:
         """Flat, primitive-only row (Parquet and checkpoint friendly)."""
-        import json
-
         out = asdict(self)
         out["comm_s"] = self.comm_s
         out["train_loss"] = float(self.metrics.get("train_loss", float("nan")))
         out["metrics"] = json.dumps(self.metrics, sort_keys=True)
         out["spec"] = json.dumps(self.spec, sort_keys=True, default=str)
         return out
+
+
+@dataclass
+class RoundOutcome:
+    """One round as an engine closes it: every device's report, the updates to aggregate, and
+    the simulated time it took."""
+
+    reports: list[DeviceReport]
+    updates: list[Update]
+    duration_s: float  # simulated, incl. server time
+    server_s: float
+    nodes_lost: int = 0  # Ray nodes that left since the previous round
+
+    def count(self, *statuses: str) -> int:
+        return sum(r.status in statuses for r in self.reports)

@@ -21,10 +21,11 @@ from torch import nn
 from flexray.config import MethodConfig
 from flexray.data.datasets import to_tensor
 from flexray.errors import FlexrayError
+from flexray.methods.service import Link, RoundService
 from flexray.models.evaluate import evaluate_model
 from flexray.models.profile import ModelProfile, state_bytes
 from flexray.protocol import (
-    Cost, DesignPoint, DeviceProfile, DeviceView, LocalData, ServerSpec, State, SubModel, Task, Update,
+    Cost, DeviceProfile, DeviceView, LocalData, State, SubModel, Task, Update,
 )
 
 
@@ -53,8 +54,8 @@ class ServerData:
 
 
 class DeviceContext:
-    """Device-side helpers: a model cache (one module per spec), the task's RNG and, for split
-    methods, the runtime's server port (``grad, loss = ctx.server(smashed, labels)``)."""
+    """Device-side helpers: a model cache (one module per spec), the task's RNG and, for a method
+    with a round service, the task's link to it (``ctx.service``: the method's own type)."""
 
     def __init__(self, model_fn: Callable[[], nn.Module], compute: torch.device | None = None) -> None:
         self._model_fn = model_fn
@@ -64,7 +65,7 @@ class DeviceContext:
         self.generator = torch.Generator()
         self.device: DeviceView | None = None
         """The device running the current task (profile, trace speed now, deadline): its budget."""
-        self.server: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, float]] | None = None
+        self.service: Link | None = None
 
     def model(self, key: str = "full", build: Callable[[], nn.Module] | None = None) -> nn.Module:
         if key not in self._models:
@@ -90,9 +91,12 @@ class Method(ABC):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     linear: ClassVar[bool] = False
     """True when aggregation is a weighted mean, so an actor may pre-sum its devices' updates."""
-    engine: ClassVar[str] = "rounds"
-    """Which runtime engine runs the method (``flexray.runtime.engines``): federated rounds by
-    default, the only engine with async rounds."""
+    engine: ClassVar[str | None] = None
+    """``module:Class`` of the engine that runs the method (``flexray.fleet.engine.Engine``; None:
+    federated rounds, the only engine with async rounds). Imported only when a job runs it."""
+    plans_pool: ClassVar[bool] = False
+    """Async rounds: plan a launching device among every device available now (its task's share of
+    something common, e.g. the split server, depends on the others), not alone."""
 
     def __init__(self, cfg: MethodConfig, model_fn: Callable[[], nn.Module]) -> None:
         self.cfg = cfg
@@ -108,6 +112,10 @@ class Method(ABC):
             with torch.random.fork_rng(devices=[]):
                 self._full = self.model_fn()
         return self._full
+
+    def round_service(self) -> RoundService:
+        """What the method runs beside the rounds (``flexray.methods.service``); by default nothing."""
+        return RoundService()
 
     def check(self) -> None:
         """Raise a one-line FlexrayError if this method cannot train the configured model; the
@@ -265,7 +273,7 @@ def copy_state(model: nn.Module) -> State:
 
 
 __all__ = [
-    "Cost", "DesignPoint", "DeviceContext", "DeviceProfile", "DeviceView", "LocalData", "Method", "ServerData", "ServerSpec",
+    "Cost", "DeviceContext", "DeviceProfile", "DeviceView", "LocalData", "Method", "ServerData",
     "State", "SubModel", "Task", "Update",
     "cast_like", "check_tensors", "copy_state", "evaluate_model", "sgd_train", "state_bytes", "weighted_mean",
 ]

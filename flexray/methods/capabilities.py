@@ -11,7 +11,6 @@ capability             what the runtime does with it                        who 
 ``SubModelKnob``       the min-max scheduler picks each device's option     width methods, FlexTrain
 ``Attaches``           gets the model profile and the server's class first  SplitFed/TLMP
 ``Prepares``           server-side work before round 1 (files logged)       DISTREAL, REFT
-``NeedsSplitServer``   starts the split server actor it describes           SplitFed
 ``Deploys``            the per-device model that is logged at the end       width methods, FlexTrain
 ``HasPolicy``          its own aggregation policy, in sync and async rounds FedAsync, FedBuff
 ``PlanNotes``          lines printed under ``flexray plan``'s table         SplitFed
@@ -31,7 +30,7 @@ from torch import nn
 from flexray.methods.base import DeviceContext, ServerData
 from flexray.methods.policy import HasPolicy
 from flexray.models.profile import ModelProfile
-from flexray.protocol import DeviceProfile, LocalData, PlanNotes, ServerSpec, State, SubModel, SubModelKnob, Task, Update
+from flexray.protocol import DeviceProfile, LocalData, PlanNotes, State, SubModel, SubModelKnob, Task, Update
 
 
 @runtime_checkable
@@ -48,13 +47,6 @@ class Prepares(Protocol):
     returns files to log as run artifacts. Runs again on resume, so it must be deterministic."""
 
     def setup(self, data: ServerData, workdir: Path) -> list[Path]: ...
-
-
-@runtime_checkable
-class NeedsSplitServer(Protocol):
-    """The split server the runtime must host for this method (None: not in this config)."""
-
-    def server_spec(self) -> ServerSpec | None: ...
 
 
 @runtime_checkable
@@ -88,4 +80,4 @@ def deployed_model(method: object, state: State, model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["Attaches", "BatchesClients", "Deploys", "HasPolicy", "NeedsSplitServer", "PlanNotes", "Prepares", "SubModelKnob", "deployed_model"]
+__all__ = ["Attaches", "BatchesClients", "Deploys", "HasPolicy", "PlanNotes", "Prepares", "SubModelKnob", "deployed_model"]

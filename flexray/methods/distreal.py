@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -42,10 +43,33 @@ from flexray.methods.base import DeviceContext, Method, ServerData, cast_like, c
 from flexray.models import filters
 from flexray.models.profile import ModelProfile, ProfileCache, state_bytes
 from flexray.protocol import (
-    Cost, DesignPoint, DeviceView, LocalData, State, StepProfile, SubModel, Task, Update, Workload, compute_seconds, predict_times,
+    Cost, DeviceView, Knob, LocalData, State, StepProfile, SubModel, Task, Update, Workload, compute_seconds, predict_times,
 )
 from flexray.schedule import dse
 from flexray.schedule.dse import DSEConfig
+
+
+
+@dataclass(frozen=True)
+class DesignPoint:
+    """One point of a dropout design front: a rate per droppable layer, the training FLOPs per
+    sample it costs and the error it is predicted to reach."""
+
+    rates: tuple[float, ...]
+    flops: float
+    error: float
+
+
+@dataclass(frozen=True)
+class Front(Knob):
+    """The filter-dropout methods' knob: the droppable layers and the front a device picks its
+    dropout from (a trained update's holds the one point it picked)."""
+
+    layers: tuple[str, ...]  # in ``DesignPoint.rates`` order
+    points: tuple[DesignPoint, ...]
+
+    def log(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "points": len(self.points)}  # the front by its size
 
 
 class DropoutConfig(MethodConfig):
@@ -116,7 +140,7 @@ class FilterDropout(Method):
             self._bytes = state_bytes(self.full.state_dict())
         return self._bytes
 
-    def point_work(self, spec: SubModel, i: int, num_samples: int) -> Workload:
+    def point_work(self, spec: Front, i: int, num_samples: int) -> Workload:
         """The local epochs of design point ``i`` on ``num_samples`` (coarse, by its FLOPs, for a
         model that does not record its input shape)."""
         shape = getattr(self.full, "input_shape", None)
@@ -125,7 +149,7 @@ class FilterDropout(Method):
         step = self.point_step(spec.layers, spec.points[i].rates, tuple(shape))
         return step.epochs(num_samples, self.cfg.batch_size, self.cfg.local_epochs)
 
-    def choose(self, spec: SubModel, view: DeviceView | None, num_samples: int) -> int:
+    def choose(self, spec: Front, view: DeviceView | None, num_samples: int) -> int:
         """The device's own pick for its current budget (see ``dse.select``)."""
         if view is None:
             return dse.select([(p.flops, p.error) for p in spec.points], None)
@@ -139,8 +163,9 @@ class FilterDropout(Method):
         return dse.select(pts, budget)
 
     def cost(self, task: Task, device: DeviceView, profile: ModelProfile) -> Cost:
-        i = self.choose(task.spec, device, device.num_samples)
-        return Cost(self.point_work(task.spec, i, device.num_samples), self.model_bytes(), self.model_bytes())
+        front = front_of(task.spec)
+        i = self.choose(front, device, device.num_samples)
+        return Cost(self.point_work(front, i, device.num_samples), self.model_bytes(), self.model_bytes())
 
     def aggregate(self, rnd: int, state: State, updates: Sequence[Update]) -> State:
         if not updates:
@@ -148,7 +173,7 @@ class FilterDropout(Method):
         num = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in state.items()}
         den = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in state.items()}
         for u in updates:
-            picked = u.trained  # the one design point the device trained (None: nothing dropped)
+            picked = u.trained.of(Front) if u.trained is not None else None  # the point it trained (None: nothing dropped)
             kept = filters.kept_fraction(self.full, dict(zip(picked.layers, picked.points[0].rates)) if picked else {})
             for k, v in u.tensors.items():
                 trained = (v != state[k]) if v.is_floating_point() else torch.ones(v.shape, dtype=torch.bool)
@@ -160,7 +185,7 @@ class FilterDropout(Method):
 
     # ---- device side
     def local_update(self, task: Task, state: State, data: LocalData, ctx: DeviceContext) -> Update:
-        spec = task.spec
+        spec = front_of(task.spec)
         i = self.choose(spec, ctx.device, len(data))
         rates = dict(zip(spec.layers, spec.points[i].rates))
         full = ctx.model(f"{self.name}:full")
@@ -187,7 +212,7 @@ class FilterDropout(Method):
             metrics["budget_gflops"] = ctx.device.profile.flops * ctx.device.speed / 1e9
         work = self.point_work(spec, i, n) * (seen / max(self.cfg.local_epochs * n, 1))
         return Update(copy_state(full), weight=n, samples=seen, work=work, metrics=metrics,
-                      trained=SubModel(layers=spec.layers, points=(spec.points[i],)))
+                      trained=SubModel(Front(spec.layers, (spec.points[i],))))
 
 
 class Distreal(FilterDropout):
@@ -211,4 +236,11 @@ def front_spec(layers: Sequence[str], points: Sequence[Sequence[float]]) -> SubM
     """The task of every device: the droppable layers and the front, each point stored (and
     checkpointed) as ``[rate per layer..., FLOPs per sample, predicted error]``."""
     front = tuple(DesignPoint(tuple(float(r) for r in p[:-2]), float(p[-2]), float(p[-1])) for p in points)
-    return SubModel(layers=tuple(layers), points=front)
+    return SubModel(Front(tuple(layers), front))
+
+
+def front_of(spec: SubModel) -> Front:
+    knob = spec.of(Front)
+    if knob is None:
+        raise FlexrayError(f"filter dropout: a task without a design front ({spec.log()}); plan sets it")
+    return knob

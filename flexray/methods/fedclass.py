@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from flexray.methods.base import DeviceContext, cast_like, evaluate_model, weighted_mean
-from flexray.methods.flextrain import FlexTrain, FlexTrainConfig, depth_of
+from flexray.methods.flextrain import Depth, FlexTrain, FlexTrainConfig, depth_of
 from flexray.models import depth
 from flexray.protocol import LocalData, State, SubModel, Task, Update
 
@@ -56,7 +56,8 @@ class FedClass(FlexTrain):
         return depth.depth_prefix(model, k)
 
     def validate(self, update: Update, state: State, planned: SubModel | None = None) -> str | None:
-        k = update.trained.k if update.trained is not None else None
+        trained = update.trained.of(Depth) if update.trained is not None else None
+        k = trained.k if trained is not None else None
         if k is None or float(k) not in self.configs:
             return f"update has no valid depth configuration k (got {k!r})"
         return super().validate(update, self.class_state(state, int(k)), planned)

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
@@ -68,13 +69,22 @@ from flexray.methods.batched import StepLoss, batched_sgd_train, why_not_batched
 from flexray.models import depth, elastic
 from flexray.models.profile import ModelProfile, ProfileCache, training_memory_bytes
 from flexray.protocol import (
-    Cost, DeviceProfile, DeviceView, LocalData, State, StepProfile, SubModel, Task, Update, Workload, compute_seconds,
+    Cost, DeviceProfile, DeviceView, Knob, LocalData, State, StepProfile, SubModel, Task, Update, Workload,
+    compute_seconds,
 )
 
 PROBE_HW = (32, 32)
 """Spatial size the planning FLOPs are profiled at (see module doc)."""
 LABELS = "labels"
-"""``SubModel.mode`` of a weakest-tier task: no self-distillation."""
+"""``Depth.mode`` of a weakest-tier task: no self-distillation."""
+
+
+@dataclass(frozen=True)
+class Depth(Knob):
+    """The depth methods' knob (FlexTrain, FedClass)."""
+
+    k: int | None = None  # depth prefix, in blocks
+    mode: str | None = None  # LABELS: no self-distillation; "centralised": the whole elastic model, data-parallel
 
 
 class FlexTrainConfig(MethodConfig):
@@ -252,10 +262,10 @@ class FlexTrain(Method):
         if self.centralised:
             return []
         ks = [self.fcfg.k] if self.fcfg.k is not None else list(reversed(self.configs))
-        return [SubModel(k=k) for k in ks]
+        return [SubModel(Depth(k)) for k in ks]
 
     def static_option(self, device: DeviceProfile) -> SubModel:
-        return SubModel(k=self.tier_depth(device))
+        return SubModel(Depth(self.tier_depth(device)))
 
     def option_memory_bytes(self, option: SubModel, input_shape: tuple[int, ...], batch_size: int) -> float:
         """The prefix's training memory plus the student's and anchor's activations (shared weights)."""
@@ -274,12 +284,12 @@ class FlexTrain(Method):
     # ---- server side
     def plan(self, rnd: int, devices: Sequence[DeviceView], state: State) -> list[Task]:
         if self.centralised:
-            return [Task(device=d.id, round=rnd, spec=SubModel(mode="centralised")) for d in devices]
+            return [Task(device=d.id, round=rnd, spec=SubModel(Depth(mode="centralised"))) for d in devices]
         ks = {d.id: depth_of(d.choice) if d.choice is not None else self.tier_depth(d.profile) for d in devices}
         self.deployed.update(ks)
         weakest = min(self.deployed.values(), default=1)
         mode = {k: LABELS if k == weakest and self.distills(k) else None for k in ks.values()}
-        return [Task(device=i, round=rnd, spec=SubModel(k=k, mode=mode[k])) for i, k in ks.items()]
+        return [Task(device=i, round=rnd, spec=SubModel(Depth(k, mode[k]))) for i, k in ks.items()]
 
     def cost(self, task: Task, device: DeviceView, profile: ModelProfile) -> Cost:
         if profile.input_shape is None:
@@ -288,7 +298,7 @@ class FlexTrain(Method):
         if self.centralised:
             mix = [self.centralised_step(k, profile.input_shape) * float(p) for k, p in zip(self.configs, self.pi)]
             return Cost(sum(mix[1:], mix[0]).epochs(*epochs), profile.param_bytes, profile.param_bytes)
-        k, labels = depth_of(task.spec), task.spec.mode == LABELS
+        k, labels = depth_of(task.spec), mode_of(task.spec) == LABELS
         nbytes = self._prefix_bytes(k, labels)
         return Cost(self.step_of(k, profile.input_shape, labels).epochs(*epochs), nbytes, nbytes)
 
@@ -297,10 +307,11 @@ class FlexTrain(Method):
             return super().validate(update, state, planned) or (
                 None if set(update.tensors) == set(state) else "a centralised update must hold every tensor"
             )
-        k = update.trained.k if update.trained is not None else None
-        if k is None or not math.isfinite(float(k)) or float(k) != int(k) or int(k) not in self.configs:
+        trained = update.trained.of(Depth) if update.trained is not None else None
+        k = trained.k if trained is not None else None
+        if trained is None or k is None or not math.isfinite(float(k)) or float(k) != int(k) or int(k) not in self.configs:
             return f"update has no valid depth configuration k (got {k!r})"
-        keys = self.update_keys(int(k), update.trained.mode == LABELS)  # type: ignore[union-attr]
+        keys = self.update_keys(int(k), trained.mode == LABELS)
         return check_tensors(update.tensors, {key: state[key].shape for key in keys}, f"k={int(k)}")
 
     def aggregate(self, rnd: int, state: State, updates: Sequence[Update]) -> State:
@@ -340,7 +351,7 @@ class FlexTrain(Method):
     def batch_key(self, task: Task, ctx: DeviceContext) -> Hashable | None:
         if self.centralised or why_not_batched(ctx.model(self.name)) is not None:
             return None
-        return (depth_of(task.spec), task.spec.mode)
+        return (depth_of(task.spec), mode_of(task.spec))
 
     def local_updates(
         self, tasks: Sequence[Task], state: State, datas: Sequence[LocalData], generators: Sequence[torch.Generator],
@@ -353,7 +364,7 @@ class FlexTrain(Method):
                 for task, r, d in zip(tasks, results, datas)]
 
     def _load(self, task: Task, state: State, ctx: DeviceContext) -> tuple[int, bool, nn.Module, list[str]]:
-        k, labels = depth_of(task.spec), task.spec.mode == LABELS
+        k, labels = depth_of(task.spec), mode_of(task.spec) == LABELS
         if k not in self.configs:
             raise FlexrayError(f"method {self.name}: depth configuration k={k} out of range 1..{self.max_k}")
         model = ctx.model(self.name)
@@ -367,13 +378,13 @@ class FlexTrain(Method):
         return nets[k], nets[k - 1] if self.distills(k, labels) else None, nets[1] if self.anchors(k) else None
 
     def _update(self, task: Task, tensors: State, samples: int, loss: float, data: LocalData) -> Update:
-        k, labels = depth_of(task.spec), task.spec.mode == LABELS
+        k, labels = depth_of(task.spec), mode_of(task.spec) == LABELS
         step = self.step_of(k, tuple(data.x.shape[1:]), labels)
         n = len(data)
         return Update(
             tensors, weight=1.0, samples=samples, work=step.trained(n, self.cfg.batch_size, samples),
             bytes_down=state_bytes(tensors),
-            metrics={"train_loss": loss, "k": float(k)}, trained=SubModel(k=k, mode=task.spec.mode),
+            metrics={"train_loss": loss, "k": float(k)}, trained=SubModel(Depth(k, mode_of(task.spec))),
         )
 
     def _loss(
@@ -445,6 +456,12 @@ class FlexTrain(Method):
 
 
 def depth_of(spec: SubModel) -> int:
-    if spec.k is None:
+    knob = spec.of(Depth)
+    if knob is None or knob.k is None:
         raise FlexrayError(f"depth method: a task without a depth k ({spec.log()}); the scheduler or plan sets it")
-    return int(spec.k)
+    return int(knob.k)
+
+
+def mode_of(spec: SubModel) -> str | None:
+    knob = spec.of(Depth)
+    return knob.mode if knob is not None else None

@@ -22,6 +22,7 @@ server-side ensemble distillation.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,14 @@ from flexray.errors import FlexrayError
 from flexray.methods.base import DeviceContext, Method, ServerData, cast_like, check_tensors, copy_state, sgd_train
 from flexray.models import elastic, filters
 from flexray.models.profile import ModelProfile, ProfileCache, state_bytes
-from flexray.protocol import Cost, DeviceView, LocalData, State, SubModel, Task, Update, predict_times
+from flexray.protocol import Cost, DeviceView, Knob, LocalData, State, SubModel, Task, Update, predict_times
+
+
+@dataclass(frozen=True)
+class Pruned(Knob):
+    """REFT's knob: the structured pruning ratio a device trains at."""
+
+    ratio: float
 
 
 class ReftConfig(MethodConfig):
@@ -136,7 +144,7 @@ class Reft(Method):
         return cfg.ratios[-1]
 
     def plan(self, rnd: int, devices: Sequence[DeviceView], state: State) -> list[Task]:
-        return [Task(device=d.id, round=rnd, spec=SubModel(ratio=self.ratio_for(d))) for d in devices]
+        return [Task(device=d.id, round=rnd, spec=SubModel(Pruned(self.ratio_for(d)))) for d in devices]
 
     def cost(self, task: Task, device: DeviceView, profile: ModelProfile) -> Cost:
         prof = self.profile(ratio_of(task.spec), profile.input_shape or self.input_shape or ())
@@ -144,11 +152,13 @@ class Reft(Method):
         return Cost(work, prof.param_bytes, prof.param_bytes)
 
     def validate(self, update: Update, state: State, planned: SubModel | None = None) -> str | None:
-        ratio = update.trained.ratio if update.trained is not None else None
+        trained = update.trained.of(Pruned) if update.trained is not None else None
+        ratio = trained.ratio if trained is not None else None
         if ratio is None or (self.rcfg.ratio is None and float(ratio) not in self.rcfg.ratios):
             return f"update has no allowed pruning ratio (got {ratio!r})"
-        if planned is not None and planned.ratio is not None and planned.ratio != float(ratio):
-            return f"update pruned ratio {ratio}, planned {planned.ratio}"
+        want = planned.of(Pruned) if planned is not None else None
+        if want is not None and want.ratio != float(ratio):
+            return f"update pruned ratio {ratio}, planned {want.ratio}"
         expected = {k: v.shape for k, v in self.pruned(float(ratio)).state_dict().items()}
         return check_tensors(update.tensors, expected, f"ratio {ratio}")
 
@@ -240,10 +250,11 @@ class Reft(Method):
         return Update(copy_state(model), weight=len(data), samples=samples,
                       work=step.trained(len(data), self.cfg.batch_size, samples),
                       bytes_down=state_bytes(sub_state), metrics={"train_loss": loss, "ratio": ratio},
-                      trained=SubModel(ratio=ratio))
+                      trained=SubModel(Pruned(ratio)))
 
 
 def ratio_of(spec: SubModel) -> float:
-    if spec.ratio is None:
+    knob = spec.of(Pruned)
+    if knob is None:
         raise FlexrayError(f"reft: a task without a pruning ratio ({spec.log()}); plan sets it")
-    return float(spec.ratio)
+    return float(knob.ratio)

@@ -4,7 +4,7 @@ Each round the server plans every client's cut and server share with the TLMP mi
 from the clients' current trace speeds (or a baseline: FL only, one fixed cut, equal shares). A
 client whose cut is the last stage trains the whole model locally (plain FL); the others train
 their first ``cut`` stages and exchange smashed activations / gradients per batch with the
-runtime's split server through ``ctx.server``. SplitFed-V1 keeps a server copy per client,
+split server (its round service, ``flexray.methods.split_server``) through ``ctx.service``. SplitFed-V1 keeps a server copy per client,
 SplitFed-V2 one shared server model. Aggregation is a per-tensor sample-weighted mean over every
 update holding that tensor, so FL clients, client parts and server parts merge into one model.
 """
@@ -27,7 +27,9 @@ from flexray.errors import FlexrayError
 from flexray.methods.base import DeviceContext, Method, cast_like, copy_state, local_batches, sgd_train
 from flexray.models.profile import ModelProfile
 from flexray.models.split import SplitPoint, keys_of_stages, split_model, split_points, stage_names
-from flexray.protocol import Cost, DeviceProfile, DeviceView, LocalData, ServerSpec, State, SubModel, Task, Update, compute_seconds
+from flexray.methods.service import RoundService
+from flexray.methods.split_server import ServerPort, ServerSpec, Split, SplitServer
+from flexray.protocol import Cost, DeviceProfile, DeviceView, LocalData, State, SubModel, Task, Update, compute_seconds
 from flexray.schedule.tlmp import Clients, exact_minmax, fit_cuts, solve_shares, terms, tlmp
 
 log = logging.getLogger("flexray")
@@ -58,6 +60,7 @@ class SplitFedConfig(MethodConfig):
 class SplitFed(Method):
     name = "splitfed"
     Config = SplitFedConfig
+    plans_pool = True  # an async client's server share is its share among the devices available
     cfg: SplitFedConfig
 
     def attach(self, profile: ModelProfile, server: DeviceProfile) -> None:
@@ -86,6 +89,11 @@ class SplitFed(Method):
         if getattr(self, "points", None) is None:
             raise FlexrayError("splitfed: no model profile attached (the runtime calls Method.attach first)")
         return self.points
+
+    def round_service(self) -> RoundService:
+        """The split server (``flexray.methods.split_server``); plain FL needs none."""
+        spec = self.server_spec()
+        return SplitServer(spec) if spec is not None else RoundService()
 
     def server_spec(self) -> ServerSpec | None:
         if self.cfg.scheduler == "fl":
@@ -127,19 +135,20 @@ class SplitFed(Method):
             theta = np.where(tm.B[rows, cuts - 1] > 0, theta, 0.0)
         latency = tm.latency(cuts, np.maximum(theta, 1e-300))
         return [
-            Task(d.id, rnd, SubModel(cut=int(cuts[i]), theta=float(theta[i]), predicted_s=float(latency[i]),
+            Task(d.id, rnd, SubModel(Split(int(cuts[i]), float(theta[i])), predicted_s=float(latency[i]),
                                      memory_bytes=points[int(cuts[i]) - 1].client_memory_bytes))
             for i, d in enumerate(devices)
         ]
 
     def plan_notes(self, tasks: Sequence[Task]) -> list[str]:
         """What ``flexray plan`` prints under the table: the server shares and the cut regression."""
-        shares = [t.spec.theta for t in tasks if t.spec.theta is not None]
+        splits = [s for t in tasks if (s := t.spec.of(Split)) is not None]
+        shares = [s.theta for s in splits]
         notes = []
         if shares:
             notes.append(f"server shares: sum {sum(shares):.4f} over {sum(s > 0 for s in shares)} split clients "
                          f"(server {self.server_name})")
-        cuts = Counter(t.spec.cut for t in tasks if t.spec.cut is not None)
+        cuts = Counter(s.cut for s in splits)
         if cuts:  # which stage each cut follows: torchvision models cut between blocks, not block groups
             L = len(self.layer_names)
             where = ", ".join(f"{c} after {self.layer_names[c - 1]} x{k}" if c < L else f"{c} no split x{k}"
@@ -152,7 +161,8 @@ class SplitFed(Method):
     def cost(self, task: Task, device: DeviceView, profile: ModelProfile) -> Cost:
         p = self._points()[cut_of(task.spec) - 1]
         d = self.cfg.local_epochs * device.num_samples
-        theta = task.spec.theta or 0.0
+        split = task.spec.of(Split)
+        theta = split.theta if split is not None else 0.0
         epochs = (device.num_samples, self.cfg.batch_size, self.cfg.local_epochs)
         server_s = compute_seconds(self.server, p.server_step.epochs(*epochs)) / theta if p.split and theta > 0 else 0.0
         return Cost(p.client_step.epochs(*epochs), p.client_model_bytes + d * p.downlink_bytes_per_sample,
@@ -189,10 +199,10 @@ class SplitFed(Method):
             return Update(copy_state(model), weight=len(data), samples=samples,
                           work=p.client_step.trained(len(data), self.cfg.batch_size, samples),
                           metrics={"train_loss": loss})
-        if ctx.server is None:
-            raise RuntimeError("splitfed: a split task ran without a server port (the runtime provides ctx.server)")
+        if not isinstance(ctx.service, ServerPort):
+            raise RuntimeError("splitfed: a split task ran without a server port (the split server's client gives one)")
         client, _ = split_model(model, cut)
-        samples, loss = split_train(client, data, self.cfg, ctx.generator, ctx.server)
+        samples, loss = split_train(client, data, self.cfg, ctx.generator, ctx.service)
         names = stage_names(model)[:cut]
         sd = model.state_dict()
         tensors = {k: sd[k].detach().to("cpu", copy=True) for k in keys_of_stages(list(sd), names)}  # the object store's side
@@ -220,6 +230,7 @@ def split_train(client: nn.Module, data: LocalData, cfg: MethodConfig, generator
 
 
 def cut_of(spec: SubModel) -> int:
-    if spec.cut is None:
+    knob = spec.of(Split)
+    if knob is None:
         raise FlexrayError(f"splitfed: a task without a cut ({spec.log()}); plan sets it")
-    return int(spec.cut)
+    return int(knob.cut)

@@ -13,6 +13,7 @@ Static rate assignment (the papers' capability tiers): ``rate`` forces one rate 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
@@ -26,11 +27,19 @@ from flexray.methods.batched import StepLoss, batched_sgd_train, why_not_batched
 from flexray.models import elastic, slices
 from flexray.models.channels import channel_groups
 from flexray.models.profile import ModelProfile, ProfileCache, state_bytes, training_memory_bytes
-from flexray.protocol import Cost, DeviceProfile, DeviceView, LocalData, State, StepProfile, SubModel, Task, Update, Workload
+from flexray.protocol import Cost, DeviceProfile, DeviceView, Knob, LocalData, State, StepProfile, SubModel, Task, Update, Workload
 
 RATES = (1.0, 0.5, 0.25, 0.125, 0.0625)
 LABELS = "_labels"
 """Update key of the bool vector of labels a device holds (masked classifier aggregation)."""
+
+
+@dataclass(frozen=True)
+class Width(Knob):
+    """The width methods' knob (HeteroFL, FjORD, FedRolex)."""
+
+    rate: float  # width fraction p
+    offset: int | None = None  # FedRolex: where the rolling width window starts
 
 
 class WidthConfig(MethodConfig):
@@ -171,10 +180,10 @@ class WidthMethod(Method):
     # ---- the scheduler's knob
     def options(self) -> list[SubModel]:
         rates = [self.wcfg.rate] if self.wcfg.rate is not None else self.wcfg.rates
-        return [SubModel(rate=r) for r in rates]
+        return [SubModel(Width(r)) for r in rates]
 
     def static_option(self, device: DeviceProfile) -> SubModel:
-        return SubModel(rate=tier_rate(self.wcfg, device))
+        return SubModel(Width(tier_rate(self.wcfg, device)))
 
     def option_memory_bytes(self, option: SubModel, input_shape: tuple[int, ...], batch_size: int) -> float:
         return training_memory_bytes(self.sub_profile(rate_of(option), input_shape), batch_size)
@@ -200,7 +209,7 @@ class WidthMethod(Method):
 
     def spec(self, rnd: int, rate: float) -> SubModel:
         """The sub-model of a device at ``rate`` in round ``rnd`` (FedRolex: its window too)."""
-        return SubModel(rate=rate, offset=self.offset(rnd))
+        return SubModel(Width(rate, self.offset(rnd)))
 
     def cost(self, task: Task, device: DeviceView, profile: ModelProfile) -> Cost:
         rate = rate_of(task.spec)
@@ -215,11 +224,13 @@ class WidthMethod(Method):
         return self.sub_profile(rate, input_shape).step
 
     def validate(self, update: Update, state: State, planned: SubModel | None = None) -> str | None:
-        rate = update.trained.rate if update.trained is not None else None
+        trained = update.trained.of(Width) if update.trained is not None else None
+        rate = trained.rate if trained is not None else None
         if rate is None or float(rate) not in self.wcfg.rates:
             return f"update has no allowed width rate (got {rate!r})"
-        if planned is not None and planned.rate is not None and planned.rate != float(rate):
-            return f"update trained rate {rate}, planned {planned.rate}"
+        want = planned.of(Width) if planned is not None else None
+        if want is not None and want.rate != float(rate):
+            return f"update trained rate {rate}, planned {want.rate}"
         return check_tensors(update.tensors, self.expected_shapes(float(rate), state), f"rate {rate}")
 
     def aggregate(self, rnd: int, state: State, updates: Sequence[Update]) -> State:
@@ -307,11 +318,12 @@ class WidthMethod(Method):
             tensors[LABELS] = labels
         return Update(
             tensors, weight=weight, samples=samples,
-            work=work, bytes_down=bytes_down, metrics={"train_loss": loss, "rate": rate}, trained=SubModel(rate=rate),
+            work=work, bytes_down=bytes_down, metrics={"train_loss": loss, "rate": rate}, trained=SubModel(Width(rate)),
         )
 
 
 def rate_of(spec: SubModel) -> float:
-    if spec.rate is None:
+    knob = spec.of(Width)
+    if knob is None:
         raise FlexrayError(f"width method: a task without a width rate ({spec.log()}); the scheduler or plan sets it")
-    return float(spec.rate)
+    return float(knob.rate)

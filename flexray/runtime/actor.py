@@ -31,9 +31,9 @@ from flexray.methods.base import DeviceContext
 from flexray.methods.capabilities import BatchesClients
 from flexray.models import state_bytes
 from flexray.protocol import DeviceView, State, Task, Update, Workload, cost_times, energy_j, predict_times
-from flexray.runtime.compute import clients_per_stack, compute_device, on_device
+from flexray.compute import clients_per_stack, compute_device, on_device
+from flexray.methods.service import Link
 from flexray.runtime.job import Job
-from flexray.runtime.split_server import make_port
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ class DeviceHost:
         return reports, accepted
 
     def _batch_key(self, req: RoundRequest, task: Task) -> Hashable | None:
-        if self.chunk < 2 or req.server is not None or not isinstance(self.method, BatchesClients):
+        if self.chunk < 2 or req.service is not None or not isinstance(self.method, BatchesClients):
             return None
         return self.method.batch_key(task, self.ctx)
 
@@ -108,13 +108,13 @@ class DeviceHost:
             return pre, None
         self.ctx.seed(pre.seed)
         self.ctx.device = pre.view
-        port = self.ctx.server = make_port(req.server, task.device) if req.server is not None else None
+        link = self.ctx.service = req.service.connect(task.device) if req.service is not None else None
         t0 = time.perf_counter()
         try:
             update = self.method.local_update(task, state, self.data[task.device], self.ctx)
         finally:
-            self.ctx.server = None
-        return self._finish(req, task, state, pre, update, time.perf_counter() - t0, shipped, port)
+            self.ctx.service = None
+        return self._finish(req, task, state, pre, update, time.perf_counter() - t0, shipped, link)
 
     def _run_stack(self, req: RoundRequest, tasks: list[Task], state: State, shipped: int) -> list[tuple[DeviceReport, Update | None]]:
         """Tasks of one shape trained together; each keeps the generator its device's seed gives,
@@ -153,7 +153,7 @@ class DeviceHost:
 
     def _finish(
         self, req: RoundRequest, task: Task, state: State, pre: _Started, update: Update, wall: float, shipped: int,
-        port: Any = None,
+        link: Link | None = None,
     ) -> tuple[DeviceReport, Update | None]:
         """Simulated time and energy of a trained task, its status, and the update if kept."""
         dev, speed, throttle = pre.dev, pre.view.speed, self.cfg.fleet.throttle
@@ -161,12 +161,13 @@ class DeviceHost:
         flops = work.counted
         bytes_down = update.bytes_down if update.bytes_down is not None else shipped
         bytes_up = state_bytes(update.tensors)
-        server_s = 0.0
-        if port is not None:  # smashed activations up, their gradients down, time served
-            bytes_up, bytes_down, server_s = bytes_up + port.bytes_up, bytes_down + port.bytes_down, port.server_s
-        dl, comp, ul = predict_times(dev.profile, speed, work, bytes_down, bytes_up, port.round_trips if port else 0.0)
-        if throttle == "none":  # real hardware: measured, the server's round trips apart
-            server_s = port.wall_s if port is not None else 0.0
+        server_s, round_trips = 0.0, 0.0
+        if link is not None:  # what the task exchanged with the method's round service (split: per batch)
+            t = link.traffic
+            bytes_up, bytes_down, server_s, round_trips = bytes_up + t.bytes_up, bytes_down + t.bytes_down, t.server_s, t.round_trips
+        dl, comp, ul = predict_times(dev.profile, speed, work, bytes_down, bytes_up, round_trips)
+        if throttle == "none":  # real hardware: measured, the service's round trips apart
+            server_s = link.traffic.wall_s if link is not None else 0.0
             comp = max(0.0, wall - server_s)
         if throttle == "sleep":
             time.sleep(max(0.0, (dl + comp + ul + server_s) * self.cfg.fleet.time_scale - wall))

@@ -25,12 +25,13 @@ import ray
 from flexray.config import JobConfig, RoundsConfig
 from flexray.errors import FlexrayError
 from flexray.fleet.fleet import ActorSpec, Device, derive_seed
-from flexray.fleet.report import DeviceReport, RoundRequest
+from flexray.fleet.report import DeviceReport, RoundOutcome, RoundRequest
 from flexray.methods.base import Method
 from flexray.methods.policy import Arrivals, AsyncPolicy, HasPolicy
+from flexray.methods.service import RoundService
 from flexray.models.profile import ModelProfile
 from flexray.protocol import DeviceView, State, SubModel, Task, Update, cost_times
-from flexray.runtime.rounds import RoundOutcome, SyncRounds
+from flexray.runtime.rounds import SyncRounds
 
 _GIVE_UP_S = 365 * 86400.0  # a simulated year with no device online is a config problem
 
@@ -60,9 +61,9 @@ class AsyncRounds(SyncRounds):
 
     def __init__(
         self, cfg: JobConfig, devices: Sequence[Device], actors: Sequence[tuple[ActorSpec, object]],
-        method: Method, server: Any, model_profile: ModelProfile, split_server: Any = None,
+        method: Method, server: Any, model_profile: ModelProfile, service: RoundService | None = None,
     ) -> None:
-        super().__init__(cfg, devices, actors, method, server, model_profile, split_server)
+        super().__init__(cfg, devices, actors, method, server, model_profile, service)
         self.arrivals = Arrivals(policy_for(cfg.rounds, method), method)
         self.concurrency = cfg.rounds.concurrency or len(self.devices)
         self.virtual = cfg.fleet.throttle == "virtual"
@@ -125,18 +126,17 @@ class AsyncRounds(SyncRounds):
         f.end_s = f.start_s + predicted + cost.server_s
         if f.version not in self.refs:
             self.refs[f.version] = ray.put(state)  # once per version, shared by every flight on it
-        if self.split_server is not None:
-            ray.get(self.split_server.begin.remote(f.device, self.refs[f.version], task))
+        self.service.launch(task, self.refs[f.version])
         req = RoundRequest(f.version, f.start_s, None, False, (task,), presum=False, draw=f.seq,
-                           server=self.split_server)
+                           service=self.service.client())
         f.future = self.actors[self.actor_of[f.device]][1].run_round(req, self.refs[f.version])
         heapq.heappush(self.flights, f)
 
     def _plan(self, version: int, view: DeviceView, t: float, state: State) -> tuple[Task, DeviceView]:
         """A launching device's task. With no round to balance, the min-max target is the one of
         every device available now, which keeps the slow devices' staleness bounded; a method
-        with a split server plans the whole pool, so the device's server share is its share
-        among them."""
+        that ``plans_pool`` plans them all, so the device's share of what they share (SplitFed:
+        the server) is its share among them."""
         pool = [view] + [
             DeviceView(d.id, d.profile, d.trace.speed(t), len(d.indices))
             for d in self.devices.values() if d.id != view.id and d.trace.available(t) and self.usable(d.id)
@@ -146,7 +146,7 @@ class AsyncRounds(SyncRounds):
             if view.id not in chosen:
                 raise FlexrayError(f"device {view.id} ({view.profile.name}): no sub-model fits its memory")
             view = chosen[view.id]
-        if self.split_server is None:
+        if not self.method.plans_pool:
             return self.method.plan(version, [view], state)[0], view
         tasks = self.method.plan(version, pool, state)
         return next(tk for tk in tasks if tk.device == view.id), view
@@ -167,9 +167,8 @@ class AsyncRounds(SyncRounds):
                     if self.node_left(self.actor_of[f.device])
                     else self.failed(f.version, f.start_s, f.device, type(err).__name__)]
             ups = []
-        if self.split_server is not None:  # the device's server part, when its work counts
-            keep = any(r.status in ("ok", "late") for r in reps)
-            ups = ups + list(ray.get(self.split_server.finish.remote(f.device, keep)))
+        keep = any(r.status in ("ok", "late") for r in reps)  # the service's update for it, when its work counts
+        ups = ups + self.service.land(f.device, keep)
         return f, reps, ups
 
     def _drop_lost_flights(self) -> None:
@@ -178,8 +177,7 @@ class AsyncRounds(SyncRounds):
         lost = [f for f in self.flights if self.actor_of[f.device] in self.offline]
         for f in lost:
             self.flights.remove(f)
-            if self.split_server is not None:
-                ray.get(self.split_server.finish.remote(f.device, False))
+            self.service.land(f.device, False)
         if lost:
             heapq.heapify(self.flights)
 

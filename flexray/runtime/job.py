@@ -10,7 +10,7 @@ therefore plan with the same objects, which is what makes a plan match the run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from flexray.methods.capabilities import Attaches, Prepares
 from flexray.models import build_model, profile_model
 from flexray.models.profile import ModelProfile
 from flexray.protocol import DeviceProfile, LocalData
-from flexray.runtime.compute import driver_device
+from flexray.compute import driver_device
 
 
 def local_gpus() -> int:
@@ -43,13 +43,15 @@ class Job:
     cfg: JobConfig
     dataset: Dataset
     devices: list[Device]
+    checked: Method | None = field(default=None, repr=False)
+    """The method instance ``assemble`` checked: the driver's one Method (``Session``)."""
 
     @classmethod
     def assemble(cls, cfg: JobConfig) -> Job:
         """Load the data, build the fleet and let the method refuse the model, all before Ray."""
         dataset = load_dataset(cfg.data)
         job = cls(cfg, dataset, build_fleet(cfg, dataset.y_train))
-        job._method(check=True)
+        job.checked = job._method(check=True)
         return job
 
     def model(self) -> nn.Module:

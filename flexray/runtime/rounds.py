@@ -6,7 +6,6 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,24 +14,13 @@ import ray
 from flexray.config import JobConfig
 from flexray.errors import FlexrayError
 from flexray.fleet.fleet import ActorSpec, Device, derive_seed
-from flexray.fleet.report import DeviceReport, RoundRequest
+from flexray.fleet.report import DeviceReport, RoundOutcome, RoundRequest
 from flexray.methods.base import Method
 from flexray.methods.policy import Arrivals, HasPolicy
+from flexray.methods.service import RoundService
 from flexray.models.profile import ModelProfile
 from flexray.protocol import DeviceProfile, DeviceView, State, SubModel, Update, Workload, compute_seconds
 from flexray.schedule.minmax import SubModelScheduler
-
-
-@dataclass
-class RoundOutcome:
-    reports: list[DeviceReport]
-    updates: list[Update]
-    duration_s: float  # simulated, incl. server time
-    server_s: float
-    nodes_lost: int = 0  # Ray nodes that left since the previous round
-
-    def count(self, *statuses: str) -> int:
-        return sum(r.status in statuses for r in self.reports)
 
 
 class NodesLeft(FlexrayError):
@@ -64,13 +52,13 @@ class SyncRounds:
 
     def __init__(
         self, cfg: JobConfig, devices: Sequence[Device], actors: Sequence[tuple[ActorSpec, object]],
-        method: Method, server: DeviceProfile, model_profile: ModelProfile, split_server: Any = None,
+        method: Method, server: DeviceProfile, model_profile: ModelProfile, service: RoundService | None = None,
     ) -> None:
         self.cfg, self.method, self.server = cfg, method, server
         self.profile = model_profile
         self.scheduler = SubModelScheduler(
             cfg.schedule, method, model_profile, method.cfg.batch_size, cfg.rounds.deadline_s)
-        self.split_server = split_server  # the method's split server actor (Method.server_spec), if any
+        self.service = service or RoundService()  # what the method runs beside the rounds (started by the driver)
         self.devices = {d.id: d for d in devices}
         self.actors = list(actors)
         self.actor_of = {dev: i for i, (spec, _) in enumerate(self.actors) for dev in spec.devices}
@@ -204,8 +192,8 @@ class SyncRounds:
         planned = {t.device: t.spec for t in tasks}
 
         state_ref = ray.put(state)  # shipped once, read zero-copy by every actor on the node
-        if self.split_server is not None:
-            ray.get(self.split_server.begin_round.remote(rnd, state_ref, tasks))
+        self.service.begin_round(rnd, state_ref, tasks)
+        client = self.service.client()
         per_actor: dict[int, list] = defaultdict(list)
         for t in tasks:
             per_actor[self.actor_of[t.device]].append(t)
@@ -214,7 +202,7 @@ class SyncRounds:
         presum = len(chosen) <= target and self.own_policy is None  # a policy weighs every update itself
         calls = [
             (ts, self.actors[a][1].run_round(
-                RoundRequest(rnd, clock_s, rounds.deadline_s, drop, tuple(ts), presum, server=self.split_server), state_ref
+                RoundRequest(rnd, clock_s, rounds.deadline_s, drop, tuple(ts), presum, service=client), state_ref
             ))
             for a, ts in sorted(per_actor.items())
         ]
@@ -233,9 +221,8 @@ class SyncRounds:
         reports.sort(key=lambda r: r.device)
         if not presum:
             updates = keep_first(reports, updates, target)
-        if self.split_server is not None:  # server parts of the clients whose work counts
-            kept = [r.device for r in reports if r.status in ("ok", "late")]
-            updates.extend(self.screen(reports, ray.get(self.split_server.end_round.remote(kept)), state, planned))
+        kept = [r.device for r in reports if r.status in ("ok", "late")]  # the service's updates for the work that counts
+        updates.extend(self.screen(reports, self.service.end_round(kept), state, planned))
         return self._close(clock_s, state, reports, updates)
 
     def screen(

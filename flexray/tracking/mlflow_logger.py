@@ -120,6 +120,7 @@ class Tracker:
                     self.experiment_id, run_name=cfg.tracking.run_name or cfg.name, tags={"flexray.job": cfg.name}
                 )
                 self.run_id = run.info.run_id
+            self.artifact_uri: str = run.info.artifact_uri
         except FlexrayError:
             raise
         except Exception as err:  # noqa: BLE001 - MLflow raises many kinds; the user needs one line
@@ -130,6 +131,7 @@ class Tracker:
             what = f"run {resume_run_id!r} not found" if resume_run_id else "cannot start a run"
             raise FlexrayError(f"tracking: {what} at {self.uri}: {str(err).splitlines()[0]}") from None
         self.workdir = Path(tempfile.mkdtemp(prefix=f"flexray-{self.run_id[:8]}-"))
+        self.checkpointed = bool(resume_run_id)  # a resumed run had one (``load_checkpoint`` insists)
         # While the store is unreachable, rows and files wait here (and in memory) until it is back.
         self.spill = Path.home() / ".flexray" / "unsent" / self.run_id
         self.pending: list[Any] = []  # mlflow Metric rows not yet accepted by the store
@@ -259,6 +261,12 @@ class Tracker:
         path = self.workdir / "checkpoint.pt"
         torch.save({"format": CHECKPOINT_FORMAT, **ckpt.to_dict()}, path)
         self.log_file(path, "checkpoints")
+        self.checkpointed = True
+
+    @property
+    def checkpoint_uri(self) -> str | None:
+        """Where the run's checkpoint is (``--resume RUN_ID`` reads it), or None if it has none."""
+        return f"{self.artifact_uri}/{CHECKPOINT}" if self.checkpointed else None
 
     def load_checkpoint(self) -> Checkpoint:
         local = self.client.download_artifacts(self.run_id, CHECKPOINT, str(self.workdir)) if self._has_checkpoint() else None

@@ -21,26 +21,26 @@ from flexray.data.datasets import Dataset
 from flexray.errors import FlexrayError
 from flexray.fleet import placement
 from flexray.fleet.fleet import ActorSpec, Device, derive_seed
-from flexray.fleet.report import DeviceReport
+from flexray.fleet.engine import Actors
+from flexray.fleet.report import DeviceReport, RoundOutcome
 from flexray.methods.base import Method
-from flexray.methods.tiled import TiledConfig, batches
+from flexray.methods.service import RoundService
 from flexray.models import build_model
 from flexray.models.blocks import stages
 from flexray.models.profile import ModelProfile
 from flexray.models.tiling import tileable_prefix
 from flexray.protocol import DeviceProfile, State, energy_j
-from flexray.runtime.actor import drop_warm
-from flexray.runtime.rounds import RoundOutcome
-from flexray.runtime.tiled import TileActor, TiledStep, fused_stack
 from flexray.schedule.tiling import TilingPlan, choose_plan, speed_order
+from flexray.tiled.actor import TileActor, TiledStep, fused_stack
+from flexray.tiled.method import Tiled, TiledConfig, batches
 
 
-def plan_for(cfg: JobConfig, devices: list[Device], input_shape: tuple[int, int, int], model: torch.nn.Module) -> tuple[TilingPlan, int, list[Device]]:
+def plan_for(mcfg: TiledConfig, devices: list[Device], input_shape: tuple[int, int, int], model: torch.nn.Module,
+             model_name: str) -> tuple[TilingPlan, int, list[Device]]:
     """(plan, fused stage count, the devices running tiles 0..n-1, fastest first)."""
-    mcfg: TiledConfig = cfg.method  # type: ignore[assignment]
     fused = mcfg.fused_stages or tileable_prefix([s for _, s in stages(model)])
     if fused == 0:
-        raise FlexrayError(f"config error: model.name: {cfg.model.name!r} starts with no tileable conv/pool stage; "
+        raise FlexrayError(f"config error: model.name: {model_name!r} starts with no tileable conv/pool stage; "
                            "use cnn, vgg, darknet19 or torchvision:vgg11_bn")
     stack = fused_stack(model, input_shape, fused)
     while mcfg.fused_stages is None and fused > 1 and stack.sizes[-1][0] * stack.sizes[-1][1] < len(devices):
@@ -59,18 +59,24 @@ def plan_for(cfg: JobConfig, devices: list[Device], input_shape: tuple[int, int,
 
 
 class TiledEngine:
-    def __init__(self, cfg: JobConfig, devices: list[Device], dataset: Dataset) -> None:
-        self.cfg, self.devices, self.dataset = cfg, devices, dataset
+    """The tiled method's engine (``Tiled.engine`` names it): no federated round, no device actors."""
+
+    reuses_actors = False
+
+    def __init__(self, cfg: JobConfig, devices: list[Device], dataset: Dataset, method: Method) -> None:
+        if not isinstance(method, Tiled):
+            raise FlexrayError(f"the tiled engine runs the tiled method, not {method.name!r}")
+        self.cfg, self.devices, self.dataset, self.mcfg = cfg, devices, dataset, method.cfg
         with torch.random.fork_rng(devices=[]):  # planning must not shift the training RNG stream
             model = build_model(cfg.model, dataset.input_shape, dataset.num_classes)
-        self.plan, self.fused, self.tile_devices = plan_for(cfg, devices, dataset.input_shape, model)
+        self.plan, self.fused, self.tile_devices = plan_for(self.mcfg, devices, dataset.input_shape, model, cfg.model.name)
         self.model = model
 
     def describe(self) -> str:
         """The plan as ``flexray plan`` prints it: grid, groups, predicted per-step costs per device."""
         p = self.plan
         lines = [(f"tiled plan: grid {p.grid[0]}x{p.grid[1]}, groups {[list(g) for g in p.groups]} of fused layers, "
-                  f"fused stages {self.fused}; predicted step {p.step_s:.4g} s (batch {self.cfg.method.batch_size}), "
+                  f"fused stages {self.fused}; predicted step {p.step_s:.4g} s (batch {self.mcfg.batch_size}), "
                   f"redundant compute {100 * p.redundant:.1f}%")]
         lines.append(f"{'tile':>4} {'device':>16} {'compute_s':>10} {'comm_s':>10} {'MB down':>8} {'MB up':>8} {'act MB':>8}")
         for r, (d, c) in enumerate(zip(self.tile_devices, p.devices)):
@@ -87,11 +93,10 @@ class TiledEngine:
         return [ActorSpec(r, (d.id,), fleet.num_cpus_per_actor, dict(d.resources), dict(d.node_labels),
                           fleet.num_gpus_per_actor, role="tile") for r, d in enumerate(self.tile_devices)]
 
-    def start(self) -> tuple[list[tuple[ActorSpec, Any]], Any]:
-        cfg, mcfg = self.cfg, self.cfg.method
+    def start(self) -> tuple[Actors, Any]:
+        cfg, mcfg = self.cfg, self.mcfg
         specs = self.specs()
         placement.check_placement(specs)
-        drop_warm()  # device actors kept warm by an earlier job (warm_actors) would hold the CPUs: never started
         data_ref = ray.put(self.dataset)
         opt = {"lr": mcfg.lr, "momentum": mcfg.momentum, "weight_decay": mcfg.weight_decay}
         sleep = cfg.fleet.throttle == "sleep"
@@ -105,10 +110,8 @@ class TiledEngine:
             actors.append((s, handle))
         return actors, data_ref
 
-    def rounds(
-        self, method: Method, actors: list[tuple[ActorSpec, Any]], server: DeviceProfile, profile: ModelProfile,
-        split_server: Any = None,  # tiled methods declare no split server
-    ) -> TiledRounds:
+    def rounds(self, method: Method, actors: Actors, server: DeviceProfile, profile: ModelProfile,
+               service: RoundService) -> TiledRounds:
         return TiledRounds(self, actors)
 
 
@@ -132,8 +135,8 @@ class TiledRounds:
         self.opt_state = saved.get("optimizer")
 
     def step(self, rnd: int, clock_s: float, state: State) -> tuple[State, RoundOutcome]:
-        cfg, mcfg = self.cfg, self.cfg.method
-        steps: int = mcfg.round_steps(len(self.pool))  # type: ignore[attr-defined]
+        cfg, mcfg = self.cfg, self.engine.mcfg
+        steps = mcfg.round_steps(len(self.pool))
         state_ref = ray.put(state)
         self.runner.all("load", state_ref, self.opt_state)
         self.opt_state = None
@@ -159,7 +162,7 @@ class TiledRounds:
         cfg, plan = self.cfg, self.plan
         measured = cfg.fleet.throttle == "none"
         duration = wall if measured else steps * plan.step_s
-        batch = cfg.method.batch_size
+        batch = self.engine.mcfg.batch_size
         reports = []
         for rank, (dev, cost, st) in enumerate(zip(self.engine.tile_devices, plan.devices, stats)):
             speed = dev.trace.speed(clock_s)

@@ -8,8 +8,10 @@ one server model that serves clients in sequence (arrival order; with one device
 client after client). The server's compute share theta_i of a client sets that client's
 simulated service time, and in ``sleep`` mode the real one.
 
-Methods never see Ray: the device gets a ``ServerPort`` (a callable) through its context; the
-port counts the bytes and simulated server seconds that the actor adds to the device's report.
+SplitFed's round service (``flexray.methods.service``): the runtime starts it with the job, calls
+it around every round (sync) or flight (async) and ships its client to the device actors; a split
+task gets a ``ServerPort`` (a callable) as ``ctx.service``, and the port's ``traffic`` -- bytes,
+round trips, simulated server seconds -- is what the actor adds to the device's report.
 
 The server asks Ray for its own GPU share (``method.server_gpus``, default the fleet's
 ``fleet.num_gpus_per_actor``) and computes on ``compute_device`` with it; activations, gradients
@@ -21,20 +23,48 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 import torch
 from torch import nn
 
+from flexray.compute import compute_device
 from flexray.config import JobConfig
-from flexray.fleet.placement import ActorSpec, actor_options
-from flexray.methods.base import Method
-from flexray.methods.capabilities import NeedsSplitServer
+from flexray.errors import FlexrayError
+from flexray.methods.service import RoundService, ServiceActor, ServiceEnv, Traffic
 from flexray.models import build_model
 from flexray.models.split import keys_of_stages, split_model, stage_names
-from flexray.protocol import DeviceProfile, ServerSpec, State, Task, Update, compute_seconds
-from flexray.runtime.compute import compute_device
+from flexray.protocol import DeviceProfile, Knob, StepProfile, State, Task, Update, compute_seconds
+
+
+@dataclass(frozen=True)
+class Split(Knob):
+    """SplitFed's knob: the stages the client trains and its share of the split server."""
+
+    cut: int  # the last stage: no split (the client trains the whole model)
+    theta: float = 0.0  # the client's share of the server's compute
+
+
+def split_of(task: Task) -> Split | None:
+    """The task's split, when it has a server part (a cut before the last stage and a share)."""
+    knob = task.spec.of(Split)
+    return knob if knob is not None and knob.theta > 0 else None
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """The split server SplitFed asks for: its models, optimiser and resources."""
+
+    shared: bool  # one server model for all clients (SplitFed-V2) or a copy per client (V1)
+    server_steps: tuple[StepProfile, ...]  # the server part's SGD step per client batch, indexed by cut - 1
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    num_cpus: float = 1.0
+    max_clients: int = 64  # clients served concurrently
+    num_gpus: float | None = None  # its GPU share (Ray's num_gpus); None: the fleet's fleet.num_gpus_per_actor
 
 
 class SplitServerHost:
@@ -68,8 +98,7 @@ class SplitServerHost:
         with self.lock:
             for table in (self.models, self.opts, self.locks, self.served):
                 table.clear()
-            self.assign = {t.device: (t.spec.cut, t.spec.theta) for t in tasks
-                           if t.spec.cut is not None and t.spec.theta is not None and t.spec.theta > 0}
+            self.assign = {t.device: (s.cut, s.theta) for t in tasks if (s := split_of(t)) is not None}
             if self.spec.shared:
                 keys = [-1] if self.assign else []
             else:
@@ -84,9 +113,10 @@ class SplitServerHost:
     def begin(self, device: int, state: State, task: Task) -> bool:
         """Async rounds: a server part for one launching client, from the version it trained on
         (V1: its own copy; V2: the shared model, created once and trained on by every client)."""
-        cut, theta = task.spec.cut, task.spec.theta
-        if cut is None or theta is None or theta <= 0:
+        split = split_of(task)
+        if split is None:
             return False
+        cut, theta = split.cut, split.theta
         with self.lock:
             self.assign[device] = (cut, theta)
             self.served[device] = [0.0, 0.0, 0.0]
@@ -171,27 +201,24 @@ class SplitServerHost:
 
 
 class ServerPort:
-    """What a device calls per batch: ``grad, loss = port(smashed, labels)``. Counts the traffic
-    and the simulated server time for the device's report."""
+    """What a split task calls per batch: ``grad, loss = port(smashed, labels)``. Counts the
+    traffic and the simulated server time for the device's report."""
 
     def __init__(self, device: int) -> None:
         self.device = device
-        self.bytes_up = 0
-        self.bytes_down = 0
-        self.server_s = 0.0  # simulated
-        self.round_trips = 0  # one per batch
-        self.wall_s = 0.0  # measured round trips (what ``throttle: none`` reports)
+        self.traffic = Traffic()
 
     def __call__(self, smashed: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
         smashed = smashed.detach().to("cpu", torch.float32).contiguous()  # through the object store on the CPU
         labels = labels.cpu()
         t0 = time.perf_counter()
         grad, loss, sim = self._step(smashed, labels)
-        self.wall_s += time.perf_counter() - t0
-        self.bytes_up += smashed.numel() * smashed.element_size() + labels.numel() * labels.element_size()
-        self.bytes_down += grad.numel() * grad.element_size()
-        self.server_s += sim
-        self.round_trips += 1
+        t = self.traffic
+        t.wall_s += time.perf_counter() - t0
+        t.bytes_up += smashed.numel() * smashed.element_size() + labels.numel() * labels.element_size()
+        t.bytes_down += grad.numel() * grad.element_size()
+        t.server_s += sim
+        t.round_trips += 1  # one per batch
         return grad, loss
 
     def _step(self, smashed: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float, float]:
@@ -220,8 +247,16 @@ class RayPort(ServerPort):
         return ray.get(self.handle.step.remote(self.device, smashed, labels))
 
 
-def make_port(server: Any, device: int) -> ServerPort:
-    return LocalPort(server, device) if isinstance(server, SplitServerHost) else RayPort(server, device)
+@dataclass(frozen=True)
+class ServerClient:
+    """The service's client: the server actor's handle, or an in-process host (tests)."""
+
+    server: Any
+
+    def connect(self, device: int) -> ServerPort:
+        if isinstance(self.server, SplitServerHost):
+            return LocalPort(self.server, device)
+        return RayPort(self.server, device)
 
 
 def server_gpus(cfg: JobConfig, spec: ServerSpec) -> float:
@@ -229,18 +264,49 @@ def server_gpus(cfg: JobConfig, spec: ServerSpec) -> float:
     return spec.num_gpus if spec.num_gpus is not None else cfg.fleet.num_gpus_per_actor
 
 
-def server_actor(cfg: JobConfig, method: Method, index: int) -> ActorSpec | None:
-    """What the method's split server asks Ray for (None: it needs none), as the placement
-    check and ``flexray plan`` count it beside the fleet's actors."""
-    spec = method.server_spec() if isinstance(method, NeedsSplitServer) else None
-    if spec is None:
-        return None
-    return ActorSpec(index, (), spec.num_cpus, {}, num_gpus=server_gpus(cfg, spec), role="split server")
+class SplitServer(RoundService):
+    """The split server as a round service: one actor, fresh server parts per round (sync) or
+    per flight (async), and the server parts' updates of the clients whose work counts."""
 
+    role = "split server"
 
-def start_split_server(cfg: JobConfig, spec: ServerSpec, input_shape: tuple[int, int, int], num_classes: int,
-                       server: DeviceProfile) -> Any:
-    """The server actor with its own resources: its CPUs and GPU share."""
-    opts = actor_options(ActorSpec(0, (), spec.num_cpus, {}, num_gpus=server_gpus(cfg, spec), role="split server"))
-    actor = ray.remote(SplitServerHost).options(**opts, max_concurrency=max(2, spec.max_clients), name=None)
-    return actor.remote(cfg, spec, input_shape, num_classes, server)
+    def __init__(self, spec: ServerSpec) -> None:
+        self.spec = spec
+        self.handle: Any = None
+
+    def actors(self, cfg: JobConfig) -> list[ServiceActor]:
+        gpus = server_gpus(cfg, self.spec)
+        field = "method.server_gpus" if self.spec.num_gpus is not None else "fleet.num_gpus_per_actor"
+        return [ServiceActor(self.role, self.spec.num_cpus, gpus, field, max(2, self.spec.max_clients))]
+
+    def start(self, env: ServiceEnv) -> None:
+        (actor,) = self.actors(env.cfg)
+        self.handle = env.spawn(SplitServerHost, actor, (env.cfg, self.spec, env.input_shape, env.num_classes, env.server))
+        try:
+            ray.get(self.handle.info.remote(), timeout=120)
+        except ray.exceptions.GetTimeoutError:
+            self.stop()
+            raise FlexrayError(
+                f"the split server needs {actor.num_cpus:g} CPU(s) and {actor.num_gpus:g} GPU the cluster cannot give "
+                "next to the device actors; lower method.server_cpus / method.server_gpus or fleet.actors / "
+                "fleet.num_cpus_per_actor") from None
+
+    def client(self) -> ServerClient:
+        return ServerClient(self.handle)
+
+    def begin_round(self, rnd: int, state: Any, tasks: Sequence[Task]) -> None:
+        ray.get(self.handle.begin_round.remote(rnd, state, tasks))
+
+    def end_round(self, kept: Sequence[int]) -> list[Update]:
+        return list(ray.get(self.handle.end_round.remote(list(kept))))
+
+    def launch(self, task: Task, state: Any) -> None:
+        ray.get(self.handle.begin.remote(task.device, state, task))
+
+    def land(self, device: int, keep: bool) -> list[Update]:
+        return list(ray.get(self.handle.finish.remote(device, keep)))
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            ray.kill(self.handle)
+            self.handle = None

@@ -3,7 +3,7 @@
 The early, feature-map-heavy conv/pool stages are cut into spatial tiles that devices compute
 in parallel (halos included, fused over consecutive layers); the rest runs on device 0 and the
 weight gradients are all-reduced. This is not a federated round, so the method names the engine
-that runs it (``engine = "tiled"``, see ``flexray/runtime/engines.py``); the engine calls
+that runs it (``engine``: ``flexray.tiled.engine``, beside this file); the engine calls
 ``batches`` for the data order, and ``local_update`` is the single-device reference of exactly
 the same steps (tests hold the tiled engine to it) for models without dropout: the engine draws
 dropout masks from per-step seeds so that every tile slices the same mask, ``local_update``
@@ -70,7 +70,7 @@ def batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> 
 
 class Tiled(Method):
     name = "tiled"
-    engine = "tiled"
+    engine = "flexray.tiled.engine:TiledEngine"
     Config = TiledConfig
     cfg: TiledConfig
 

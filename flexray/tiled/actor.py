@@ -46,7 +46,7 @@ from flexray.models.profile import profile_model
 from flexray.models.tile_norm import TileNorm, dropout_mask, local_stats
 from flexray.models.tiling import (
     LayerGeom, Region, assemble, feature_sizes, layer_geom, layer_stats, leaves, run_span, scatter_add)
-from flexray.runtime.compute import compute_device
+from flexray.compute import compute_device
 from flexray.schedule.tiling import FusedStack, TilingPlan
 
 Batch = Any  # a float tensor holding the whole input batch, or row indices into the host's dataset
