@@ -30,14 +30,19 @@ import json
 import re
 import time
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.synthetic
+
 from flexray.config import ModelConfig
 from flexray.fleet.profiles import CATALOG
-from flexray.fleet.synthetic import random_clients
 from flexray.models import build_model, profile_model
 from flexray.models.split import SplitPoint, split_points
+from tests.synthetic import random_clients  # noqa: E402
 from flexray.schedule.tlmp import baselines, brute_force, exact_minmax, tlmp
 
 SERVER = CATALOG["edge_gpu_server"]

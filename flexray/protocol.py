@@ -244,7 +244,7 @@ class Cost:
     work: Workload
     bytes_down: int
     bytes_up: int
-    server_s: float = 0.0  # simulated time the device waits on a split server
+    server_s: float = 0.0  # simulated time the device waits on a server the method runs
     round_trips: float = 0.0  # messages exchanged while training (split learning: one per step)
 
     @property
@@ -305,7 +305,7 @@ class SubModelKnob(CostModel, Protocol):
 
 @runtime_checkable
 class PlanNotes(Protocol):
-    """A method with something to say under ``flexray plan``'s table (SplitFed: server shares)."""
+    """A method with something to say under ``flexray plan``'s table (e.g. how it shares a server)."""
 
     def plan_notes(self, tasks: Sequence[Task]) -> list[str]: ...
 

@@ -31,7 +31,7 @@ def _same(a, b):
     assert len(a.history) == len(b.history)
     for ha, hb in zip(a.history, b.history):
         for k in DETERMINISTIC:
-            assert ha.get(k) == pytest.approx(hb.get(k), rel=1e-6, abs=1e-9), (k, ha, hb)
+            assert getattr(ha, k) == pytest.approx(getattr(hb, k), rel=1e-6, abs=1e-9), (k, ha, hb)
 
 
 def test_fedavg_learns_and_logs_everything(ray_cluster, mlflow_uri, tmp_path):

@@ -9,6 +9,7 @@ planted violation, so a check that could never fail would fail here.
 from __future__ import annotations
 
 import ast
+import re
 import os
 import shutil
 import subprocess
@@ -82,3 +83,46 @@ def test_the_scan_sees_local_and_type_checking_imports(tmp_path: Path) -> None:
     )
     assert function_local_imports(pkg) == [
         "flexray/mod.py:5 flexray.methods", "flexray/mod.py:9 flexray.config", "flexray/mod.py:10 ."]
+
+
+# ---------------------------------------------------------------- the runtime names no method
+
+NEUTRAL = ("runtime", "fleet", "tracking", "protocol.py", "compute.py")
+"""What must work for any method: none of it may name one. (The config schema may: its default
+method and the async policies, which any method can use, are named values.)"""
+
+
+def method_names() -> set[str]:
+    """Every registered method's name and class name, lower-cased (their files are the registry's paths)."""
+    from flexray.methods import _PATHS
+
+    return {n.lower() for name, path in _PATHS.items() for n in (name, path.rpartition(":")[2])}
+
+
+def mentions(package: Path, words: set[str]) -> list[str]:
+    """``path:line word`` for every whole-word mention of ``words`` (case-insensitive) under ``NEUTRAL``."""
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, sorted(words))) + r")\b", re.IGNORECASE)
+    found = []
+    for part in NEUTRAL:
+        for path in sorted((package / part).rglob("*.py")) if (package / part).is_dir() else [package / part]:
+            for line_no, line in enumerate(path.read_text().splitlines(), 1):
+                found += [f"{path.relative_to(package.parent)}:{line_no} {m.group(1)}" for m in pattern.finditer(line)]
+    return found
+
+
+def test_no_method_is_named_where_every_method_runs(tmp_path: Path) -> None:
+    names = method_names()
+    assert {"splitfed", "tiled", "fedavg", "heterofl", "distreal"} <= names
+    assert mentions(PACKAGE, names) == []
+    planted = tmp_path / "flexray"  # the check can fail: a planted mention is found
+    shutil.copytree(PACKAGE, planted, ignore=shutil.ignore_patterns("__pycache__"))
+    (planted / "runtime" / "rounds.py").write_text((planted / "runtime" / "rounds.py").read_text() + "\n# if SplitFed\n")
+    assert mentions(planted, names) == ["flexray/runtime/rounds.py:" + str(
+        len((planted / "runtime" / "rounds.py").read_text().splitlines())) + " SplitFed"]
+
+
+def test_the_split_server_lives_only_in_the_split_methods_files() -> None:
+    own = {PACKAGE / "methods" / "split_server.py", PACKAGE / "methods" / "splitfed.py"}
+    outside = [str(p.relative_to(REPO)) for p in PACKAGE.rglob("*.py")
+               if p not in own and re.search(r"split_server|SplitServer", p.read_text())]
+    assert outside == []

@@ -9,7 +9,7 @@ from torch import nn
 
 from flexray.config import JobConfig, ModelConfig
 from flexray.fleet.profiles import CATALOG
-from flexray.fleet.synthetic import random_clients
+from tests.synthetic import random_clients
 from flexray.models import build_model, profile_model
 from flexray.models.split import split_model, split_points, stage_names
 from flexray.protocol import DeviceProfile, StepProfile, SubModel, Task, Workload

@@ -91,7 +91,7 @@ def test_tiled_job_logs_to_mlflow_and_is_reproducible(ray_cluster, mlflow_uri, t
     a, b = runs
     for ha, hb in zip(a.history, b.history):
         for k in ("accuracy", "loss", "train_loss", "sim_time_s", "energy_j", "bytes_up"):
-            assert ha[k] == pytest.approx(hb[k], rel=1e-5), k
+            assert getattr(ha, k) == pytest.approx(getattr(hb, k), rel=1e-5), k
     client = MlflowClient(mlflow_uri)
     run = client.get_run(a.run_id)
     assert run.info.status == "FINISHED" and run.data.params["method.name"] == "tiled"

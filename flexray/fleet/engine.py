@@ -2,9 +2,8 @@
 
 The rounds engine (``flexray.runtime.engines``: sync and async federated rounds on device actors)
 runs every method that names no engine. A method whose work is not a federated round names its
-own by import path (``Method.engine = "package.module:Class"``, e.g. the tiled engine beside
-the tiled method in ``flexray.tiled``); the driver imports it only then, and never by a name of
-its own. An engine is built once per job from the resolved config, the devices and the method
+own by import path (``Method.engine = "package.module:Class"``, in the method's own package);
+the driver imports it only then, and never by a name of its own. An engine is built once per job from the resolved config, the devices and the method
 instance the driver plans with.
 """
 

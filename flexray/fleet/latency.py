@@ -26,7 +26,7 @@ class Prediction:
     upload_s: float
     energy_j: float
     fits_memory: bool
-    server_s: float = 0.0  # waiting on a split server
+    server_s: float = 0.0  # waiting on the method's round service (a server it runs)
 
     @property
     def total_s(self) -> float:

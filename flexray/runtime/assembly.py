@@ -67,7 +67,7 @@ def _check_cross_fields(cfg: JobConfig) -> None:
 
 def _check_async(cfg: JobConfig) -> None:
     """Async rounds are a mode of the rounds engine, so every method that runs on it has them;
-    another engine's work (tiled training: one update made by all devices together) has none."""
+    another engine's work (e.g. one update made by all devices together) has none."""
     if cfg.rounds.mode == "async" and method_class(cfg.method.name).engine is not None:
         raise FlexrayError(f"config error: rounds.mode: method {cfg.method.name!r} makes one update from all its "
                            "devices together, so nothing can land asynchronously; use rounds.mode=sync")

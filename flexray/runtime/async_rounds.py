@@ -48,7 +48,7 @@ class Flight:
 
 
 def policy_for(rounds: RoundsConfig, method: Method) -> AsyncPolicy:
-    """The method's own policy (``fedasync``, ``fedbuff``), else the one ``rounds`` configures."""
+    """The method's own policy (``HasPolicy``), else the one ``rounds`` configures."""
     if isinstance(method, HasPolicy):
         return method.policy()
     return AsyncPolicy(rounds.async_policy, alpha=rounds.alpha, staleness=rounds.staleness, a=rounds.staleness_a,
@@ -135,8 +135,8 @@ class AsyncRounds(SyncRounds):
     def _plan(self, version: int, view: DeviceView, t: float, state: State) -> tuple[Task, DeviceView]:
         """A launching device's task. With no round to balance, the min-max target is the one of
         every device available now, which keeps the slow devices' staleness bounded; a method
-        that ``plans_pool`` plans them all, so the device's share of what they share (SplitFed:
-        the server) is its share among them."""
+        that ``plans_pool`` plans them all, so the device's share of what they share (e.g. a
+        server's compute) is its share among them."""
         pool = [view] + [
             DeviceView(d.id, d.profile, d.trace.speed(t), len(d.indices))
             for d in self.devices.values() if d.id != view.id and d.trace.available(t) and self.usable(d.id)

@@ -167,7 +167,7 @@ class SyncRounds:
 
     def step(self, rnd: int, clock_s: float, state: State) -> tuple[State, RoundOutcome]:
         out = self.run(rnd, clock_s, state)
-        if self.own_policy is not None:  # fedasync / fedbuff: their policy over a round of fresh updates
+        if self.own_policy is not None:  # the method's own policy (HasPolicy) over a round of fresh updates
             return self.own_policy.round(rnd, state, out.updates), out
         return self.method.aggregate(rnd, state, out.updates), out
 

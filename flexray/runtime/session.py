@@ -114,7 +114,7 @@ class Session:
             return Plan(self.actors, placement, text, [], [], [], 0.0, None, held, [], job.model_profile,
                         len(job.devices), len(job.dataset.y_train))
         mprof = job.model_profile
-        with tempfile.TemporaryDirectory() as tmp:  # e.g. DISTREAL's design-space search (cached on disk)
+        with tempfile.TemporaryDirectory() as tmp:  # the method's preparation, e.g. a design-space search (cached on disk)
             job.prepare(method, Path(tmp))
         deadline = cfg.rounds.deadline_s
         views = [DeviceView(d.id, d.profile, d.trace.speed(0.0), len(d.indices), deadline)

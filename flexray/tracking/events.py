@@ -35,7 +35,7 @@ SCHEMA = pa.schema(
         ("metrics", pa.string()),
         ("spec", pa.string()),
         ("note", pa.string()),
-        ("server_s", pa.float64()),  # split methods: simulated wait on the server, inside start_s..end_s
+        ("server_s", pa.float64()),  # simulated wait on the method's round service, inside start_s..end_s
         ("predicted_s", pa.float64()),  # the method's predicted latency, to compare with end_s - start_s
     ]
 )
