@@ -78,7 +78,7 @@ def ray_job_submit(args: list[str], env: dict[str, str], timeout: float = 180) -
     return out
 
 
-def stop_ray_node(temp_dir: Path, timeout_s: float = 30.0) -> int:
+def stop_ray_node(temp_dir: Path, timeout_s: float = 5.0) -> int:
     """Stop only the Ray node whose ``--temp-dir`` is ``temp_dir`` (and its workers).
 
     ``ray stop`` would kill every Ray process on the machine, including other test sessions'
@@ -216,3 +216,23 @@ def host_round(overrides: list[str]) -> tuple:
     tasks = method.plan(0, [DeviceView(d.id, d.profile, 1.0, len(d.indices)) for d in devices], state)
     reports, updates = host.run_round(RoundRequest(0, 0.0, None, False, tuple(tasks), True), state)
     return method, state, tasks, reports, updates
+
+
+@pytest.fixture(scope="module")
+def warm_ray_actors() -> Iterator[None]:
+    """Device actors kept between this module's in-process jobs (``warm_actors``, as a sweep keeps
+    them): a small job then costs its rounds (~0.3 s), not new processes importing torch (~3.5 s).
+    Each job still rebuilds its actors' data and models; they are killed when the module ends."""
+    from flexray.runtime.actor import warm_actors
+
+    with warm_actors():
+        yield
+
+
+@pytest.fixture
+def free_cpus(ray_cluster: RayCluster) -> None:
+    """Kill the warm device actors first, for a test whose Ray work is not an in-process flexray
+    job (a CLI subprocess, ``ray job submit``, actors started by hand): they would hold the CPUs."""
+    from flexray.runtime.actor import drop_warm
+
+    drop_warm()

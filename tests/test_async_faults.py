@@ -11,7 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from tests.test_driver import _run, _same
 
-pytestmark = pytest.mark.ray
+
+pytestmark = [pytest.mark.usefixtures("warm_ray_actors"), pytest.mark.ray]
 
 
 def events(mlflow_uri, run_id, tmp_path):
@@ -139,7 +140,7 @@ def test_killed_device_actor_loses_its_round_then_restarts(ray_cluster, mlflow_u
 
 
 @pytest.mark.parametrize("mode", ["sync", pytest.param("async", marks=pytest.mark.slow)])  # async: ~4 min
-def test_killed_driver_resumes_to_bit_identical_metrics(ray_cluster, mlflow_uri, tmp_path, mode):
+def test_killed_driver_resumes_to_bit_identical_metrics(ray_cluster, free_cpus, mlflow_uri, tmp_path, mode):
     """SIGKILL the driver process mid-run, `flexray run --resume RUN_ID`, and end with exactly
     the metrics of an uninterrupted run (model, method state, clock, in-flight work restored)."""
     import subprocess

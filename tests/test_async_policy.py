@@ -23,6 +23,8 @@ from flexray.models import elastic
 from flexray.methods.width import Width
 from tests.test_driver import _run, _same
 
+pytestmark = pytest.mark.usefixtures("warm_ray_actors")  # in-process jobs reuse device actors (conftest)
+
 
 def _heterofl() -> HeteroFL:
     cfg = HeteroFL.Config(name="heterofl", rates=[0.5, 1.0])

@@ -26,6 +26,8 @@ from flexray.methods.width import Width
 from tests.conftest import job_tree
 from tests.test_async_policy import _heterofl, _slice_update
 
+pytestmark = pytest.mark.usefixtures("warm_ray_actors")  # in-process jobs reuse device actors (conftest)
+
 CAPABILITIES = {"knob": SubModelKnob, "attaches": Attaches, "prepares": Prepares, "deploys": Deploys, "policy": HasPolicy, "plan_notes": PlanNotes, "batches": BatchesClients}
 
 
@@ -105,7 +107,8 @@ class Recorder(Callback):
 @pytest.mark.ray
 def test_a_users_callback_sees_every_round_and_the_end(ray_cluster, mlflow_uri) -> None:
     rec = Recorder()
-    res = run_job(parse_config(job_tree(tracking__uri=mlflow_uri, rounds__num=3)), callbacks=[rec])
+    res = run_job(parse_config(job_tree(tracking__uri=mlflow_uri, rounds__num=3, tracking__checkpoint_every=3)),
+                  callbacks=[rec])
     assert rec.rounds == [1, 2, 3] and rec.lasts == [False, False, True]
     assert rec.fit is not None and tuple(rec.fit.history) == res.history and len(rec.fit.events) == 3 * 4
     assert rec.started is not None and not rec.started.resumed and rec.failure is None

@@ -22,7 +22,8 @@ from flexray.runtime.session import run_job
 from flexray.schedule import dse
 from tests.conftest import job_tree
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+pytestmark = [pytest.mark.usefixtures("warm_ray_actors"), pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.mark.parametrize("build,shape", [(lambda: cnn((3, 16, 16), 10, 8), (3, 16, 16)),

@@ -14,7 +14,8 @@ from flexray.runtime.actor import warm_actors
 from flexray.runtime.session import run_job
 from tests.conftest import job_tree
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.usefixtures("warm_ray_actors"), pytest.mark.ray]
+
 
 ROUND_KEYS = ("accuracy", "loss", "sim_time_s", "round_sim_s", "wall_time_s", "energy_j", "round_energy_j",
               "participants", "stragglers", "bytes_up", "bytes_down")

@@ -13,7 +13,8 @@ from flexray.runtime.assembly import parse_config
 from flexray.runtime.session import run_job
 from tests.conftest import job_tree
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.usefixtures("warm_ray_actors"), pytest.mark.ray]
+
 
 RESNET = {"name": "resnet8", "width": 8}
 

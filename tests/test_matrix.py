@@ -29,7 +29,8 @@ from flexray.methods import _PATHS
 from flexray.runtime import session
 from flexray.runtime.actor import warm_actors
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.usefixtures("warm_ray_actors"), pytest.mark.ray]
+
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE = REPO / "docs" / "matrix.md"
@@ -190,7 +191,7 @@ def test_cell(method: str, model: str, mode: str, ray_cluster, mlflow_uri: str, 
         def no_ray(cfg: object) -> None:
             raise AssertionError(f"flexray run started Ray for a cell plan refuses: {line}")
 
-        monkeypatch.setattr(driver, "ray_session", no_ray)
+        monkeypatch.setattr(session, "ray_session", no_ray)
         rc_run = cli_main(["run", str(path)])
         out_run, err_run = capsys.readouterr()
         assert assert_one_line_refusal(rc_run, out_run, err_run, "flexray run") == line
@@ -205,7 +206,7 @@ def test_cell(method: str, model: str, mode: str, ray_cluster, mlflow_uri: str, 
     assert len(result.history) == 1, result.history
     final = result.metrics
     assert final is not None
-    bad = {k: v for k, v in final.items() if isinstance(v, float) and not math.isfinite(v)}
+    bad = {k: v for k, v in final.as_dict().items() if not math.isfinite(v)}
     assert not bad, f"non-finite metrics: {bad}"
     assert 0.0 <= final.accuracy <= 1.0 and final.loss >= 0.0 and final.sim_time_s > 0.0, final
     assert final.participants >= 1, final

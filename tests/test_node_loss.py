@@ -82,7 +82,7 @@ def test_devices_of_a_lost_node_go_offline_and_come_back_when_it_rejoins(ray_clu
         switch.stop()
     history = result.history
     assert len(history) == 9  # every round ran
-    assert sum(h.nodes_lost for h in history) == 1 and history[2]["nodes_lost"] == 1  # seen in round 3
+    assert sum(h.nodes_lost for h in history) == 1 and history[2].nodes_lost == 1  # seen in round 3
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     rows = _events(uri, result.run_id, tmp_path)
     on_c = {r["device"] for r in rows if r["profile"] == "phone_mid"}

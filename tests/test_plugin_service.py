@@ -11,6 +11,8 @@ from flexray.models import build_model, state_bytes
 from flexray.config import ModelConfig
 from tests.test_driver import _run
 
+pytestmark = pytest.mark.usefixtures("warm_ray_actors")  # in-process jobs reuse device actors (conftest)
+
 PLUGIN = "tests.plugin_split:SplitHead"
 
 

@@ -27,7 +27,8 @@ from flexray.runtime.session import run_job
 from flexray.methods.reft import Pruned, ratio_of
 from tests.conftest import job_tree
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+pytestmark = [pytest.mark.usefixtures("warm_ray_actors"), pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ from flexray.methods.split_server import Split
 from flexray.methods.splitfed import cut_of
 from tests.conftest import REPO, job_tree
 
+pytestmark = pytest.mark.usefixtures("warm_ray_actors")  # in-process jobs reuse device actors (conftest)
+
 # Two devices so slow that splitting pays (2 MFLOP/s), beside ordinary ones that train whole.
 SLOW = [("fleet.profiles={slow: {flops: 2.0e6, memory_bytes: 1.0e9, uplink_bps: 1.0e8, downlink_bps: 1.0e8, "
         "power_active_w: 3, power_idle_w: 1, power_radio_w: 0.5}}"), "fleet.groups.0.profile=slow"]

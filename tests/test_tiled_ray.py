@@ -19,6 +19,7 @@ from flexray.models import build_model, profile_model
 from flexray.protocol import LocalData, Task
 from flexray.runtime.assembly import parse_config
 from flexray.runtime.session import run_job
+from flexray.methods.service import RoundService
 from flexray.tiled.engine import TiledEngine
 from flexray.tiled.method import Tiled
 from tests.conftest import job_tree
@@ -43,7 +44,8 @@ def tiled_round_and_one_device(cfg):  # noqa: ANN001, ANN201
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, ds.input_shape, ds.num_classes)
         state = {k: v.clone() for k, v in model.state_dict().items()}
-        rounds = engine.rounds(None, actors, CATALOG["edge_gpu_server"], profile_model(model, ds.input_shape))
+        rounds = engine.rounds(engine.method, actors, CATALOG["edge_gpu_server"], profile_model(model, ds.input_shape),
+                               RoundService())
         new, out = rounds.step(0, 0.0, state)
     finally:
         for _, h in actors:

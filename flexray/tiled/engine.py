@@ -66,7 +66,7 @@ class TiledEngine:
     def __init__(self, cfg: JobConfig, devices: list[Device], dataset: Dataset, method: Method) -> None:
         if not isinstance(method, Tiled):
             raise FlexrayError(f"the tiled engine runs the tiled method, not {method.name!r}")
-        self.cfg, self.devices, self.dataset, self.mcfg = cfg, devices, dataset, method.cfg
+        self.cfg, self.devices, self.dataset, self.method, self.mcfg = cfg, devices, dataset, method, method.cfg
         with torch.random.fork_rng(devices=[]):  # planning must not shift the training RNG stream
             model = build_model(cfg.model, dataset.input_shape, dataset.num_classes)
         self.plan, self.fused, self.tile_devices = plan_for(self.mcfg, devices, dataset.input_shape, model, cfg.model.name)
