@@ -20,6 +20,8 @@ import sysconfig
 from pathlib import Path
 
 
+from mlflow.tracking import MlflowClient
+
 from .conftest import REPO, free_port, stop_ray_node
 
 README = (REPO / "README.md").read_text()
@@ -138,3 +140,10 @@ def test_a_new_user_follows_the_readme(tmp_path: Path) -> None:
     # artifacts beside it.
     assert (home / ".flexray" / "mlflow.db").is_file()
     assert list((home / ".flexray" / "mlartifacts").rglob("events.parquet"))
+    # What the submitted job logged, read back from that store: the quickstart's promise.
+    client = MlflowClient(f"sqlite:///{home / '.flexray' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_id in out
+    acc = client.get_metric_history(run.info.run_id, "accuracy")
+    assert [m.step for m in acc] == list(range(1, 16)) and acc[-1].value >= 0.9
+    assert run.data.metrics["participants"] == 8
