@@ -49,7 +49,7 @@ def main() -> None:
             t0 = time.perf_counter()
             final = run_job(cfg).metrics.as_dict()  # as MLflow logs it
             print(json.dumps({
-                "bench": "seeded_metrics", "job": name, "commit": commit, "date": date.today().isoformat(),
+                "benchmark": "seeded_metrics", "job": name, "commit": commit, "date": date.today().isoformat(),
                 "machine": f"{platform.node()} {platform.machine()}", "command": "python benchmarks/seeded_metrics.py",
                 "wall_s": round(time.perf_counter() - t0, 1),
                 "final": {k: round(float(final[k]), 6) for k in KEYS if k in final},

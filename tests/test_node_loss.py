@@ -152,4 +152,4 @@ def test_async_rounds_report_a_lost_node_offline_and_take_its_devices_back(ray_c
     assert MlflowClient(uri).get_run(result.run_id).info.status == "FINISHED"
     offline = [rnd for (rnd, d), (st, _) in sorted(status.items()) if d == 2 and st == "offline"]
     print(f"async node loss: versions {len(history)}, device 2 offline in versions {offline[0]}..{offline[-1]}, back in "
-          f"version {back}, accuracy {history[1]['accuracy']:.3f} -> {history[-1]['accuracy']:.3f}")
+          f"version {back}, accuracy {history[1].accuracy:.3f} -> {history[-1].accuracy:.3f}")

@@ -103,13 +103,28 @@ def test_a_new_user_follows_the_readme(tmp_path: Path) -> None:
     line = next(ln for ln in bash_lines(section("Two commands")) if "quickstart" in ln)
     assert line == "pip install -e . && flexray run jobs/quickstart.yaml", line
     env = user_env(home, child_venv(tmp_path / "venv"))
+    before = {p.name for p in work.iterdir()}
     proc = subprocess.run(["bash", "-ec", line], cwd=work, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    m = re.search(r"^run (\w+) finished: rounds=15 accuracy=(\S+)", proc.stdout, re.M)
+    # A healthy run's console is quiet: after pip's lines, the result in two lines; on stderr only
+    # the progress bar's redraws (and pip's own notices), no ERROR/WARNING/INFO line from Ray or MLflow.
+    out = proc.stdout.splitlines()[-2:]
+    m = re.fullmatch(r"run (\w+) finished: rounds=15 accuracy=(0\.\d+) sim_time_s=\S+ energy_j=\S+", out[0])
     assert m, proc.stdout[-2000:]
     assert float(m.group(2)) > 0.8
-    assert (work / "mlflow.db").is_file() and (work / "mlartifacts").is_dir()  # the store beside the job
-    assert (home / ".ray" / "auth_token").is_file()
+    store = f"sqlite:///{work}/mlflow.db"
+    assert out[1] == f"tracked in {store} (view: mlflow ui --backend-store-uri {store})"
+    for part in re.split(r"[\r\n]+", proc.stderr):
+        assert not part.strip() or part.startswith(("quickstart: ", "[notice]")), repr(part)
+    # The store and its files beside the job, nothing else added (but the editable install's metadata).
+    added = {p.name for p in work.iterdir()} - before
+    assert {n for n in added if not n.endswith(".egg-info")} == {"mlartifacts", "mlflow.db"}, added
+    run = MlflowClient(store).get_run(m.group(1))
+    assert run.info.artifact_uri.startswith((work / "mlartifacts").as_uri() + "/")
+    names = {p.name for p in (work / "mlartifacts").rglob("*") if p.is_file()}
+    assert {"events.parquet", "config.yaml", "checkpoint.pt", "MLmodel", "accuracy_vs_time.png", "gantt.png",
+            "energy_per_device.png"} <= names, names
+    assert not (home / ".flexray").exists() and (home / ".ray" / "auth_token").is_file()
 
     # 2. Submitting to a Ray cluster, with the flexray that step 1 installed.
     lines = bash_lines(section("Submitting to a Ray cluster"))

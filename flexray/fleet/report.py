@@ -54,6 +54,14 @@ class DeviceReport:
     server_s: float = 0.0  # simulated time waiting on the method's round service (inside start_s..end_s)
     predicted_s: float = float("nan")  # the method's predicted latency (download + compute + server + upload)
 
+    @classmethod
+    def untrained(cls, round: int, device: int, name: str, profile: str, actor: str, status: str, note: str,
+                  speed: float, start_s: float, energy_j: float = 0.0, node: str = "") -> DeviceReport:
+        """A device that trained nothing this round (failed, offline, idle): zero work, zero time."""
+        return cls(round=round, device=device, name=name, profile=profile, actor=actor, node=node, status=status,
+                   samples=0, flops=0.0, speed=speed, wall_s=0.0, download_s=0.0, compute_s=0.0, upload_s=0.0,
+                   start_s=start_s, end_s=start_s, energy_j=energy_j, bytes_down=0, bytes_up=0, note=note)
+
     @property
     def comm_s(self) -> float:
         return self.download_s + self.upload_s

@@ -364,7 +364,6 @@ def start_actors(
     """Create the actors (or take warm ones) without waiting: they import torch and load data
     while the driver sets up MLflow. ``wait_ready`` surfaces their start-up errors before the
     first round."""
-    placement.check_placement(specs)  # fail fast, naming the fix, instead of waiting forever
     labels = [f"{s.label}: {','.join(devices[i].name for i in s.devices)}" for s in specs]
     keys = [f"{sorted(placement.actor_options(s).items())!r} {label}" for s, label in zip(specs, labels)]
     warm = _take_warm(keys)

@@ -270,12 +270,8 @@ class SyncRounds:
 
     def failed(self, rnd: int, clock_s: float, device: int, why: str) -> DeviceReport:
         d = self.devices[device]
-        return DeviceReport(
-            round=rnd, device=d.id, name=d.name, profile=d.profile.name, actor=self.actor_label(device), node="",
-            status="failed", samples=0, flops=0.0, speed=d.trace.speed(clock_s), wall_s=0.0, download_s=0.0,
-            compute_s=0.0, upload_s=0.0, start_s=clock_s, end_s=clock_s, energy_j=0.0, bytes_down=0, bytes_up=0,
-            note=why,
-        )
+        return DeviceReport.untrained(rnd, d.id, d.name, d.profile.name, self.actor_label(device), "failed", why,
+                                      d.trace.speed(clock_s), clock_s)
 
     def actor_label(self, device: int) -> str:
         return self.actors[self.actor_of[device]][0].label

@@ -146,8 +146,7 @@ class Session:
                 tracker_future = pool.submit(Tracker, cfg, resume)
                 with ray_session(cfg):
                     phases.mark("ray_init")
-                    if self.service_actors:  # the engine's actors and the service's together (each engine checks its own)
-                        check_placement(self.actors)
+                    check_placement(self.actors)  # every actor the job asks for, before any starts: fail fast, naming the fix
                     if not self.engine.reuses_actors:
                         drop_warm()  # device actors kept warm by an earlier job would hold the CPUs
                     actors, _data_ref = self.engine.start()

@@ -96,7 +96,6 @@ class TiledEngine:
     def start(self) -> tuple[Actors, Any]:
         cfg, mcfg = self.cfg, self.mcfg
         specs = self.specs()
-        placement.check_placement(specs)
         data_ref = ray.put(self.dataset)
         opt = {"lr": mcfg.lr, "momentum": mcfg.momentum, "weight_decay": mcfg.weight_decay}
         sleep = cfg.fleet.throttle == "sleep"
@@ -185,10 +184,8 @@ class TiledRounds:
         used = {d.id for d in self.engine.tile_devices}
         for dev in self.engine.devices:  # devices the plan leaves out idle through the round
             if dev.id not in used:
-                reports.append(DeviceReport(
-                    round=rnd, device=dev.id, name=dev.name, profile=dev.profile.name, actor="", node="", status="idle",
-                    samples=0, flops=0.0, speed=dev.trace.speed(clock_s), wall_s=0.0, download_s=0.0, compute_s=0.0,
-                    upload_s=0.0, start_s=clock_s, end_s=clock_s, energy_j=energy_j(dev.profile, 0.0, 0.0, duration),
-                    bytes_down=0, bytes_up=0, note="not in the tiling plan"))
+                reports.append(DeviceReport.untrained(rnd, dev.id, dev.name, dev.profile.name, "", "idle",
+                                                      "not in the tiling plan", dev.trace.speed(clock_s), clock_s,
+                                                      energy_j(dev.profile, 0.0, 0.0, duration)))
         reports.sort(key=lambda r: r.device)
         return RoundOutcome(reports, [], duration, 0.0)
