@@ -146,3 +146,19 @@ def test_the_plan_check_needs_no_memory_of_the_plan() -> None:
     for method in (driver_side, actor_side):
         assert "trained rate 0.5, planned 1.0" in (method.validate(up, state, SubModel(Width(1.0))) or "")
         assert method.validate(up, state, SubModel(Width(0.5))) == method.validate(up, state, None)
+
+
+def test_the_engine_a_method_names_is_imported_by_path_and_a_wrong_one_is_one_line() -> None:
+    from flexray.runtime.engines import RoundsEngine, engine_class
+    from flexray.tiled.engine import TiledEngine
+    from flexray.tiled.method import Tiled
+
+    assert engine_class(method_class("fedavg")) is RoundsEngine and engine_class(Tiled) is TiledEngine
+
+    class Lost(Tiled):
+        name = "lost"
+        engine = "tests.nowhere:Engine"
+
+    with pytest.raises(FlexrayError, match="method 'lost' names engine 'tests.nowhere:Engine', which cannot be imported") as err:
+        engine_class(Lost)
+    assert "\n" not in str(err.value)
