@@ -8,9 +8,7 @@ import dataclasses
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from mlflow.tracking import MlflowClient

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 from flexray.models.blocks import stages
 from flexray.models.kernels import StepParts, conv_backward_flop, logits_of, model_device, model_dtype, rng_devices, step_parts

@@ -23,7 +23,6 @@ import ray
 
 from flexray import phases
 from flexray.config import JobConfig
-from flexray.errors import FlexrayError
 from flexray.fleet.fleet import ActorSpec
 from flexray.fleet.latency import Prediction, predict, round_time
 from flexray.fleet.placement import Placement, actor_options, check_local_gpus, check_placement, connected_placement
@@ -213,4 +212,4 @@ def run_job(cfg: JobConfig, resume: str | None = None, callbacks: Sequence[Callb
     return Session(cfg).fit(resume, callbacks)
 
 
-__all__ = ["FlexrayError", "Plan", "Result", "Session", "run_job"]
+__all__ = ["Plan", "Result", "Session", "run_job"]
