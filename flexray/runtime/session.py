@@ -145,7 +145,7 @@ class Session:
                 tracker_future = pool.submit(Tracker, cfg, resume)
                 with ray_session(cfg):
                     phases.mark("ray_init")
-                    check_placement(self.actors)  # every actor the job asks for, before any starts: fail fast, naming the fix
+                    check_placement(self.actors)  # every actor of the job, before any starts: fail fast, naming the fix
                     if not self.engine.reuses_actors:
                         drop_warm()  # device actors kept warm by an earlier job would hold the CPUs
                     actors, _data_ref = self.engine.start()
