@@ -1,15 +1,17 @@
 """Can the simulated clock be trusted? Predicted vs measured local epochs on models never calibrated on.
 
-For each thread count: ``flexray probe`` calibrates this machine (its per-layer latency model, and
-with ``--coarse`` the old one-number FLOP/s profile), in a subprocess exactly as a user runs it.
-Then each held-out case -- torchvision models with depthwise, grouped and residual layers, the
-ViT, HeteroFL width sub-models p = 1/16 ... 1 of resnet20 and cnn, FlexTrain depth prefixes,
-DISTREAL dropout points, SplitFed client parts, batch sizes 8 to 64 -- trains one local epoch for
-real and is predicted by both models from its own traced kernels. The measurement is the fastest
-of 8 epochs in 4 passes spread over the run (a warm-up epoch before each): a shared machine slows
-down for seconds at a time and interference only adds time; ``measured_spread`` says how much. One JSON line per case, the width sub-models' predicted and measured speed-ups
-over their full model, and a summary line per thread count: median and worst factor
-max(pred/meas, meas/pred), new model beside old.
+For each thread count, in 4 interleaved passes: one pass of ``flexray probe``'s calibration suite
+(its per-layer latency model) and of its ``--coarse`` measurement (the old one-number FLOP/s
+profile), then every held-out case. The host's speed drifts by 10-30 % over minutes, so the fit
+and the measurements each keep their fastest of the same periods. Each held-out case --
+torchvision models with depthwise, grouped and residual layers, the ViT, HeteroFL width sub-models
+p = 1/16 ... 1 of resnet20 and cnn, FlexTrain depth prefixes, DISTREAL dropout points, SplitFed
+client parts, batch sizes 8 to 64 -- trains one local epoch for real and is predicted by both
+models from its own traced kernels. Its measurement is the fastest of its epochs (per pass a
+warm-up epoch, then at least 2 and 0.5 s): interference only ever adds time; ``measured_spread``
+(slowest / fastest) says how much there was. One JSON line per case, the width sub-models'
+predicted and measured speed-ups over their full model, and a summary line per thread count:
+median and worst factor max(pred/meas, meas/pred), new model beside old.
 
     python benchmarks/latency_fidelity.py [--threads 1,2] [--samples 256] [--passes 4] [--out FILE]
 """
@@ -18,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -31,15 +33,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
-from flexray.config import MethodConfig, ModelConfig, ProfileConfig
-from flexray.fleet.profiles import resolve_profile
+from flexray.config import MethodConfig, ModelConfig
+from flexray.fleet import calibrate
+from flexray.fleet.probe import measure
 from flexray.methods.heterofl import HeteroFL
 from flexray.models import build_model, depth, filters, profile_model
 from flexray.models.split import split_model, split_points
-from flexray.protocol import DeviceProfile, StepProfile, compute_seconds
+from flexray.protocol import DeviceProfile, LatencyParams, StepProfile, compute_seconds
 
 CIFAR, DIGITS = (3, 32, 32), (1, 8, 8)
 RATES = (1.0, 0.5, 0.25, 0.125, 0.0625)
@@ -126,8 +128,9 @@ def cases() -> list[Case]:
 
 
 def epoch_seconds(net: nn.Module, shape: tuple[int, ...], batch: int, samples: int, step: Callable[..., None],
-                  repeats: int = 2) -> list[float]:
-    """Wall seconds of ``repeats`` local epochs (``samples`` in batches of ``batch``, last one partial)."""
+                  repeats: int = 2, seconds: float = 0.5) -> list[float]:
+    """Wall seconds of local epochs (``samples`` in batches of ``batch``, last one partial): at least
+    ``repeats`` and ``seconds`` of them, so a 30 ms epoch gets as many chances as a 1 s one."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(samples, *shape, generator=g), torch.randint(0, 10, (samples,), generator=g)
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
@@ -142,15 +145,15 @@ def epoch_seconds(net: nn.Module, shape: tuple[int, ...], batch: int, samples: i
         return time.perf_counter() - t0
 
     epoch()  # warm-up: allocator, oneDNN primitives, momentum buffers
-    return [epoch() for _ in range(repeats)]
+    times = [epoch() for _ in range(repeats)]
+    while sum(times) < seconds:
+        times.append(epoch())
+    return times
 
 
-def probe(threads: int, coarse: bool) -> DeviceProfile:
-    """``flexray probe`` in a subprocess, as a user runs it; its last line is the profile."""
-    cmd = [sys.executable, "-m", "flexray.cli", "probe", "--name", "this_machine", "--threads", str(threads)]
-    out = subprocess.run(cmd + (["--coarse"] if coarse else []), check=True, capture_output=True, text=True).stdout
-    (name, fields), = yaml.safe_load(out.strip().splitlines()[-1]).items()
-    return resolve_profile(name, {name: ProfileConfig(**fields)})
+def _profile(flops: float, latency: LatencyParams | None) -> DeviceProfile:
+    """This machine as ``flexray probe`` prints it; only the compute fields matter here."""
+    return DeviceProfile("this_machine", flops, 1 << 34, 1e9, 1e9, 1.0, 1.0, 1.0, latency=latency)
 
 
 def factor(pred: float, meas: float) -> float:
@@ -163,13 +166,22 @@ def stamp() -> dict:
 
 
 def run(threads: int, samples: int, passes: int) -> list[dict]:
-    new, old = probe(threads, coarse=False), probe(threads, coarse=True)
+    """Calibration and validation interleaved, pass by pass: this host's speed drifts by 10-30 %
+    over minutes, so each side keeps its fastest of the same ``passes`` periods."""
     torch.set_num_threads(threads)
-    built = [(case, *case.build()) for case in cases()]
+    suite, built = calibrate.suite(), [(case, *case.build()) for case in cases()]
+    windows: dict[tuple[str, int], tuple[StepProfile, float]] = {}
     epochs: dict[str, list[float]] = {}
-    for _ in range(passes):  # spread over the run: a noisy minute slows one pass, not every epoch of a case
+    coarse_flops = 0.0
+    for i in range(passes):
+        for name, prof, b, t in calibrate.measurements(suite, passes=1):  # one pass of `flexray probe`'s suite
+            windows[name, b] = (prof, min(t, windows.get((name, b), (prof, math.inf))[1]))
+        coarse_flops = max(coarse_flops, measure(seconds=10.0 / passes, threads=threads).flops)  # `--coarse`
         for case, net, shape, _prof, step in built:
             epochs.setdefault(case.name + str(case.batch), []).extend(epoch_seconds(net, shape, case.batch, samples, step))
+        print(f"# threads {threads}: pass {i + 1}/{passes} done", file=sys.stderr, flush=True)
+    params, _ = calibrate.fit([(prof, b, t) for (_, b), (prof, t) in windows.items()])
+    new, old = _profile(coarse_flops, params), _profile(coarse_flops, None)
     rows = []
     for case, _net, _shape, step_prof, _step in built:
         work = step_prof.epochs(samples, case.batch)
@@ -207,7 +219,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--samples", type=int, default=256, help="samples in the local epoch (default 256)")
-    ap.add_argument("--passes", type=int, default=4, help="passes over the cases, 2 timed epochs each (default 4)")
+    ap.add_argument("--passes", type=int, default=4, help="interleaved passes of calibration and cases (default 4)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = [r for t in args.threads.split(",") for r in run(int(t), args.samples, args.passes)]

@@ -142,7 +142,8 @@ SPECS: dict[str, list[Table]] = {
                ("predicted", times("predicted")), ("old model predicted", times("predicted_old"))],
               "Width sub-models: speed-up over the full model (one local epoch)", lambda r: "speedup" in r),
         Table([("case", val("case")), ("stands for", val("group")), ("batch", val("batch")), ("threads", val("threads")),
-               ("measured s", val("measured_s")), ("predicted s", val("predicted_s")), ("factor", times("factor")),
+               ("measured s", val("measured_s")), ("spread", times("measured_spread")), ("predicted s", val("predicted_s")),
+               ("factor", times("factor")),
                ("old predicted s", val("predicted_old_s")), ("old factor", times("factor_old"))],
               "Every case: one local epoch measured and predicted", lambda r: "case" in r)],
     "hetero_cifar10": [Table([

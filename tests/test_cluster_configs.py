@@ -82,7 +82,7 @@ def test_probe_prints_a_profile_line_that_validates(capsys):
     from flexray.runtime.assembly import parse_config
 
     assert main(["probe", "--seconds", "0.3", "--name", "lab_pi", "--data", "digits", "--width", "8", "--like", "rpi4",
-                 "--calibration-seconds", "0.01"]) == 0
+                 "--calibration-seconds", "0.01", "--calibration-passes", "1"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[0].startswith("# flexray probe on ") and "FLOP/s" in out[0] and "latency model" in out[1]
     assert "rpi4" in out[2]
@@ -99,6 +99,10 @@ def test_probe_prints_a_profile_line_that_validates(capsys):
     coarse = yaml.safe_load(capsys.readouterr().out.strip().splitlines()[-1])
     assert "latency" not in next(iter(coarse.values()))  # --coarse: FLOP/s only, still a valid profile
     assert main(["probe", "--like", "toaster"]) == 2
+    capsys.readouterr()
+    assert main(["probe", "--calibration-passes", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--calibration-passes must be >= 1" in err[0]
 
 
 # ---------------------------------------------------------------- placement without a cluster

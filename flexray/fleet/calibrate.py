@@ -29,7 +29,7 @@ from flexray.protocol import KINDS, LatencyParams, StepProfile
 
 Shape = tuple[int, int, int]
 BATCHES = (8, 24, 64)
-PASSES = 2
+PASSES = 4
 """Each case is timed in this many passes over the suite and its fastest window kept (see ``measurements``)."""
 
 
@@ -175,7 +175,7 @@ def time_step(net: nn.Module, shape: tuple[int, ...], batch_size: int, seconds: 
     return statistics.median(times)
 
 
-def measurements(cases: list[Case], batches: tuple[int, ...] = BATCHES, seconds: float = 0.3, device: str = "cpu",
+def measurements(cases: list[Case], batches: tuple[int, ...] = BATCHES, seconds: float = 0.15, device: str = "cpu",
                  passes: int = PASSES, done: Callable[[], object] = lambda: None) -> list[tuple[str, StepProfile, int, float]]:
     """Each (case, batch)'s step time: the fastest of ``passes`` windows spread over the run.
 
@@ -224,7 +224,7 @@ def fit(rows: list[tuple[StepProfile, int, float]]) -> tuple[LatencyParams, np.n
     return LatencyParams.from_coefficients(coef), np.maximum(pred / y, y / pred)
 
 
-def calibrate(seconds: float = 0.3, batches: tuple[int, ...] = BATCHES, threads: int | None = None,
+def calibrate(seconds: float = 0.15, batches: tuple[int, ...] = BATCHES, threads: int | None = None,
               progress: bool = False, device: str = "cpu", passes: int = PASSES) -> Calibration:
     """Time the suite on this machine (``device``: "cuda" for its GPU) and fit its ``LatencyParams``
     (about 1.5 minutes on 2 cores; ``progress``: a bar on stderr)."""

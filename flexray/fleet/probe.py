@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from flexray.config import ModelConfig
-from flexray.fleet.calibrate import Calibration, calibrate
+from flexray.fleet.calibrate import PASSES, Calibration, calibrate
 from flexray.fleet.profiles import CATALOG, latency_yaml, yaml_float
 from flexray.models import build_model, train_flops_per_sample
 from flexray.protocol import DeviceProfile
@@ -110,10 +110,10 @@ class HostProbe:
 
 
 def probe_host(model: str, width: int, data: str, batch_size: int, seconds: float, threads: int | None,
-               calibration_seconds: float | None) -> HostProbe:
+               calibration_seconds: float | None, calibration_passes: int = PASSES) -> HostProbe:
     """The coarse FLOP/s and (unless ``calibration_seconds`` is None) the calibrated latency model."""
     result = measure(model, width, data, batch_size, seconds=seconds, threads=threads)
-    cal = calibrate(seconds=calibration_seconds, threads=threads) if calibration_seconds is not None else None
+    cal = calibrate(seconds=calibration_seconds, threads=threads, passes=calibration_passes) if calibration_seconds is not None else None
     return HostProbe(default_name(), result, cal)
 
 

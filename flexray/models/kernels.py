@@ -161,7 +161,7 @@ def _rows(out: Any, kind: str) -> float:
     t = next((t for t in flat if isinstance(t, torch.Tensor)), None)
     if t is None or t.dim() == 0:
         return 1.0
-    if t.dim() == 4 and kind != "conv" and t.shape[2] * t.shape[3] == 1:
+    if t.dim() == 4 and kind not in ("conv", "grouped") and t.shape[2] * t.shape[3] == 1:
         dims = t.shape[:1]  # (N, C, 1, 1) is channels-last too: kernels vectorise over C, one row per sample
     elif t.dim() == 4:
         dims = (t.shape[0], t.shape[2], t.shape[3]) if kind == "conv" else t.shape[:2]

@@ -15,6 +15,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from flexray.fleet.calibrate import PASSES
 from flexray.fleet.probe import HostProbe, probe_host
 
 _PINGS = 20
@@ -29,7 +30,8 @@ class _Prober:
 
 
 def probe_nodes(address: str, model: str, width: int, data: str, batch_size: int, seconds: float,
-                threads: int | None, calibration_seconds: float | None) -> list[tuple[str, HostProbe]]:
+                threads: int | None, calibration_seconds: float | None, calibration_passes: int = PASSES,
+                ) -> list[tuple[str, HostProbe]]:
     """(node IP, probe) of every alive node, probed concurrently on one CPU each."""
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     try:
@@ -46,7 +48,8 @@ def probe_nodes(address: str, model: str, width: int, data: str, batch_size: int
                 ray.get(a.ping.remote())
                 times.append(time.perf_counter() - t0)
             rtts.append(statistics.median(times))
-        probes = ray.get([a.probe.remote(model, width, data, batch_size, seconds, threads, calibration_seconds)
+        probes = ray.get([a.probe.remote(model, width, data, batch_size, seconds, threads, calibration_seconds,
+                                         calibration_passes)
                           for a in actors])
         return [(n["NodeManagerAddress"], dataclasses.replace(p, rtt_s=r)) for n, p, r in zip(nodes, probes, rtts)]
     finally:
