@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import json
 import os
 import platform
@@ -106,9 +105,10 @@ def _client(model: str, shape: tuple[int, ...], cut: int, width: int | None = No
             weights do not drift one way (a drifting client measured up to 1.6x fast)."""
             opt.zero_grad(set_to_none=True)
             h = net(x)
-            pair = grads.get(h.shape) or grads.setdefault(h.shape, [torch.randn(h.shape, generator=g) * 1e-3] * 2)
-            if pair[0] is pair[1]:
-                pair[1] = -pair[0]
+            if h.shape not in grads:
+                d = torch.randn(h.shape, generator=g) * 1e-3
+                grads[h.shape] = [d, -d]
+            pair = grads[h.shape]
             pair.reverse()
             h.backward(pair[0])
             opt.step()
@@ -178,23 +178,22 @@ def run(threads: int, samples: int, passes: int) -> list[dict]:
     """Calibration and validation interleaved, pass by pass: this host's speed drifts by 10-30 %
     over minutes, so each side keeps its fastest of the same ``passes`` periods."""
     torch.set_num_threads(threads)
-    suite, built = calibrate.suite(), [(case, *case.build()) for case in cases()]
-    windows: dict[tuple[str, int], tuple[StepProfile, float]] = {}
-    epochs: dict[str, list[float]] = {}
-    coarse_flops = 0.0
-    for i in range(passes):
-        for name, prof, b, t in calibrate.measurements(suite, passes=1):  # one pass of `flexray probe`'s suite
-            windows[name, b] = (prof, min(t, windows.get((name, b), (prof, math.inf))[1]))
-        coarse_flops = max(coarse_flops, measure(seconds=10.0 / passes, threads=threads).flops)  # `--coarse`
-        for case, net, shape, _prof, step in built:
-            epochs.setdefault(case.name + str(case.batch), []).extend(epoch_seconds(net, shape, case.batch, samples, step))
-        print(f"# threads {threads}: pass {i + 1}/{passes} done", file=sys.stderr, flush=True)
-    params, _ = calibrate.fit([(prof, b, t) for (_, b), (prof, t) in windows.items()])
-    new, old = _profile(coarse_flops, params), _profile(coarse_flops, None)
+    built = [(case, *case.build()) for case in cases()]
+    epochs: list[list[float]] = [[] for _ in built]
+    coarse_flops: list[float] = []
+
+    def held_out_pass() -> None:  # after each pass of `flexray probe`'s suite: its `--coarse` and every case
+        coarse_flops.append(measure(seconds=10.0 / passes, threads=threads).flops)
+        for times, (case, net, shape, _prof, step) in zip(epochs, built):
+            times.extend(epoch_seconds(net, shape, case.batch, samples, step))
+        print(f"# threads {threads}: pass {len(coarse_flops)}/{passes} done", file=sys.stderr, flush=True)
+
+    windows = calibrate.measurements(calibrate.suite(), passes=passes, after_pass=held_out_pass)
+    params, _ = calibrate.fit([(prof, b, t) for _, prof, b, t in windows])
+    new, old = _profile(max(coarse_flops), params), _profile(max(coarse_flops), None)
     rows = []
-    for case, _net, _shape, step_prof, _step in built:
+    for times, (case, _net, _shape, step_prof, _step) in zip(epochs, built):
         work = step_prof.epochs(samples, case.batch)
-        times = epochs[case.name + str(case.batch)]
         meas = min(times)  # interference only adds time: the fastest epoch is the undisturbed machine
         pred, pred_old = compute_seconds(new, work), compute_seconds(old, work)
         row = {"benchmark": "latency_fidelity", "case": case.name, "group": case.group, "batch": case.batch,

@@ -109,7 +109,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise FlexrayError("probe: --device cuda: no CUDA GPU on this machine; drop --device or run it on a GPU host")
     if args.address:
-        probes = probe_nodes(args.address, model, width, data, batch, args.seconds, args.threads, cal_s, args.calibration_passes)
+        probes = probe_nodes(args.address, model, width, data, batch, args.seconds, args.threads, cal_s,
+                             args.calibration_passes)
         named = [(f"{args.name or p.host}_{i}" if len(probes) > 1 and args.name else args.name or p.host, p)
                  for i, (_, p) in enumerate(probes)]
     else:
@@ -169,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--coarse", action="store_true", help="FLOP/s only, no per-layer calibration")
     pp.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="calibrate on the CPU (default) or the GPU")
     pp.add_argument("--calibration-seconds", type=float, default=0.15,
-                    help="seconds each calibration case is timed per pass (default 0.15; 4 passes: about 1.5 minutes in all)")
+                    help="seconds each calibration case is timed per pass (default 0.15: about 1.5 minutes in all)")
     pp.add_argument("--calibration-passes", type=int, default=PASSES,
                     help=f"passes over the suite; each case keeps its fastest (default {PASSES})")
     pp.add_argument("--name", help="profile name to print (default: the host name)")

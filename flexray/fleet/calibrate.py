@@ -176,17 +176,20 @@ def time_step(net: nn.Module, shape: tuple[int, ...], batch_size: int, seconds: 
 
 
 def measurements(cases: list[Case], batches: tuple[int, ...] = BATCHES, seconds: float = 0.15, device: str = "cpu",
-                 passes: int = PASSES, done: Callable[[], object] = lambda: None) -> list[tuple[str, StepProfile, int, float]]:
+                 passes: int = PASSES, done: Callable[[], object] = lambda: None,
+                 after_pass: Callable[[], object] = lambda: None) -> list[tuple[str, StepProfile, int, float]]:
     """Each (case, batch)'s step time: the fastest of ``passes`` windows spread over the run.
 
     A shared machine slows down for seconds at a time (another tenant, a core shared with a
     sibling), and interference only ever adds time; the fastest window is the undisturbed
-    machine the latency model describes. ``done`` is called after every window (a progress bar)."""
+    machine the latency model describes. ``done`` is called after every window (a progress bar),
+    ``after_pass`` after every pass (work to be measured in the same periods, e.g. a benchmark's)."""
     built = []
     for case in cases:
         torch.manual_seed(0)
         net, shape = case.build()
-        built.append((case.name, net.to(device), shape, step_profile(net.to(device), shape)))
+        net = net.to(device)
+        built.append((case.name, net, shape, step_profile(net, shape)))
     best: dict[tuple[str, int], float] = {}
     for _ in range(passes):
         for name, net, shape, _prof in built:
@@ -194,6 +197,7 @@ def measurements(cases: list[Case], batches: tuple[int, ...] = BATCHES, seconds:
                 t = time_step(net, shape, b, seconds, device=device)
                 best[name, b] = min(t, best.get((name, b), math.inf))
                 done()
+        after_pass()
     return [(name, prof, b, best[name, b]) for name, _, _, prof in built for b in batches]
 
 

@@ -113,7 +113,8 @@ def probe_host(model: str, width: int, data: str, batch_size: int, seconds: floa
                calibration_seconds: float | None, calibration_passes: int = PASSES) -> HostProbe:
     """The coarse FLOP/s and (unless ``calibration_seconds`` is None) the calibrated latency model."""
     result = measure(model, width, data, batch_size, seconds=seconds, threads=threads)
-    cal = calibrate(seconds=calibration_seconds, threads=threads, passes=calibration_passes) if calibration_seconds is not None else None
+    cal = (calibrate(seconds=calibration_seconds, threads=threads, passes=calibration_passes)
+           if calibration_seconds is not None else None)
     return HostProbe(default_name(), result, cal)
 
 
